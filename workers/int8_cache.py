@@ -1,0 +1,151 @@
+"""The quantized-weight cache: quantize once, load the saved INT8 model on every later start.
+
+Layout: <cache root>/<model folder name>-<key>/ holding ITREX's saved model plus
+`bundle_manifest.json` (the key's inputs and every file's size and sha256), written last and
+published with an atomic rename. The key covers the source model's content, the quantization
+settings and the library versions, so changing any of them builds a new entry.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+from filelock import FileLock
+
+from workers.atomic_dir import publish_dir, sha256_file
+from workers.int8_settings import Int8Settings
+from workers.paths import ROOT
+from workers.quantize import MANIFEST
+
+log = logging.getLogger("int8_cache")
+
+CACHE_FORMAT = 1
+_VERSIONED = ("torch", "transformers", "intel-extension-for-transformers", "neural-compressor")
+_DIGEST_MEMO = ".source-digests.json"
+
+
+class CacheBuildError(RuntimeError):
+    """Quantization failed; the message says where to look."""
+
+
+def _source_files(source: Path) -> list[Path]:
+    return sorted(
+        p for p in source.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts)
+    )
+
+
+def source_fingerprint(source: Path, cache_root: Path) -> str:
+    """sha256 over every file of the source model folder.
+
+    Per-file digests are memoised by (size, mtime) so a 15 GB model is read once, not per start.
+    """
+    memo_path = cache_root / _DIGEST_MEMO
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    total = hashlib.sha256()
+    changed = False
+    for f in _source_files(source):
+        st = f.stat()
+        stamp = [st.st_size, st.st_mtime_ns]
+        entry = memo.get(str(f))
+        if not entry or entry["stamp"] != stamp:
+            entry = {"stamp": stamp, "sha256": sha256_file(f)}
+            memo[str(f)] = entry
+            changed = True
+        total.update(f"{f.relative_to(source)}\0{entry['sha256']}\n".encode())
+    if changed:
+        cache_root.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
+    return total.hexdigest()
+
+
+def key_inputs(source: Path, settings: Int8Settings, cache_root: Path) -> dict:
+    return {
+        "format": CACHE_FORMAT,
+        "source": source_fingerprint(source, cache_root),
+        "settings": settings.rtn_kwargs(),
+        "versions": {name: version(name) for name in _VERSIONED},
+    }
+
+
+def entry_dir(source: Path, inputs: dict, cache_root: Path) -> Path:
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root / f"{source.name}-{key}"
+
+
+def verify(entry: Path, inputs: dict) -> str | None:
+    """None when `entry` is a complete cache for `inputs`, else why it is not."""
+    manifest_path = entry / MANIFEST
+    if not manifest_path.is_file():
+        return f"{MANIFEST} is missing"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as exc:
+        return f"{MANIFEST} is not valid JSON ({exc})"
+    if manifest.get("inputs") != inputs:
+        return "it was built from other inputs (source, settings or versions)"
+    for name, meta in manifest.get("files", {}).items():
+        path = entry / name
+        if not path.is_file():
+            return f"file {name} is missing"
+        if path.stat().st_size != meta["size"]:
+            return f"file {name} has {path.stat().st_size} bytes, expected {meta['size']}"
+        if sha256_file(path) != meta["sha256"]:
+            return f"file {name} does not match its sha256"
+    return None
+
+
+def _build(source: Path, entry: Path, inputs: dict, trust_remote_code: bool) -> None:
+    with publish_dir(entry) as staging, tempfile.TemporaryDirectory(prefix="quantize-") as work:
+        cmd = [
+            sys.executable, "-m", "workers.quantize",
+            "--source", str(source), "--staging", str(staging),
+            "--settings", json.dumps(inputs["settings"]),
+        ] + (["--trust-remote-code"] if trust_remote_code else [])
+        # cwd=work: neural-compressor writes an nc_workspace/ folder into the current directory.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        proc = subprocess.run(cmd, cwd=work, env=env)
+        if proc.returncode != 0:
+            raise CacheBuildError(
+                f"quantizing {source} failed (exit code {proc.returncode}); see the quantize lines above"
+            )
+        files = {
+            str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(staging.rglob("*")) if p.is_file()
+        }
+        # The manifest is written last: a folder without it is never served.
+        (staging / MANIFEST).write_text(json.dumps({"inputs": inputs, "files": files}, indent=2))
+
+
+def ensure(source: Path, settings: Int8Settings, cache_root: Path, trust_remote_code: bool = False) -> Path:
+    """Return a verified INT8 cache folder for `source`, quantizing first when there is none."""
+    source = source.resolve()
+    cache_root.mkdir(parents=True, exist_ok=True)
+    inputs = key_inputs(source, settings, cache_root)
+    entry = entry_dir(source, inputs, cache_root)
+    # One builder per entry: a second worker for the same model waits, then reuses the result.
+    with FileLock(str(entry) + ".lock"):
+        if entry.exists():
+            problem = verify(entry, inputs)
+            if problem is None:
+                log.info("INT8 cache hit: loading quantized weights from %s", entry)
+                return entry
+            log.warning("INT8 cache at %s is invalid: %s; deleting it and quantizing again", entry, problem)
+            shutil.rmtree(entry)
+        log.info("INT8 cache miss for %s: quantizing now (first start only)", source.name)
+        _build(source, entry, inputs, trust_remote_code)
+        log.info("INT8 cache written to %s", entry)
+        return entry
