@@ -1,0 +1,108 @@
+"""FastChat 0.2.36 compatibility patches, all in one place. Each has a test in tests/test_fastchat_compat.py.
+
+apply() is idempotent and is called by every bundle entry point before FastChat serves anything.
+
+1. stream_json_pydantic2: openai_api_server streams `chunk.json(exclude_unset=True, ensure_ascii=False)`;
+   pydantic 2 rejects `ensure_ascii` ("`dumps_kwargs` keyword arguments are no longer supported"),
+   the TypeError escapes the generator and streaming responses arrive with empty bodies.
+2. smollm2_template: FastChat has no conversation template for SmolLM2; register one whose prompt
+   is byte-identical to the tokenizer's own ChatML chat template, and an adapter that selects it.
+3. register_retry: the worker's first registration is a bare `requests.post` and kills the worker
+   when the controller is not up yet (supervisord starts all programs at once); retry with a log line.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import requests
+
+log = logging.getLogger("fastchat_compat")
+
+SMOLLM2_TEMPLATE = "smollm2"
+SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+REGISTER_RETRY_SECONDS = 2.0
+
+_applied = False
+
+
+def _patch_stream_json_pydantic2() -> None:
+    import pydantic
+    from fastchat.protocol import api_protocol, openai_api_protocol
+
+    def json_compat(self, *, ensure_ascii: bool = True, **kwargs) -> str:
+        # pydantic 2 writes non-ASCII characters as UTF-8, which is what ensure_ascii=False asked for.
+        return self.model_dump_json(**kwargs)
+
+    for module in (openai_api_protocol, api_protocol):
+        for obj in vars(module).values():
+            if isinstance(obj, type) and issubclass(obj, pydantic.BaseModel) and obj is not pydantic.BaseModel:
+                obj.json = json_compat
+
+
+def _register_smollm2_template() -> None:
+    from fastchat.conversation import Conversation, SeparatorStyle, conv_templates, register_conv_template
+    from fastchat.model.model_adapter import BaseModelAdapter, model_adapters, register_model_adapter
+
+    if SMOLLM2_TEMPLATE in conv_templates:
+        return
+    register_conv_template(
+        Conversation(
+            name=SMOLLM2_TEMPLATE,
+            system_template="<|im_start|>system\n{system_message}",
+            system_message=SMOLLM2_DEFAULT_SYSTEM,
+            roles=("<|im_start|>user", "<|im_start|>assistant"),
+            sep_style=SeparatorStyle.CHATML,
+            sep="<|im_end|>",
+            stop_str="<|im_end|>",
+            stop_token_ids=[0, 2],  # <|endoftext|>, <|im_end|>
+        )
+    )
+
+    class SmolLM2Adapter(BaseModelAdapter):
+        def match(self, model_path: str) -> bool:
+            return "smollm2" in model_path.lower()
+
+        def get_default_conv_template(self, model_path: str):
+            from fastchat.conversation import get_conv_template
+
+            return get_conv_template(SMOLLM2_TEMPLATE)
+
+    register_model_adapter(SmolLM2Adapter)
+    # register_model_adapter appends after the catch-all BaseModelAdapter; put ours first so a
+    # path like ".../smollm2-135m-instruct" is not claimed by a broader adapter.
+    model_adapters.insert(0, model_adapters.pop())
+
+
+def _patch_register_retry() -> None:
+    from fastchat.serve import base_model_worker
+
+    original = base_model_worker.BaseModelWorker.register_to_controller
+    if getattr(original, "_bundle_retry", False):
+        return
+
+    def register_with_retry(self):
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return original(self)
+            except (requests.exceptions.RequestException, AssertionError) as exc:
+                log.warning(
+                    "controller at %s is not reachable yet (attempt %d: %s); retrying in %.0f s",
+                    self.controller_addr, attempt, type(exc).__name__, REGISTER_RETRY_SECONDS,
+                )
+                time.sleep(REGISTER_RETRY_SECONDS)
+
+    register_with_retry._bundle_retry = True
+    base_model_worker.BaseModelWorker.register_to_controller = register_with_retry
+
+
+def apply() -> None:
+    global _applied
+    if _applied:
+        return
+    _patch_stream_json_pydantic2()
+    _register_smollm2_template()
+    _patch_register_retry()
+    _applied = True
