@@ -31,7 +31,7 @@ def served(embedded_model, int8_entry, int8_cache_root, tmp_path_factory):
                             "--host", "127.0.0.1", "--port", str(ctrl_port)], logs / "controller.log", env))
         wait_for(lambda: MODEL in requests.post(f"{controller}/list_models", timeout=5).json()["models"],
                  60, "the worker to register", procs[0], worker_log)
-        procs.append(start(["-m", "workers.launch_fastchat", "fastchat.serve.openai_api_server",
+        procs.append(start(["-m", "workers.api_server",
                             "--host", "127.0.0.1", "--port", str(api_port), "--controller-address", controller],
                            logs / "api.log", env))
         wait_for(lambda: requests.get(f"http://127.0.0.1:{api_port}/v1/models", timeout=5).ok, 60,

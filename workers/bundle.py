@@ -38,7 +38,8 @@ def log_tail(program: str, lines: int = 25) -> str:
     path = logs_dir() / f"{program}.log"
     if not path.is_file():
         return f"(no log at {path})"
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    text = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return "\n".join(text[-lines:])
 
 
 def registered_models(dep: Deployment) -> set[str]:

@@ -9,6 +9,9 @@ apply() is idempotent and is called by every bundle entry point before FastChat 
    is byte-identical to the tokenizer's own ChatML chat template, and an adapter that selects it.
 3. register_retry: the worker's first registration is a bare `requests.post` and kills the worker
    when the controller is not up yet (supervisord starts all programs at once); retry with a log line.
+4. worker_unavailable: when a worker dies mid-request (kill -9, restart), the API server answers a
+   bare "500 Internal Server Error" (non-streaming) or cuts the stream off. Answer 503 with a JSON
+   error naming the worker instead, and end a stream with an `error` event clients can raise.
 """
 from __future__ import annotations
 
@@ -98,6 +101,66 @@ def _patch_register_retry() -> None:
     base_model_worker.BaseModelWorker.register_to_controller = register_with_retry
 
 
+class WorkerUnavailable(Exception):
+    def __init__(self, url: str, exc: BaseException):
+        self.url, self.exc = url, exc
+        super().__init__(worker_unavailable_message(url, exc))
+
+
+def worker_unavailable_message(url: str, exc: BaseException) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    base = f"{parts.scheme}://{parts.netloc}" if parts.netloc else url
+    return (
+        f"the model worker or controller at {base} stopped answering ({type(exc).__name__}); "
+        f"it may be restarting - retry in a few seconds"
+    )
+
+
+def _patch_worker_unavailable() -> None:
+    import asyncio
+
+    import aiohttp
+    import httpx
+    from fastapi.responses import JSONResponse
+    from fastchat.constants import ErrorCode
+    from fastchat.serve import openai_api_server as api
+
+    if getattr(api.fetch_remote, "_bundle_patched", False):
+        return
+    original_fetch, original_stream = api.fetch_remote, api.generate_completion_stream
+
+    async def fetch_remote(url, pload=None, name=None):
+        try:
+            return await original_fetch(url, pload, name)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise WorkerUnavailable(url, exc) from exc
+
+    async def generate_completion_stream(payload, worker_addr):
+        try:
+            async for content in original_stream(payload, worker_addr):
+                yield content
+        except httpx.HTTPError as exc:
+            message = worker_unavailable_message(worker_addr, exc)
+            yield {
+                "text": message,
+                "error_code": ErrorCode.INTERNAL_ERROR,
+                "error": {"message": message, "type": "worker_unavailable", "code": ErrorCode.INTERNAL_ERROR},
+            }
+
+    async def on_worker_unavailable(request, exc: WorkerUnavailable):
+        return JSONResponse(
+            {"object": "error", "message": str(exc), "code": ErrorCode.INTERNAL_ERROR, "type": "worker_unavailable"},
+            status_code=503,
+        )
+
+    fetch_remote._bundle_patched = True
+    api.fetch_remote = fetch_remote
+    api.generate_completion_stream = generate_completion_stream
+    api.app.add_exception_handler(WorkerUnavailable, on_worker_unavailable)
+
+
 def apply() -> None:
     global _applied
     if _applied:
@@ -105,4 +168,5 @@ def apply() -> None:
     _patch_stream_json_pydantic2()
     _register_smollm2_template()
     _patch_register_retry()
+    _patch_worker_unavailable()
     _applied = True

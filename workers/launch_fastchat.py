@@ -1,7 +1,9 @@
-"""Run a FastChat server module (openai_api_server, gradio web server, controller) with the
-bundle's compatibility patches applied in its process.
+"""Run FastChat's controller with the bundle's compatibility patches applied in its process.
 
-Usage: python -m workers.launch_fastchat fastchat.serve.openai_api_server --host ... --port ...
+Usage: python -m workers.launch_fastchat fastchat.serve.controller --host ... --port ...
+
+The API server and the web UI have their own wrappers (workers/api_server.py, workers/web_ui.py):
+runpy executes a fresh copy of a module, so patches to that module's own functions would not apply.
 """
 from __future__ import annotations
 
@@ -10,12 +12,7 @@ import sys
 
 from workers import fastchat_compat
 
-ALLOWED = {
-    "fastchat.serve.controller",
-    "fastchat.serve.openai_api_server",
-    "fastchat.serve.gradio_web_server",
-    "fastchat.serve.gradio_web_server_multi",
-}
+ALLOWED = {"fastchat.serve.controller"}
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ def var_dir() -> Path:
 
 
 def models_dir() -> Path:
-    return var_dir() / "models"
+    return Path(os.environ.get("BUNDLE_MODELS_DIR", var_dir() / "models")).resolve()
 
 
 def int8_cache_dir() -> Path:

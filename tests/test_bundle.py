@@ -1,0 +1,234 @@
+"""The whole bundle under a real supervisord, on free ports, with state in a temporary folder."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import xmlrpc.client
+
+import psutil
+import pytest
+import requests
+import yaml
+from openai import APIError, OpenAI
+
+from tests.helpers import ROOT, bundle_env, free_port, wait_for
+
+INT8, FP32 = "smollm2-int8", "smollm2-fp32"
+HEARTBEAT_S = 3
+
+
+def bundle_cli(env: dict, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "workers.bundle", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write_deployment(var, models: list[dict]) -> tuple[str, dict]:
+    ports = {"controller": free_port(), "api": free_port(), "web": free_port()}
+    data = {
+        "controller": {"port": ports["controller"]},
+        "api": {"port": ports["api"]},
+        "web": {"port": ports["web"]},
+        "heartbeat": {"worker_interval_s": HEARTBEAT_S, "expiration_s": 10},
+        "models": models,
+    }
+    path = var / "deploy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path), ports
+
+
+def rpc(env):
+    from supervisor.xmlrpc import SupervisorTransport
+
+    user, password = (open(os.path.join(env["BUNDLE_VAR_DIR"], "run", "supervisor.secret")).read().strip().split(":", 1))
+    sock = os.path.join(env["BUNDLE_VAR_DIR"], "run", "supervisor.sock")
+    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=SupervisorTransport(user, password, f"unix://{sock}"))
+
+
+def bundle_processes(var) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            if str(var) in " ".join(p.info["cmdline"] or []) or str(var) == (p.info["environ"] or {}).get("BUNDLE_VAR_DIR"):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, embedded_model, int8_entry, int8_cache_root):
+    var = tmp_path_factory.mktemp("bundle-var")
+    source = {"embedded": "smollm2-135m-instruct"}
+    conf, ports = write_deployment(var, [
+        {"names": [INT8], "source": source, "backend": "itrex-int8", "port": free_port(), "threads": 1, "cpu_cores": [0]},
+        {"names": [FP32], "source": source, "backend": "fp32", "port": free_port(), "threads": 1, "cpu_cores": [1]},
+    ])
+    env = bundle_env(BUNDLE_VAR_DIR=str(var), BUNDLE_MODELS_DIR=str(embedded_model.parent),
+                     BUNDLE_INT8_CACHE_DIR=str(int8_cache_root))
+    started = bundle_cli(env, "start", "--profile", conf, "--timeout", "600")
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield {"env": env, "var": var, "conf": conf, "ports": ports, "start_output": started.stdout,
+               "client": OpenAI(base_url=f"http://127.0.0.1:{ports['api']}/v1", api_key="none", max_retries=0)}
+    finally:
+        bundle_cli(env, "stop")
+        for p in bundle_processes(var):
+            p.kill()
+
+
+def registered(bundle) -> set[str]:
+    r = requests.post(f"http://127.0.0.1:{bundle['ports']['controller']}/list_models", timeout=5)
+    return set(r.json()["models"])
+
+
+def ask(client, model, text="What is the capital of France?", max_tokens=12) -> str:
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
+                                       temperature=0, max_tokens=max_tokens, timeout=120)
+    return r.choices[0].message.content
+
+
+def answers(client, model) -> bool:
+    try:
+        return "Paris" in ask(client, model)
+    except APIError:  # e.g. 503 while the controller still lists the killed worker
+        return False
+
+
+def test_start_prints_urls_and_every_model_answers(bundle):
+    out = bundle["start_output"]
+    assert f"http://127.0.0.1:{bundle['ports']['web']}/" in out and "The bundle is up." in out
+    assert {m.id for m in bundle["client"].models.list().data} == {INT8, FP32}
+    for model in (INT8, FP32):
+        assert "Paris" in ask(bundle["client"], model)
+    assert requests.get(f"http://127.0.0.1:{bundle['ports']['web']}/", timeout=10).status_code == 200
+
+
+def test_second_start_changes_nothing(bundle):
+    before = {name: p["pid"] for name, p in ((p["name"], p) for p in rpc(bundle["env"]).supervisor.getAllProcessInfo())}
+    again = bundle_cli(bundle["env"], "start", "--profile", bundle["conf"])
+    assert again.returncode == 0
+    assert "already running" in again.stdout and "nothing changed" in again.stdout
+    after = {p["name"]: p["pid"] for p in rpc(bundle["env"]).supervisor.getAllProcessInfo()}
+    assert after == before
+
+
+def test_status_lists_programs_and_models(bundle):
+    out = bundle_cli(bundle["env"], "status").stdout
+    for line in ("workers:smollm2-int8", "workers:smollm2-fp32", "controller:controller", "api:api", "web:web"):
+        assert line in out
+    assert out.count("RUNNING") == 5 and f"{INT8}" in out and "yes" in out
+
+
+def test_restart_one_worker_while_the_other_keeps_serving(bundle):
+    client, stop, results = bundle["client"], threading.Event(), []
+
+    def keep_asking():
+        while not stop.is_set():
+            try:
+                results.append(("ok", ask(client, FP32, max_tokens=4)))
+            except Exception as exc:  # any failure to the other model counts
+                results.append(("fail", repr(exc)))
+
+    t = threading.Thread(target=keep_asking)
+    t.start()
+    try:
+        restarted = bundle_cli(bundle["env"], "restart", INT8)
+    finally:
+        stop.set()
+        t.join(timeout=120)
+    assert restarted.returncode == 0, restarted.stdout
+    assert "registered again" in restarted.stdout
+    failures = [r for r in results if r[0] == "fail"]
+    assert results and not failures, failures
+    assert "Paris" in ask(client, INT8)
+
+
+def test_kill_9_worker_in_flight_request_gets_clear_error_then_worker_returns(bundle):
+    client = bundle["client"]
+    info = rpc(bundle["env"]).supervisor.getProcessInfo(f"workers:{INT8}")
+    outcome: dict = {}
+
+    def long_stream():
+        try:
+            stream = client.chat.completions.create(
+                model=INT8, messages=[{"role": "user", "content": "Write a long story about a dragon."}],
+                max_tokens=400, stream=True, timeout=120)
+            for chunk in stream:
+                outcome.setdefault("first_delta", time.monotonic())
+            outcome["result"] = "completed"
+        except APIError as exc:
+            outcome["result"] = f"error: {exc.message}"
+        outcome["ended"] = time.monotonic()
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    wait_for(lambda: "first_delta" in outcome, 60, "the stream to start")
+    os.kill(info["pid"], signal.SIGKILL)
+    killed_at = time.monotonic()
+    t.join(timeout=60)
+    assert not t.is_alive(), "the in-flight request hung after the worker was killed"
+    assert outcome["result"].startswith("error:") and "stopped answering" in outcome["result"], outcome
+    assert outcome["ended"] - killed_at < 30
+    # supervisord starts a new worker process, which registers again and answers.
+    wait_for(lambda: rpc(bundle["env"]).supervisor.getProcessInfo(f"workers:{INT8}")["pid"] not in (0, info["pid"]),
+             60, "supervisord to restart the worker")
+    wait_for(lambda: answers(client, INT8), 180, "the restarted worker to answer")
+
+
+def test_request_to_a_dead_worker_gets_503_naming_it(bundle):
+    proxy = rpc(bundle["env"]).supervisor
+    proxy.stopProcess(f"workers:{FP32}")
+    try:
+        # Until the controller expires it, the dead worker is still listed: the API must say so clearly.
+        r = requests.post(f"http://127.0.0.1:{bundle['ports']['api']}/v1/chat/completions", timeout=30, json={
+            "model": FP32, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert r.status_code in (400, 503), r.text
+        assert "stopped answering" in r.json()["message"] or "Only" in r.json()["message"]
+    finally:
+        proxy.startProcess(f"workers:{FP32}")
+    wait_for(lambda: FP32 in registered(bundle) and answers(bundle["client"], FP32), 120, "fp32 back")
+
+
+def test_controller_restart_every_worker_back_within_heartbeat(bundle):
+    proxy = rpc(bundle["env"]).supervisor
+    proxy.stopProcess("controller:controller")
+    proxy.startProcess("controller:controller")
+    restarted_at = time.monotonic()
+    wait_for(lambda: registered(bundle) == {INT8, FP32}, 60, "workers to re-register")
+    elapsed = time.monotonic() - restarted_at
+    # A worker re-registers on its first heartbeat after the restart: within one tuned interval
+    # (3 s) plus scheduling slack; FastChat's defaults would take up to 45 s.
+    assert elapsed < 4 * HEARTBEAT_S, elapsed
+    assert "Paris" in ask(bundle["client"], INT8)
+
+
+def test_stop_leaves_no_bundle_process(bundle):
+    assert bundle_processes(bundle["var"])
+    stopped = bundle_cli(bundle["env"], "stop")
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    time.sleep(1)
+    assert bundle_processes(bundle["var"]) == []
+    assert "not running" in bundle_cli(bundle["env"], "status").stdout
+
+
+def test_program_that_fails_to_start_is_named_with_its_log(tmp_path, embedded_model):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    conf, _ = write_deployment(tmp_path, [
+        {"names": ["broken"], "source": {"path": str(broken)}, "backend": "fp32", "port": free_port(), "threads": 1},
+    ])
+    env = bundle_env(BUNDLE_VAR_DIR=str(tmp_path / "var"), BUNDLE_MODELS_DIR=str(embedded_model.parent))
+    result = bundle_cli(env, "start", "--profile", conf, "--timeout", "300")
+    try:
+        assert result.returncode == 1
+        assert "Program 'broken' failed to start" in result.stdout
+        assert "Traceback" in result.stdout or "Error" in result.stdout  # the last lines of its log
+        assert "Stopping the bundle" in result.stdout
+        assert bundle_processes(tmp_path / "var") == []
+    finally:
+        bundle_cli(env, "stop")
