@@ -3,60 +3,16 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-import xmlrpc.client
 
-import psutil
 import pytest
 import requests
-import yaml
 from openai import APIError, OpenAI
 
-from tests.helpers import ROOT, bundle_env, free_port, wait_for
+from tests.helpers import HEARTBEAT_S, bundle_cli, bundle_env, bundle_processes, free_port, rpc, wait_for, write_deployment
 
 INT8, FP32 = "smollm2-int8", "smollm2-fp32"
-HEARTBEAT_S = 3
-
-
-def bundle_cli(env: dict, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "workers.bundle", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def write_deployment(var, models: list[dict]) -> tuple[str, dict]:
-    ports = {"controller": free_port(), "api": free_port(), "web": free_port()}
-    data = {
-        "controller": {"port": ports["controller"]},
-        "api": {"port": ports["api"]},
-        "web": {"port": ports["web"]},
-        "heartbeat": {"worker_interval_s": HEARTBEAT_S, "expiration_s": 10},
-        "models": models,
-    }
-    path = var / "deploy.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return str(path), ports
-
-
-def rpc(env):
-    from supervisor.xmlrpc import SupervisorTransport
-
-    user, password = (open(os.path.join(env["BUNDLE_VAR_DIR"], "run", "supervisor.secret")).read().strip().split(":", 1))
-    sock = os.path.join(env["BUNDLE_VAR_DIR"], "run", "supervisor.sock")
-    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=SupervisorTransport(user, password, f"unix://{sock}"))
-
-
-def bundle_processes(var) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline", "environ"]):
-        try:
-            if str(var) in " ".join(p.info["cmdline"] or []) or str(var) == (p.info["environ"] or {}).get("BUNDLE_VAR_DIR"):
-                found.append(p)
-        except psutil.Error:
-            pass
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -36,11 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
 
-    from workers import fastchat_compat
+    from workers import api_guards, fastchat_compat
 
     fastchat_compat.apply()
     import uvicorn
     from fastchat.serve import openai_api_server as fastchat_api
+
+    api_guards.install(fastchat_api)
 
     keys = read_api_keys(args.api_keys_env, args.api_keys_file)
     fastchat_api.app_settings.controller_address = args.controller_address

@@ -158,3 +158,23 @@ def write(dep: Deployment) -> Path:
     tmp.write_text(text)
     tmp.replace(path)
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from workers import deployment
+
+    p = argparse.ArgumentParser(description="print the supervisord config a profile renders to")
+    p.add_argument("--profile", default="default")
+    args = p.parse_args(argv)
+    try:
+        print(render(deployment.load(args.profile)))
+    except deployment.DeploymentError as exc:
+        print(f"Invalid deployment:\n{exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,6 +25,30 @@ def notice(title: str, models: list[str]) -> str:
     )
 
 
+# Upstream pieces that do not belong on the bundle's page: research-preview terms, links that need
+# the internet, the arena rules, and model descriptions pointing to external sites.
+_HIDDEN_ELEM_IDS = {"notice_markdown", "model_description_markdown", "ack_markdown"}
+_HIDDEN_ACCORDION_PREFIX = "🔍 Expand to see the descriptions"
+
+# Local font stacks: gradio's default theme loads Google Fonts, which fail without internet access.
+THEME = dict(
+    font=["ui-sans-serif", "system-ui", "Noto Sans", "Noto Sans CJK SC", "sans-serif"],
+    font_mono=["ui-monospace", "DejaVu Sans Mono", "monospace"],
+)
+
+
+def hide_upstream_notices(demo) -> int:
+    hidden = 0
+    for block in demo.blocks.values():
+        label = getattr(block, "label", None) or ""
+        if getattr(block, "elem_id", None) in _HIDDEN_ELEM_IDS or str(label).startswith(_HIDDEN_ACCORDION_PREFIX):
+            block.visible = False
+            if isinstance(block, gr.Markdown):
+                block.value = ""  # browsers fetch <img> even inside hidden elements (sponsor logos)
+            hidden += 1
+    return hidden
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
@@ -52,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return models
 
     models = model_list()
-    with gr.Blocks(title=args.title, theme=gr.themes.Default(), css=single.block_css) as demo:
+    with gr.Blocks(title=args.title, theme=gr.themes.Default(**THEME), css=single.block_css) as demo:
         header = gr.Markdown(notice(args.title, models), elem_id="bundle_notice")
         with gr.Tabs() as tabs:
             with gr.Tab("Chat", id=0):
@@ -72,15 +96,22 @@ def main(argv: list[str] | None = None) -> int:
 
         demo.load(load_demo, [url_params], [tabs, header] + single_components + named_components,
                   js=get_window_url_params_js)
+    hide_upstream_notices(demo)
 
     auth = None
     if args.auth_file:
         from fastchat.utils import parse_gradio_auth_creds
 
         auth = parse_gradio_auth_creds(args.auth_file)
-    demo.queue(default_concurrency_limit=args.concurrency_count, status_update_rate=10, api_open=False).launch(
-        server_name=args.host, server_port=args.port, auth=auth, max_threads=64, show_api=False,
-    )
+    import uvicorn
+    from fastapi import FastAPI
+
+    from workers.offline_page import OfflinePage
+
+    demo.queue(default_concurrency_limit=args.concurrency_count, status_update_rate=10, api_open=False)
+    app = gr.mount_gradio_app(FastAPI(), demo, path="", auth=auth, show_error=True)
+    app.add_middleware(OfflinePage)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
