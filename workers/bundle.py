@@ -120,6 +120,17 @@ def wait_ready(dep: Deployment, timeout: float) -> str | None:
     return "timeout"
 
 
+def memory_problem(dep: Deployment) -> str | None:
+    from workers import memory_budget
+
+    needs = [
+        memory_budget.Need(m.program, m.backend, memory_budget.shape_of_folder(model_sources.model_dir(m.source)),
+                           m.limit_concurrency, m.int8.group_size)
+        for m in dep.models
+    ]
+    return memory_budget.check(needs, psutil.virtual_memory().available)
+
+
 def cmd_start(args) -> int:
     dep = deployment.load(args.profile)
     running = supervisor_client.pid()
@@ -140,6 +151,11 @@ def cmd_start(args) -> int:
             _say(f"Cannot start: models[{m.program}]: {exc}")
             return 2
         _say(f"  {m.program}: {folder} ({m.backend}, {m.threads} thread(s))")
+    if not args.skip_memory_check:
+        problem = memory_problem(dep)
+        if problem:
+            _say(f"Cannot start: {problem}\n(--skip-memory-check starts anyway.)")
+            return 2
     conf = supervisor_conf.write(dep)
     (run_dir() / PROFILE_FILE).write_text(args.profile)
     _say(f"[2/3] starting supervisord ({conf})")
@@ -255,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--profile", default=os.environ.get("BUNDLE_PROFILE", "default"),
                    help="conf/<profile>.yaml or a path to a deployment file")
     s.add_argument("--timeout", type=float, default=float(os.environ.get("BUNDLE_START_TIMEOUT", 1800)))
+    s.add_argument("--skip-memory-check", action="store_true", help="start even if the estimate exceeds free RAM")
     sub.add_parser("stop", help="stop every bundle process")
     sub.add_parser("status", help="programs, registered models, queues and memory")
     r = sub.add_parser("restart", help="restart one model's worker and wait until it is registered again")

@@ -7,7 +7,10 @@ from transformers import AutoConfig, PretrainedConfig
 
 
 def prepare_cpu_config(source: Path, trust_remote_code: bool) -> PretrainedConfig:
-    config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    return apply_cpu_overrides(AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code))
+
+
+def apply_cpu_overrides(config: PretrainedConfig) -> PretrainedConfig:
     if getattr(config, "model_type", None) == "qwen":
         # Qwen's remote code picks half precision from config.fp16/bf16 (and FastChat's Qwen
         # adapter forces fp16), which fails on CPU: "addmm_impl_cpu_ not implemented for 'Half'".

@@ -20,17 +20,27 @@ def model_dir(source: Source) -> Path:
 
 
 def prepare(source: Source) -> Path:
-    """Make the model folder ready (convert the embedded model; check a local folder)."""
+    """Make the model folder ready: convert the embedded model, download a ModelScope model that
+    is missing or incomplete, and check that the folder is complete."""
+    from workers import model_check
+
     if source.embedded is not None:
         from workers.embedded_model import prepare as prepare_embedded
 
         return prepare_embedded(model_dir(source))
     folder = model_dir(source)
-    if not folder.is_dir():
-        if source.modelscope:
+    if source.modelscope and model_check.problems(folder):
+        from workers.download import DownloadError, check_reachable, download
+
+        try:
+            check_reachable()
+        except DownloadError as exc:
             raise SourceNotReady(
-                f"{source.modelscope} is not downloaded yet (expected in {folder}); "
-                f"download it with scripts/download_models.sh"
-            )
-        raise SourceNotReady(f"model folder {folder} does not exist")
+                f"{source.modelscope} is not downloaded yet (expected complete in {folder}) and {exc}"
+            ) from None
+        download(source.modelscope, source.revision, folder, None)
+    try:
+        model_check.require_complete(folder)
+    except model_check.IncompleteModel as exc:
+        raise SourceNotReady(str(exc)) from None
     return folder

@@ -60,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     from workers.loader import UnsupportedBackend, load_model
 
     fastchat_compat.apply()
-    if not args.model_path.is_dir():
-        log.error("model folder %s does not exist", args.model_path)
+    from workers import model_check
+
+    incomplete = model_check.problems(args.model_path)
+    if incomplete:
+        log.error("cannot serve %s: %s", args.model_path, "; ".join(incomplete))
         return 2
     int8 = Int8Settings(compute_dtype=args.compute_dtype, group_size=args.group_size)
 

@@ -29,6 +29,7 @@ def notice(title: str, models: list[str]) -> str:
 # the internet, the arena rules, and model descriptions pointing to external sites.
 _HIDDEN_ELEM_IDS = {"notice_markdown", "model_description_markdown", "ack_markdown"}
 _HIDDEN_ACCORDION_PREFIX = "🔍 Expand to see the descriptions"
+_HIDDEN_BUTTONS = {"📷  Share"}  # needs html2canvas from a CDN, which FastChat's own page loads
 
 # Local font stacks: gradio's default theme loads Google Fonts, which fail without internet access.
 THEME = dict(
@@ -41,7 +42,8 @@ def hide_upstream_notices(demo) -> int:
     hidden = 0
     for block in demo.blocks.values():
         label = getattr(block, "label", None) or ""
-        if getattr(block, "elem_id", None) in _HIDDEN_ELEM_IDS or str(label).startswith(_HIDDEN_ACCORDION_PREFIX):
+        if (getattr(block, "elem_id", None) in _HIDDEN_ELEM_IDS or str(label).startswith(_HIDDEN_ACCORDION_PREFIX)
+                or (isinstance(block, gr.Button) and block.value in _HIDDEN_BUTTONS)):
             block.visible = False
             if isinstance(block, gr.Markdown):
                 block.value = ""  # browsers fetch <img> even inside hidden elements (sponsor logos)

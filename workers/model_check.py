@@ -1,0 +1,103 @@
+"""Is a model folder complete enough to serve? Checked before any worker may use it.
+
+- config.json present and valid;
+- every weight shard named in the index present, and complete: safetensors files are opened with
+  the `safetensors` library (which rejects a file shorter than its header declares); .bin shards
+  must be complete zip archives (torch.save format);
+- the tokenizer files its family needs (Qwen: qwen.tiktoken; ChatGLM3: tokenizer.model);
+- the remote-code files named in auto_map (config.json and tokenizer_config.json).
+"""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+from safetensors import safe_open
+
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+# Tokenizer files each family's remote code loads (from reading tokenization_*.py of each model).
+FAMILY_TOKENIZER_FILES = {
+    "chatglm": ("tokenizer.model", "tokenizer_config.json"),
+    "qwen": ("qwen.tiktoken", "tokenizer_config.json"),
+}
+GENERIC_TOKENIZER_FILES = (("tokenizer.json", "tokenizer.model", "vocab.json"),)
+
+
+class IncompleteModel(RuntimeError):
+    pass
+
+
+def _shard_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return f"weight shard {path.name} is missing"
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # safetensors raises its own error types
+            return f"weight shard {path.name} is incomplete or corrupt ({exc})"
+    elif path.suffix == ".bin":
+        if not zipfile.is_zipfile(path):
+            return f"weight shard {path.name} is incomplete or corrupt (not a complete torch zip archive)"
+    return None
+
+
+def _auto_map_files(config: dict) -> set[str]:
+    files = set()
+    for ref in (config.get("auto_map") or {}).values():
+        for item in ref if isinstance(ref, list) else [ref]:
+            if item and "." in item:
+                files.add(item.split("--")[-1].rsplit(".", 1)[0] + ".py")
+    return files
+
+
+def problems(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return [f"{folder} does not exist"]
+    found: list[str] = []
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        return [f"config.json is missing in {folder}"]
+    except ValueError as exc:
+        return [f"config.json in {folder} is not valid JSON ({exc})"]
+
+    index = next((folder / n for n in INDEX_FILES if (folder / n).is_file()), None)
+    if index is not None:
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as exc:
+            return found + [f"{index.name} is not a valid weight index ({exc})"]
+        found += [p for p in (_shard_problem(folder / s) for s in shards) if p]
+    else:
+        singles = [folder / n for n in SINGLE_FILES if (folder / n).is_file()]
+        if not singles:
+            found.append(f"no weights: none of {', '.join(INDEX_FILES + SINGLE_FILES)} is present")
+        found += [p for p in (_shard_problem(s) for s in singles) if p]
+
+    family = config.get("model_type")
+    for name in FAMILY_TOKENIZER_FILES.get(family, ()):
+        if not (folder / name).is_file():
+            found.append(f"tokenizer file {name} is missing (needed by {family} models)")
+    if family not in FAMILY_TOKENIZER_FILES:
+        for alternatives in GENERIC_TOKENIZER_FILES:
+            if not any((folder / a).is_file() for a in alternatives):
+                found.append(f"no tokenizer: none of {', '.join(alternatives)} is present")
+
+    code = _auto_map_files(config)
+    tok_config = folder / "tokenizer_config.json"
+    if tok_config.is_file():
+        try:
+            code |= _auto_map_files(json.loads(tok_config.read_text()))
+        except ValueError as exc:
+            found.append(f"tokenizer_config.json is not valid JSON ({exc})")
+    found += [f"remote-code file {f} is missing (named in auto_map)" for f in sorted(code) if not (folder / f).is_file()]
+    return found
+
+
+def require_complete(folder: Path) -> None:
+    found = problems(folder)
+    if found:
+        raise IncompleteModel(f"model folder {folder} is incomplete:\n  - " + "\n  - ".join(found))
