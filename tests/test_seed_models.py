@@ -263,3 +263,12 @@ def test_both_seed_models_in_fp32_are_refused_naming_them_and_what_fits():
 def test_one_fp32_next_to_int8_is_refused_too():
     message = memory_budget.check([Need("chatglm3-6b", "itrex-int8", CHATGLM3, 2), Need("qwen-7b-chat", "fp32", QWEN, 1)], 24 * GIB)
     assert "qwen-7b-chat (fp32)" in message and "chatglm3-6b (itrex-int8)" in message
+
+
+def test_download_skips_duplicate_bin_weights_when_safetensors_exist():
+    from workers.download import skip_patterns
+
+    chatglm3_files = ["config.json", "model-00001-of-00007.safetensors", "pytorch_model-00001-of-00007.bin",
+                      "pytorch_model.bin.index.json", "model.safetensors.index.json", "tokenizer.model"]
+    assert skip_patterns(chatglm3_files) == ["*.bin", "*.bin.index.json"]
+    assert skip_patterns(["config.json", "pytorch_model.bin"]) == []

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import requests
+from playwright import sync_api as playwright_api
 
 from tests.conftest import SERVED_FP32, SERVED_INT8
 from tests.helpers import ROOT, bundle_env, free_port, rpc, start, stop, wait_for
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is part of requirements.txt")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
 # The flags a headless Chromium needs on a machine whose network is closed (see README).

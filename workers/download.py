@@ -36,12 +36,24 @@ def check_reachable(host: str = MODELSCOPE_HOST, port: int = 443, timeout: float
         ) from None
 
 
+def skip_patterns(files: list[str]) -> list[str]:
+    """Repositories like ZhipuAI/chatglm3-6b carry the weights twice (.bin and .safetensors):
+    fetch only the safetensors copy (12.5 GB instead of 25 GB)."""
+    if any(f.endswith(".safetensors") for f in files):
+        return ["*.bin", "*.bin.index.json"]
+    return []
+
+
 def download(model_id: str, revision: str, target: Path, cache_dir: Path | None) -> Path:
+    from modelscope.hub.api import HubApi
     from modelscope.hub.snapshot_download import snapshot_download
 
+    files = [f["Path"] for f in HubApi().get_model_files(model_id, revision=revision, recursive=True)]
+    ignore = skip_patterns(files)
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"downloading {model_id} ({revision}) into {target}", flush=True)
-    snapshot_download(model_id, revision=revision, cache_dir=str(cache_dir) if cache_dir else None, local_dir=str(target))
+    print(f"downloading {model_id} ({revision}) into {target}" + (f", skipping {ignore}" if ignore else ""), flush=True)
+    snapshot_download(model_id, revision=revision, cache_dir=str(cache_dir) if cache_dir else None,
+                      local_dir=str(target), ignore_patterns=ignore or None)
     return target
 
 

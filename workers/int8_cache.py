@@ -18,7 +18,7 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from workers.atomic_dir import publish_dir, sha256_file
 from workers.int8_settings import Int8Settings
@@ -146,6 +146,17 @@ def ensure(source: Path, settings: Int8Settings, cache_root: Path, trust_remote_
             log.warning("INT8 cache at %s is invalid: %s; deleting it and quantizing again", entry, problem)
             shutil.rmtree(entry)
         log.info("INT8 cache miss for %s: quantizing now (first start only)", source.name)
-        _build(source, entry, inputs, trust_remote_code)
+        # One quantization at a time on the machine: each holds a full-precision copy of its model
+        # (two 7 B models at once would need ~45 GiB). Others wait here, and say so.
+        machine_lock = FileLock(str(cache_root / ".quantize.lock"))
+        try:
+            machine_lock.acquire(timeout=0)
+        except Timeout:
+            log.info("another model is being quantized; %s waits for it to finish", source.name)
+            machine_lock.acquire()
+        try:
+            _build(source, entry, inputs, trust_remote_code)
+        finally:
+            machine_lock.release()
         log.info("INT8 cache written to %s", entry)
         return entry
