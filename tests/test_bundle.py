@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -171,10 +172,25 @@ def test_stop_leaves_no_bundle_process(bundle):
     assert "not running" in bundle_cli(bundle["env"], "status").stdout
 
 
-def test_program_that_fails_to_start_is_named_with_its_log(tmp_path, embedded_model):
+def test_incomplete_model_folder_is_refused_before_anything_starts(tmp_path, embedded_model):
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text("{}")
+    conf, _ = write_deployment(tmp_path, [
+        {"names": ["broken"], "source": {"path": str(broken)}, "backend": "fp32", "port": free_port(), "threads": 1},
+    ])
+    env = bundle_env(BUNDLE_VAR_DIR=str(tmp_path / "var"), BUNDLE_MODELS_DIR=str(embedded_model.parent))
+    result = bundle_cli(env, "start", "--profile", conf)
+    assert result.returncode == 2
+    assert "Cannot start: models[broken]: model folder" in result.stdout and "no weights" in result.stdout
+    assert bundle_processes(tmp_path / "var") == []
+
+
+def test_program_that_fails_to_start_is_named_with_its_log(tmp_path, embedded_model):
+    # Complete on disk (passes the folder check) but not loadable: the worker dies while loading.
+    broken = tmp_path / "broken-model"
+    shutil.copytree(embedded_model, broken)
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
     conf, _ = write_deployment(tmp_path, [
         {"names": ["broken"], "source": {"path": str(broken)}, "backend": "fp32", "port": free_port(), "threads": 1},
     ])

@@ -76,3 +76,18 @@ def test_smollm2_template_is_chosen_by_model_path_and_stops_on_im_end(embedded_m
     conv = get_conversation_template(str(embedded_model))
     assert conv.name == "smollm2"
     assert conv.stop_str == "<|im_end|>" and 2 in conv.stop_token_ids
+
+
+def test_length_finish_counts_every_generated_token(embedded_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastchat.model.model_adapter import get_generate_stream_function
+
+    model = AutoModelForCausalLM.from_pretrained(embedded_model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model)
+    stream = get_generate_stream_function(model, str(embedded_model))
+    params = {"prompt": "One, two, three,", "temperature": 0, "max_new_tokens": 3, "echo": False}
+    *_, last = stream(model, tokenizer, params, "cpu", 8192)
+    assert last["finish_reason"] == "length"
+    assert last["usage"]["completion_tokens"] == 3  # upstream reports 2
+    assert len(tokenizer(last["text"], add_special_tokens=False).input_ids) == 3

@@ -51,7 +51,7 @@ def open_ui(page, url: str) -> None:
 
 def pick(page, dropdown, model: str) -> None:
     dropdown.click()
-    page.get_by_role("option", name=model, exact=True).click()
+    page.locator(f"[role=option][aria-label='{model}'] >> visible=true").first.click()
 
 
 def visible(page, selector: str):
@@ -70,6 +70,16 @@ def wait_for_answers(page, chatbots, count: int, timeout_s: float = 120) -> list
     wait_for(done, timeout_s, "the streamed answers")
     page.wait_for_timeout(1000)
     return [bot_messages(c)[-1] for c in chatbots]
+
+
+def greedy_short_answers(page) -> None:
+    """Temperature 0 and 64 tokens in the visible tab's Parameters, so answers are short and repeatable."""
+    page.locator("text=Parameters >> visible=true").first.click()
+    page.wait_for_timeout(300)
+    for label, value in (("Temperature", "0"), ("Max output tokens", "64")):
+        box = visible(page, f"input[aria-label='number input for {label}']").first
+        box.fill(value)
+        box.press("Enter")
 
 
 def send(page, text: str) -> None:
@@ -91,6 +101,7 @@ def test_page_is_the_bundles_and_offline(page, served_bundle):
 def test_single_chat_streams_english_and_chinese(page, served_bundle):
     open_ui(page, served_bundle["web"])
     pick(page, visible(page, "#model_selector_row input").first, SERVED_INT8)
+    greedy_short_answers(page)
     chatbot = visible(page, "#chatbot").first
     send(page, "What is the capital of France?")
     [answer] = wait_for_answers(page, [chatbot], 1)
@@ -112,6 +123,7 @@ def test_side_by_side_shows_both_answers(page, served_bundle):
     assert dropdowns.count() == 2
     pick(page, dropdowns.nth(0), SERVED_INT8)
     pick(page, dropdowns.nth(1), SERVED_FP32)
+    greedy_short_answers(page)
     send(page, "What is the capital of France?")
     chatbots = visible(page, "#chatbot")
     answers = wait_for_answers(page, [chatbots.nth(0), chatbots.nth(1)], 1)
@@ -123,7 +135,7 @@ def test_side_by_side_shows_both_answers(page, served_bundle):
 def model_choices(page) -> list[str]:
     dropdown = visible(page, "#model_selector_row input").first
     dropdown.click()
-    names = [o.strip() for o in page.get_by_role("option").all_inner_texts()]
+    names = page.get_by_role("option").evaluate_all("els => els.map(e => e.getAttribute('aria-label'))")
     page.keyboard.press("Escape")
     return names
 
@@ -163,6 +175,7 @@ def test_optional_login(browser, served_bundle, tmp_path):
         page.get_by_label("password").fill("wrong")
         page.get_by_role("button", name="Login").click()
         page.wait_for_selector("text=Incorrect Credentials", timeout=15_000)
+        page.get_by_label("username").fill("alice")  # the form is cleared after a failed attempt
         page.get_by_label("password").fill("s3cret-pass")
         page.get_by_role("button", name="Login").click()
         page.wait_for_selector("#input_box textarea", timeout=60_000)

@@ -122,15 +122,17 @@ def int8_weight_bytes(cache_root: Path, model_path: Path) -> int:
     return min(sizes) if sizes else 0
 
 
-def variants_for(explore: bool) -> list[Variant]:
-    base = [Variant("fp32"), Variant("itrex-int8")]
-    if not explore:
-        return base
-    return base + [
-        Variant("itrex-int8", group_size=-1), Variant("itrex-int8", group_size=32),
-        Variant("itrex-int8", compute_dtype="int8"), Variant("itrex-int8", compute_dtype="bf16"),
-        Variant("fp32", threads=1), Variant("itrex-int8", threads=1), Variant("bf16"),
-    ]
+def variants_for(explore: bool, bf16_backend: bool = False) -> list[Variant]:
+    variants = [Variant("fp32"), Variant("itrex-int8")]
+    if explore:
+        variants += [
+            Variant("itrex-int8", group_size=-1), Variant("itrex-int8", group_size=32),
+            Variant("itrex-int8", compute_dtype="int8"), Variant("itrex-int8", compute_dtype="bf16"),
+            Variant("fp32", threads=1), Variant("itrex-int8", threads=1),
+        ]
+    if bf16_backend:  # opt-in: without AVX512-BF16/AMX, torch computes bf16 slowly (minutes per 1 B run)
+        variants.append(Variant("bf16"))
+    return variants
 
 
 def summarize(results: dict, models: list[Path], variants: list[Variant], cache_root: Path) -> str:
@@ -171,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--explore", action="store_true", help="also other group sizes, compute dtypes, threads")
     p.add_argument("--models", choices=("embedded", "random-1b", "both"), default="both")
+    p.add_argument("--bf16-backend", action="store_true", help="also the plain bf16 backend (slow on CPUs without bf16 units)")
     args = p.parse_args(argv)
 
     from workers import int8_cache
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.paths import int8_cache_dir
 
     models = ([prepare()] if args.models != "random-1b" else []) + ([random_llama_1b()] if args.models != "embedded" else [])
-    variants = variants_for(args.explore)
+    variants = variants_for(args.explore, args.bf16_backend)
     cache_root = int8_cache_dir()
     for model in models:  # quantize up front so load times below are cache loads
         for v in variants:

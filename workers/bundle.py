@@ -123,11 +123,14 @@ def wait_ready(dep: Deployment, timeout: float) -> str | None:
 def memory_problem(dep: Deployment) -> str | None:
     from workers import memory_budget
 
-    needs = [
-        memory_budget.Need(m.program, m.backend, memory_budget.shape_of_folder(model_sources.model_dir(m.source)),
-                           m.limit_concurrency, m.int8.group_size)
-        for m in dep.models
-    ]
+    needs = []
+    for m in dep.models:
+        try:
+            shape = memory_budget.shape_of_folder(model_sources.model_dir(m.source))
+        except (memory_budget.UnknownShape, OSError, ValueError) as exc:
+            _say(f"  {m.program}: cannot estimate its memory ({exc}); not counted")
+            continue
+        needs.append(memory_budget.Need(m.program, m.backend, shape, m.limit_concurrency, m.int8.group_size))
     return memory_budget.check(needs, psutil.virtual_memory().available)
 
 

@@ -12,6 +12,8 @@ apply() is idempotent and is called by every bundle entry point before FastChat 
 4. worker_unavailable: when a worker dies mid-request (kill -9, restart), the API server answers a
    bare "500 Internal Server Error" (non-streaming) or cuts the stream off. Answer 503 with a JSON
    error naming the worker instead, and end a stream with an `error` event clients can raise.
+5. usage_length_count: inference.generate_stream reports `completion_tokens = i`, the last loop
+   index, so an answer cut off at max_tokens=N reports N-1 tokens. Count the last token too.
 """
 from __future__ import annotations
 
@@ -161,6 +163,27 @@ def _patch_worker_unavailable() -> None:
     api.app.add_exception_handler(WorkerUnavailable, on_worker_unavailable)
 
 
+def _patch_usage_length_count() -> None:
+    from fastchat.serve import inference
+
+    original = inference.generate_stream
+    if getattr(original, "_bundle_patched", False):
+        return
+
+    def generate_stream(*args, **kwargs):
+        for out in original(*args, **kwargs):
+            if out.get("finish_reason") == "length" and "usage" in out:
+                usage = dict(out["usage"])
+                usage["completion_tokens"] += 1
+                usage["total_tokens"] += 1
+                out = {**out, "usage": usage}
+            yield out
+
+    generate_stream._bundle_patched = True
+    # model_adapter.get_generate_stream_function imports it from this module at call time.
+    inference.generate_stream = generate_stream
+
+
 def apply() -> None:
     global _applied
     if _applied:
@@ -169,4 +192,5 @@ def apply() -> None:
     _register_smollm2_template()
     _patch_register_retry()
     _patch_worker_unavailable()
+    _patch_usage_length_count()
     _applied = True

@@ -29,8 +29,15 @@ class ModelShape:
     kv_bytes_per_token: int  # fp32 K and V over all layers
 
 
+class UnknownShape(ValueError):
+    pass
+
+
 def shape_from_config(config: dict, total_weight_bytes: int | None = None) -> ModelShape:
     """ModelShape from a config.json (llama, qwen and chatglm families) and the index's total_size."""
+    missing = [k for k in ("hidden_size", "num_attention_heads") if k not in config]
+    if missing or not (config.get("num_hidden_layers") or config.get("num_layers")):
+        raise UnknownShape(f"config.json lacks {', '.join(missing) or 'num_hidden_layers'}")
     hidden = config["hidden_size"]
     vocab = config.get("padded_vocab_size") or config["vocab_size"]
     layers = config.get("num_hidden_layers") or config.get("num_layers")
@@ -42,7 +49,7 @@ def shape_from_config(config: dict, total_weight_bytes: int | None = None) -> Mo
         kv_heads = config.get("num_key_value_heads") or heads
     tied = bool(config.get("tie_word_embeddings", False)) and config.get("model_type") not in ("chatglm", "qwen")
     if total_weight_bytes is None:
-        raise ValueError("total weight bytes unknown: the model folder has no weight index or weights")
+        raise UnknownShape("total weight bytes unknown: the model folder has no weight index or weights")
     dtype = config.get("torch_dtype") or ("bfloat16" if config.get("bf16") else "float32")
     params = total_weight_bytes // DTYPE_BYTES.get(dtype, 4)
     return ModelShape(params=params, embedding=vocab * hidden, output=0 if tied else vocab * hidden,
