@@ -32,7 +32,7 @@ class Variant:
     backend: str  # fp32 | bf16 | itrex-int8
     threads: int = 2
     compute_dtype: str = "fp32"
-    group_size: int = 128
+    group_size: int = -1
 
     @property
     def label(self) -> str:
@@ -126,7 +126,7 @@ def variants_for(explore: bool, bf16_backend: bool = False) -> list[Variant]:
     variants = [Variant("fp32"), Variant("itrex-int8")]
     if explore:
         variants += [
-            Variant("itrex-int8", group_size=-1), Variant("itrex-int8", group_size=32),
+            Variant("itrex-int8", group_size=128), Variant("itrex-int8", group_size=32),
             Variant("itrex-int8", compute_dtype="int8"), Variant("itrex-int8", compute_dtype="bf16"),
             Variant("fp32", threads=1), Variant("itrex-int8", threads=1),
         ]

@@ -69,7 +69,7 @@ def shape_of_folder(folder: Path) -> ModelShape:
     return shape_from_config(config, total)
 
 
-def weight_bytes(shape: ModelShape, backend: str, group_size: int = 128) -> int:
+def weight_bytes(shape: ModelShape, backend: str, group_size: int = -1) -> int:
     if backend == "fp32":
         return shape.params * 4
     if backend == "bf16":
@@ -79,7 +79,7 @@ def weight_bytes(shape: ModelShape, backend: str, group_size: int = 128) -> int:
     return int(linear * per_weight) + (shape.embedding + shape.output) * 4
 
 
-def worker_bytes(shape: ModelShape, backend: str, limit_concurrency: int, group_size: int = 128) -> int:
+def worker_bytes(shape: ModelShape, backend: str, limit_concurrency: int, group_size: int = -1) -> int:
     kv = shape.kv_bytes_per_token * KV_TOKENS_PER_REQUEST * limit_concurrency
     return weight_bytes(shape, backend, group_size) + kv + int(RUNTIME_GIB * GIB)
 
@@ -90,7 +90,7 @@ class Need:
     backend: str
     shape: ModelShape
     limit_concurrency: int
-    group_size: int = 128
+    group_size: int = -1
 
     @property
     def bytes(self) -> int:

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-names", required=True, help="comma-separated names shown to clients")
     p.add_argument("--backend", choices=("itrex-int8", "fp32", "bf16"), default="itrex-int8")
     p.add_argument("--compute-dtype", choices=("fp32", "bf16", "int8"), default="fp32", help="ITREX compute dtype")
-    p.add_argument("--group-size", type=int, default=128, help="ITREX group size (-1: per channel)")
+    p.add_argument("--group-size", type=int, default=-1, help="ITREX group size (-1: per output channel, the default)")
     p.add_argument("--int8-cache-dir", type=Path, default=None, help="default: var/int8-cache")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads for this worker")
