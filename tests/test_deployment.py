@@ -126,3 +126,10 @@ def test_rendered_supervisord_config(tmp_path, monkeypatch):
     assert "sk-secret-value" not in text  # keys are read by the API process, never written here
     assert "--api-keys-env BUNDLE_API_KEYS" in text
     assert oct((tmp_path / "run").stat().st_mode & 0o777) == "0o700"
+
+
+def test_int8_compute_dtype_this_cpu_cannot_run_is_refused_before_start():
+    dep = deployment.Deployment.model_validate({"models": [model(int8={"compute_dtype": "int8"})]})
+    [problem] = deployment.semantic_problems(dep, cpu_count=2, cpu_flags=frozenset({"avx2"}))
+    assert problem.startswith("models[0].int8: compute_dtype='int8' needs AVX512-VNNI")
+    assert deployment.semantic_problems(dep, cpu_count=2, cpu_flags=frozenset({"avx512_vnni"})) == []

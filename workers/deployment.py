@@ -134,12 +134,13 @@ def _format(exc: ValidationError, origin: str) -> str:
         loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see conf/README or README 'Configuration')"
+            msg = "unknown key (check the spelling; the keys are listed in README, 'Configuration')"
         lines.append(f"{origin}: {loc or '(top level)'}: {msg}")
     return "\n".join(lines)
 
 
-def semantic_problems(dep: Deployment, cpu_count: int | None = None, base_dir: Path = ROOT) -> list[str]:
+def semantic_problems(dep: Deployment, cpu_count: int | None = None, base_dir: Path = ROOT,
+                      cpu_flags: frozenset[str] | None = None) -> list[str]:
     """Rules that need the whole deployment or the machine (not just one field)."""
     cpu_count = cpu_count or os.cpu_count() or 1
     problems = []
@@ -167,6 +168,12 @@ def semantic_problems(dep: Deployment, cpu_count: int | None = None, base_dir: P
             elif c in used_cores:
                 problems.append(f"{where}.cpu_cores: core {c} is already pinned by {used_cores[c]}")
             used_cores.setdefault(c, where)
+        if m.backend == "itrex-int8":
+            from workers.int8_settings import unsupported_reason
+
+            problem = unsupported_reason(m.int8, cpu_flags)
+            if problem:
+                problems.append(f"{where}.int8: {problem}")
         if m.source.path is not None and not resolve_path(m.source.path, base_dir).is_dir():
             problems.append(f"{where}.source.path: {resolve_path(m.source.path, base_dir)} does not exist")
     total = sum(m.threads for m in dep.models)
