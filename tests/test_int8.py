@@ -3,17 +3,24 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 from intel_extension_for_transformers.transformers import AutoModelForCausalLM as ItrexAuto
 from intel_extension_for_transformers.transformers import RtnConfig
 
-from workers import int8_cache
+from workers import int8_cache, quantize
 from workers.int8_settings import Int8Settings, unsupported_reason
 from workers.loader import UnsupportedBackend, load_model
-from workers.quantize import MANIFEST
+from workers.int8_cache import MANIFEST
+from workers.paths import ROOT
 
 PROMPTS = ["What is the capital of France?", "Write one sentence about the sea.", "List three primary colors.", "What is 12 times 3?"]
 
@@ -138,3 +145,51 @@ def test_compute_dtypes_this_cpu_cannot_run_are_refused(embedded_model):
     assert "group_size=48" in unsupported_reason(Int8Settings(group_size=48), avx2_only)
     with pytest.raises(UnsupportedBackend, match="backend 'int4'"):
         load_model(embedded_model, "int4")
+
+
+# --- quantizing with little memory (workers/quantize.py) -----------------------------------------
+
+@pytest.fixture(scope="module")
+def bf16_source(embedded_model, tmp_path_factory):
+    """The embedded model saved in bf16: the dtype of Qwen-7B-Chat's checkpoint."""
+    out = tmp_path_factory.mktemp("bf16-source")
+    AutoModelForCausalLM.from_pretrained(str(embedded_model), torch_dtype=torch.bfloat16).save_pretrained(out)
+    for f in embedded_model.glob("tokenizer*"):
+        shutil.copy2(f, out / f.name)
+    return out
+
+
+def test_quantizer_loads_the_source_in_its_checkpoint_dtype_not_fp32(bf16_source):
+    model = quantize.load_source(bf16_source, trust_remote_code=False)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_layer_by_layer_quantization_is_bit_identical_to_itrex_whole_model(bf16_source, tmp_path, monkeypatch):
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    settings = Int8Settings().rtn_kwargs()
+    subprocess.run(
+        [sys.executable, "-m", "workers.quantize", "--source", str(bf16_source), "--staging", str(ours),
+         "--settings", json.dumps(settings)],
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True,
+    )
+    monkeypatch.chdir(tmp_path)  # neural-compressor writes nc_workspace/ into the current directory
+    ItrexAuto.from_pretrained(
+        str(bf16_source), quantization_config=RtnConfig(**settings), use_neural_speed=False
+    ).save_pretrained(str(theirs))
+    a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+    assert a.keys() == b.keys()
+    different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert different == []
+    assert json.loads((ours / "config.json").read_text()) == json.loads((theirs / "config.json").read_text())
+    assert (ours / "quantize_config.json").read_text() == (theirs / "quantize_config.json").read_text()
+
+
+def test_quantizer_refuses_up_front_when_memory_is_short(embedded_model, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(quantize.psutil, "virtual_memory", lambda: SimpleNamespace(available=100 * 2**20))
+    staging = tmp_path / "staging"
+    with caplog.at_level(logging.ERROR, logger="quantize"):
+        code = quantize.main(["--source", str(embedded_model), "--staging", str(staging),
+                              "--settings", json.dumps(Int8Settings().rtn_kwargs())])
+    assert code == 3
+    assert f"quantizing {embedded_model.name} needs about" in caplog.text and "only 0.1 GiB is available" in caplog.text
+    assert not staging.exists()

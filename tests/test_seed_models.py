@@ -252,6 +252,13 @@ def test_both_seed_models_in_int8_fit_in_24_gib():
     assert 7 * GIB < needs[0].bytes < 10 * GIB and 11 * GIB < needs[1].bytes < 14 * GIB
 
 
+def test_first_start_quantization_of_each_seed_model_fits_in_24_gib():
+    # start_all.sh quantizes one model at a time before any worker runs, so each peak alone must fit.
+    chatglm3, qwen = memory_budget.quantize_peak_bytes(CHATGLM3), memory_budget.quantize_peak_bytes(QWEN)
+    assert 8 * GIB < chatglm3 < 10 * GIB and 12 * GIB < qwen < 14 * GIB
+    assert qwen < 24 * GIB - memory_budget.SERVICES_GIB * GIB  # with room to spare for the OS
+
+
 def test_both_seed_models_in_fp32_are_refused_naming_them_and_what_fits():
     needs = [Need("chatglm3-6b", "fp32", CHATGLM3, 2), Need("qwen-7b-chat", "fp32", QWEN, 1)]
     message = memory_budget.check(needs, 24 * GIB)

@@ -13,11 +13,25 @@ from pathlib import Path
 from typing import Iterator
 
 PARTIAL_PREFIX = ".partial-"
+_PROGRESS_BYTES = 256 * 2**20
 
 
 def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def sha256_files(paths: list[Path], desc: str) -> dict[Path, str]:
+    """sha256 of each file, with a progress bar when there is enough to read to make one wait."""
+    from tqdm import tqdm
+
+    total = sum(p.stat().st_size for p in paths)
+    digests = {}
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=total < _PROGRESS_BYTES) as bar:
+        for p in paths:
+            digests[p] = sha256_file(p)
+            bar.update(p.stat().st_size)
+    return digests
 
 
 def _fsync_tree(root: Path) -> None:

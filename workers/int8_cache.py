@@ -20,14 +20,14 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from workers.atomic_dir import publish_dir, sha256_file
+from workers.atomic_dir import publish_dir, sha256_files
 from workers.int8_settings import Int8Settings
 from workers.paths import ROOT
-from workers.quantize import MANIFEST
 
 log = logging.getLogger("int8_cache")
 
 CACHE_FORMAT = 1
+MANIFEST = "bundle_manifest.json"
 _VERSIONED = ("torch", "transformers", "intel-extension-for-transformers", "neural-compressor")
 _DIGEST_MEMO = ".source-digests.json"
 
@@ -53,18 +53,15 @@ def source_fingerprint(source: Path, cache_root: Path) -> str:
         memo = json.loads(memo_path.read_text())
     except (OSError, ValueError):
         memo = {}
+    files = _source_files(source)
+    stamps = {f: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+    stale = [f for f in files if memo.get(str(f), {}).get("stamp") != stamps[f]]
+    for f, digest in sha256_files(stale, f"fingerprint {source.name}").items():
+        memo[str(f)] = {"stamp": stamps[f], "sha256": digest}
     total = hashlib.sha256()
-    changed = False
-    for f in _source_files(source):
-        st = f.stat()
-        stamp = [st.st_size, st.st_mtime_ns]
-        entry = memo.get(str(f))
-        if not entry or entry["stamp"] != stamp:
-            entry = {"stamp": stamp, "sha256": sha256_file(f)}
-            memo[str(f)] = entry
-            changed = True
-        total.update(f"{f.relative_to(source)}\0{entry['sha256']}\n".encode())
-    if changed:
+    for f in files:
+        total.update(f"{f.relative_to(source)}\0{memo[str(f)]['sha256']}\n".encode())
+    if stale:
         cache_root.mkdir(parents=True, exist_ok=True)
         tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(memo))
@@ -97,13 +94,16 @@ def verify(entry: Path, inputs: dict) -> str | None:
         return f"{MANIFEST} is not valid JSON ({exc})"
     if manifest.get("inputs") != inputs:
         return "it was built from other inputs (source, settings or versions)"
-    for name, meta in manifest.get("files", {}).items():
+    files = manifest.get("files", {})
+    for name, meta in files.items():
         path = entry / name
         if not path.is_file():
             return f"file {name} is missing"
         if path.stat().st_size != meta["size"]:
             return f"file {name} has {path.stat().st_size} bytes, expected {meta['size']}"
-        if sha256_file(path) != meta["sha256"]:
+    digests = sha256_files([entry / name for name in files], f"verify {entry.name}")
+    for name, meta in files.items():
+        if digests[entry / name] != meta["sha256"]:
             return f"file {name} does not match its sha256"
     return None
 
@@ -122,10 +122,8 @@ def _build(source: Path, entry: Path, inputs: dict, trust_remote_code: bool) -> 
             raise CacheBuildError(
                 f"quantizing {source} failed (exit code {proc.returncode}); see the quantize lines above"
             )
-        files = {
-            str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(staging.rglob("*")) if p.is_file()
-        }
+        digests = sha256_files(sorted(p for p in staging.rglob("*") if p.is_file()), "checksum INT8 files")
+        files = {str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": d} for p, d in digests.items()}
         # The manifest is written last: a folder without it is never served.
         (staging / MANIFEST).write_text(json.dumps({"inputs": inputs, "files": files}, indent=2))
 
@@ -146,8 +144,8 @@ def ensure(source: Path, settings: Int8Settings, cache_root: Path, trust_remote_
             log.warning("INT8 cache at %s is invalid: %s; deleting it and quantizing again", entry, problem)
             shutil.rmtree(entry)
         log.info("INT8 cache miss for %s: quantizing now (first start only)", source.name)
-        # One quantization at a time on the machine: each holds a full-precision copy of its model
-        # (two 7 B models at once would need ~45 GiB). Others wait here, and say so.
+        # One quantization at a time on the machine: each needs about 1.6x its INT8 size in RAM
+        # (workers/quantize.py), and two 7 B models at once would not fit in 24 GiB. Others wait here.
         machine_lock = FileLock(str(cache_root / ".quantize.lock"))
         try:
             machine_lock.acquire(timeout=0)

@@ -18,6 +18,9 @@ GIB = 2**30
 KV_TOKENS_PER_REQUEST = 1024
 RUNTIME_GIB = 0.9
 SERVICES_GIB = 1.5
+# Quantizing: the INT8 model times this factor (save temporaries) plus the process's runtime.
+QUANTIZE_SAVE_FACTOR = 1.1
+QUANTIZE_RUNTIME_GIB = 1.0
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -82,6 +85,17 @@ def weight_bytes(shape: ModelShape, backend: str, group_size: int = -1) -> int:
 def worker_bytes(shape: ModelShape, backend: str, limit_concurrency: int, group_size: int = -1) -> int:
     kv = shape.kv_bytes_per_token * KV_TOKENS_PER_REQUEST * limit_concurrency
     return weight_bytes(shape, backend, group_size) + kv + int(RUNTIME_GIB * GIB)
+
+
+def quantize_peak_bytes(shape: ModelShape) -> int:
+    """Peak anonymous memory of quantizing (workers/quantize.py) when no INT8 cache exists yet.
+
+    The source is memory-mapped in its checkpoint dtype, so its pages are page cache the kernel
+    can drop, not counted here; what must fit is the INT8 model being built plus the save's
+    temporaries. Measured with scripts/bench_quantize.sh: 2.50 GiB for a 1.1 B Llama (1.39 GiB of
+    INT8 weights) and 12.74 GiB for a Qwen-7B-shaped one (10.67 GiB), both 1.1x + 1.0 GiB.
+    """
+    return int(QUANTIZE_SAVE_FACTOR * weight_bytes(shape, "itrex-int8")) + int(QUANTIZE_RUNTIME_GIB * GIB)
 
 
 @dataclass(frozen=True)
