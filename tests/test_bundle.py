@@ -64,6 +64,35 @@ def test_start_prints_urls_and_every_model_answers(bundle):
     assert requests.get(f"http://127.0.0.1:{bundle['ports']['web']}/", timeout=10).status_code == 200
 
 
+def unloadable_model(tmp_path, embedded_model, backend):
+    """A deployment of one model that is complete on disk (passes the folder check) but not loadable."""
+    broken = tmp_path / "broken-model"
+    shutil.copytree(embedded_model, broken)
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    conf, _ = write_deployment(tmp_path, [
+        {"names": ["broken"], "source": {"path": str(broken)}, "backend": backend, "port": free_port(), "threads": 1},
+    ])
+    return broken, conf
+
+
+def test_start_prepares_int8_weights_before_any_worker_runs(bundle):
+    out = bundle["start_output"]
+    int8_step, supervisord_step = out.index("[2/4] INT8 weights for 1 model(s)"), out.index("[3/4] starting supervisord")
+    assert int8_step < out.index(f"  {INT8}: smollm2-135m-instruct-") < supervisord_step
+
+
+def test_int8_model_that_cannot_be_quantized_stops_the_start_before_supervisord(tmp_path, embedded_model):
+    broken, conf = unloadable_model(tmp_path, embedded_model, "itrex-int8")
+    env = bundle_env(BUNDLE_VAR_DIR=str(tmp_path / "var"), BUNDLE_MODELS_DIR=str(embedded_model.parent),
+                     BUNDLE_INT8_CACHE_DIR=str(tmp_path / "cache"))
+    result = bundle_cli(env, "start", "--profile", conf)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"Cannot start: models[broken]: quantizing {broken} failed" in result.stdout
+    assert "[3/4] starting supervisord" not in result.stdout
+    assert bundle_processes(tmp_path / "var") == []
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]  # nothing half-written
+
+
 def test_second_start_changes_nothing(bundle):
     before = {name: p["pid"] for name, p in ((p["name"], p) for p in rpc(bundle["env"]).supervisor.getAllProcessInfo())}
     again = bundle_cli(bundle["env"], "start", "--profile", bundle["conf"])
@@ -187,13 +216,7 @@ def test_incomplete_model_folder_is_refused_before_anything_starts(tmp_path, emb
 
 
 def test_program_that_fails_to_start_is_named_with_its_log(tmp_path, embedded_model):
-    # Complete on disk (passes the folder check) but not loadable: the worker dies while loading.
-    broken = tmp_path / "broken-model"
-    shutil.copytree(embedded_model, broken)
-    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
-    conf, _ = write_deployment(tmp_path, [
-        {"names": ["broken"], "source": {"path": str(broken)}, "backend": "fp32", "port": free_port(), "threads": 1},
-    ])
+    _, conf = unloadable_model(tmp_path, embedded_model, "fp32")  # the worker dies while loading
     env = bundle_env(BUNDLE_VAR_DIR=str(tmp_path / "var"), BUNDLE_MODELS_DIR=str(embedded_model.parent))
     result = bundle_cli(env, "start", "--profile", conf, "--timeout", "300")
     try:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -112,7 +113,7 @@ def wait_ready(dep: Deployment, timeout: float) -> str | None:
                     pass
         if ready >= set(wanted) | set(checks):
             return None
-        if time.monotonic() - last_progress > 15:  # show what the slow ones are doing (e.g. quantizing)
+        if time.monotonic() - last_progress > 15:  # show what the slow ones are doing (e.g. loading a large model)
             last_progress = time.monotonic()
             for program in sorted(set(wanted) - ready):
                 _say(f"  worker {program}: loading ... {log_tail(program, 1)[-140:]}")
@@ -134,6 +135,26 @@ def memory_problem(dep: Deployment) -> str | None:
     return memory_budget.check(needs, psutil.virtual_memory().available)
 
 
+def prepare_int8_weights(dep: Deployment, folders: dict[str, Path]) -> str | None:
+    """Build missing INT8 cache entries now, one model at a time, before any worker runs.
+
+    Quantizing is the memory peak of a first start; done here, no serving worker shares RAM with
+    it, and its progress shows in this terminal. The workers then load the cache.
+    """
+    from workers import int8_cache
+    from workers.paths import int8_cache_dir
+
+    int8_models = [m for m in dep.models if m.backend == "itrex-int8"]
+    _say(f"[2/4] INT8 weights for {len(int8_models)} model(s) (quantized once, then loaded from {int8_cache_dir()})")
+    for m in int8_models:
+        try:
+            entry = int8_cache.ensure(folders[m.program], m.int8, int8_cache_dir(), m.trust_remote_code)
+        except int8_cache.CacheBuildError as exc:
+            return f"models[{m.program}]: {exc}"
+        _say(f"  {m.program}: {entry.name}")
+    return None
+
+
 def cmd_start(args) -> int:
     dep = deployment.load(args.profile)
     running = supervisor_client.pid()
@@ -146,25 +167,29 @@ def cmd_start(args) -> int:
     if busy:
         _say("Cannot start: " + "; ".join(busy))
         return 2
-    _say(f"[1/3] preparing {len(dep.models)} model(s)")
+    _say(f"[1/4] preparing {len(dep.models)} model(s)")
+    folders = {}
     for m in dep.models:
         try:
-            folder = model_sources.prepare(m.source)
+            folders[m.program] = model_sources.prepare(m.source)
         except model_sources.SourceNotReady as exc:
             _say(f"Cannot start: models[{m.program}]: {exc}")
             return 2
-        _say(f"  {m.program}: {folder} ({m.backend}, {m.threads} thread(s))")
+        _say(f"  {m.program}: {folders[m.program]} ({m.backend}, {m.threads} thread(s))")
     if not args.skip_memory_check:
         problem = memory_problem(dep)
         if problem:
             _say(f"Cannot start: {problem}\n(--skip-memory-check starts anyway.)")
             return 2
+    problem = prepare_int8_weights(dep, folders)
+    if problem:
+        _say(f"Cannot start: {problem}")
+        return 2
     conf = supervisor_conf.write(dep)
     (run_dir() / PROFILE_FILE).write_text(args.profile)
-    _say(f"[2/3] starting supervisord ({conf})")
+    _say(f"[3/4] starting supervisord ({conf})")
     supervisor_client.start_daemon(conf)
-    _say("[3/3] waiting for workers to register and the API and web UI to answer "
-         "(the first start quantizes INT8 models)")
+    _say("[4/4] waiting for workers to register and the API and web UI to answer")
     failed = wait_ready(dep, args.timeout)
     if failed:
         if failed == "timeout":
@@ -281,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("model")
     r.add_argument("--timeout", type=float, default=1800)
     args = p.parse_args(argv)
+    # INFO from the bundle's own steps (INT8 cache, downloads) goes to the terminal with _say's lines.
+    logging.basicConfig(level=logging.INFO, format="  %(message)s", stream=sys.stdout)
     handlers = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "restart": cmd_restart}
     try:
         return handlers[args.command](args)
