@@ -129,7 +129,8 @@ def quantize_and_save(source: Path, staging: Path, settings: dict, trust_remote_
             if not (staging / f.name).exists():
                 shutil.copy2(f, staging / f.name)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    log.info("quantized in %.0f s, peak memory %.2f GiB", time.monotonic() - t0, peak / GIB)
+    log.info("quantized in %.0f s; peak resident memory %.2f GiB, counting the memory-mapped checkpoint's "
+             "page cache, which the kernel can reclaim", time.monotonic() - t0, peak / GIB)
 
 
 def main(argv: list[str] | None = None) -> int:
