@@ -193,3 +193,23 @@ def test_quantizer_refuses_up_front_when_memory_is_short(embedded_model, tmp_pat
     assert code == 3
     assert f"quantizing {embedded_model.name} needs about" in caplog.text and "only 0.1 GiB is available" in caplog.text
     assert not staging.exists()
+
+
+def test_verify_hashes_an_unchanged_entry_once_not_on_every_start(int8_entry, tmp_path, monkeypatch):
+    from workers import atomic_dir
+
+    inputs = json.loads((int8_entry / MANIFEST).read_text())["inputs"]
+    copy = tmp_path / int8_entry.name
+    shutil.copytree(int8_entry, copy)
+    hashed = []
+    real = atomic_dir.sha256_file
+    monkeypatch.setattr(atomic_dir, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    assert int8_cache.verify(copy, inputs) is None
+    assert "model.safetensors" in hashed
+    hashed.clear()
+    assert int8_cache.verify(copy, inputs) is None
+    assert hashed == []
+    config = copy / "config.json"
+    config.write_bytes(config.read_bytes().replace(b"{", b"[", 1))  # same size, new mtime
+    assert "config.json does not match its sha256" in int8_cache.verify(copy, inputs)
+    assert hashed == ["config.json"]

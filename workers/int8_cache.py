@@ -43,29 +43,36 @@ def _source_files(source: Path) -> list[Path]:
     )
 
 
-def source_fingerprint(source: Path, cache_root: Path) -> str:
-    """sha256 over every file of the source model folder.
+def memoised_digests(files: list[Path], cache_root: Path, desc: str) -> dict[Path, str]:
+    """sha256 of each file, memoised by (size, mtime) in the cache root.
 
-    Per-file digests are memoised by (size, mtime) so a 15 GB model is read once, not per start.
+    A 15 GB source or a 10 GB INT8 entry is read once, not on every start (and not twice per
+    start, by start_all.sh and then by the worker). A changed or truncated file has a new stamp
+    and is hashed again.
     """
     memo_path = cache_root / _DIGEST_MEMO
     try:
         memo = json.loads(memo_path.read_text())
     except (OSError, ValueError):
         memo = {}
-    files = _source_files(source)
     stamps = {f: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
     stale = [f for f in files if memo.get(str(f), {}).get("stamp") != stamps[f]]
-    for f, digest in sha256_files(stale, f"fingerprint {source.name}").items():
+    for f, digest in sha256_files(stale, desc).items():
         memo[str(f)] = {"stamp": stamps[f], "sha256": digest}
-    total = hashlib.sha256()
-    for f in files:
-        total.update(f"{f.relative_to(source)}\0{memo[str(f)]['sha256']}\n".encode())
     if stale:
         cache_root.mkdir(parents=True, exist_ok=True)
         tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(memo))
         os.replace(tmp, memo_path)
+    return {f: memo[str(f)]["sha256"] for f in files}
+
+
+def source_fingerprint(source: Path, cache_root: Path) -> str:
+    """sha256 over every file of the source model folder."""
+    files = _source_files(source)
+    total = hashlib.sha256()
+    for f, digest in memoised_digests(files, cache_root, f"fingerprint {source.name}").items():
+        total.update(f"{f.relative_to(source)}\0{digest}\n".encode())
     return total.hexdigest()
 
 
@@ -101,7 +108,7 @@ def verify(entry: Path, inputs: dict) -> str | None:
             return f"file {name} is missing"
         if path.stat().st_size != meta["size"]:
             return f"file {name} has {path.stat().st_size} bytes, expected {meta['size']}"
-    digests = sha256_files([entry / name for name in files], f"verify {entry.name}")
+    digests = memoised_digests([entry / name for name in files], entry.parent, f"verify {entry.name}")
     for name, meta in files.items():
         if digests[entry / name] != meta["sha256"]:
             return f"file {name} does not match its sha256"
@@ -144,8 +151,8 @@ def ensure(source: Path, settings: Int8Settings, cache_root: Path, trust_remote_
             log.warning("INT8 cache at %s is invalid: %s; deleting it and quantizing again", entry, problem)
             shutil.rmtree(entry)
         log.info("INT8 cache miss for %s: quantizing now (first start only)", source.name)
-        # One quantization at a time on the machine: each needs about 1.6x its INT8 size in RAM
-        # (workers/quantize.py), and two 7 B models at once would not fit in 24 GiB. Others wait here.
+        # One quantization at a time on the machine: each needs about 1.1x its INT8 size + 1 GiB
+        # (memory_budget.quantize_peak_bytes), and two 7 B models at once would not fit in 24 GiB.
         machine_lock = FileLock(str(cache_root / ".quantize.lock"))
         try:
             machine_lock.acquire(timeout=0)
