@@ -1,6 +1,4 @@
 #!/usr/bin/env bash
-# Show each program's state and each registered model (see README).
-set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "$root/.venv/bin/python" -m workers.bundle status "$@"
+# Show each program's state and each registered model (see README). Usage: scripts/status.sh [--profile P]
+source "$(dirname "$0")/lib.sh"
+exec "$bin/bundle" status "$@"

@@ -1,6 +1,4 @@
 #!/usr/bin/env bash
-# Stop the bundle (see README).
-set -euo pipefail
-root="$(cd "$(dirname "$0")/.." && pwd)"
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "$root/.venv/bin/python" -m workers.bundle stop "$@"
+# Stop the bundle (see README). Usage: scripts/stop_all.sh [--profile P]
+source "$(dirname "$0")/lib.sh"
+exec "$bin/bundle" stop "$@"

@@ -1,8 +1,8 @@
 """Process and network helpers for tests that run the real thing."""
 from __future__ import annotations
 
+import contextlib
 import os
-import xmlrpc.client
 import signal
 import socket
 import subprocess
@@ -13,6 +13,9 @@ from pathlib import Path
 import psutil
 import requests
 import yaml
+
+from workers.config import deployment
+from workers.ops import supervisor_client
 
 ROOT = Path(__file__).resolve().parent.parent
 HEARTBEAT_S = 3
@@ -25,10 +28,7 @@ def free_port() -> int:
 
 
 def bundle_env(**extra: str) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT)
-    env.update(extra)
-    return env
+    return {**os.environ, **extra}
 
 
 def start(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
@@ -68,7 +68,7 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
 
 
 def bundle_cli(env: dict, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "workers.bundle", *args], env=env, cwd=ROOT,
+    return subprocess.run([str(Path(sys.executable).with_name("bundle")), *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -89,11 +89,13 @@ def write_deployment(var, models: list[dict], **extra) -> tuple[str, dict]:
 
 
 def rpc(env):
-    from supervisor.xmlrpc import SupervisorTransport
+    return supervisor_client.proxy(Path(env["BUNDLE_VAR_DIR"]) / "run")
 
-    user, password = (open(os.path.join(env["BUNDLE_VAR_DIR"], "run", "supervisor.secret")).read().strip().split(":", 1))
-    sock = os.path.join(env["BUNDLE_VAR_DIR"], "run", "supervisor.sock")
-    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=SupervisorTransport(user, password, f"unix://{sock}"))
+
+def snapshot_for(var: Path, models: list[dict], **extra) -> tuple[Path, dict]:
+    """A validated deployment snapshot, as `start` writes it, for launching one program by hand."""
+    conf, ports = write_deployment(var, models, **extra)
+    return deployment.write_snapshot(deployment.load(conf), conf, var / "deployment.json"), ports
 
 
 def bundle_processes(var) -> list[psutil.Process]:
@@ -107,3 +109,35 @@ def bundle_processes(var) -> list[psutil.Process]:
     return found
 
 
+
+
+EMBEDDED = {"embedded": "smollm2-135m-instruct"}
+
+
+def int8_and_fp32(int8_name: str, fp32_name: str, **extra) -> list[dict]:
+    """The default deployment's shape: the embedded model in INT8 on core 0 and in fp32 on core 1."""
+    return [
+        {"names": [int8_name], "source": EMBEDDED, "backend": "itrex-int8", "port": free_port(), "threads": 1,
+         "cpu_cores": [0], **extra},
+        {"names": [fp32_name], "source": EMBEDDED, "backend": "fp32", "port": free_port(), "threads": 1,
+         "cpu_cores": [1], **extra},
+    ]
+
+
+@contextlib.contextmanager
+def running_bundle(var: Path, models: list[dict], models_dir: Path, int8_cache: Path, env_extra: dict | None = None,
+                   **sections):
+    """The whole bundle under its own supervisord, state in `var`; stopped, with nothing left, on exit."""
+    conf, ports = write_deployment(var, models, **sections)
+    env = bundle_env(BUNDLE_VAR_DIR=str(var), BUNDLE_MODELS_DIR=str(models_dir), BUNDLE_INT8_CACHE_DIR=str(int8_cache),
+                     **(env_extra or {}))
+    started = bundle_cli(env, "start", "--profile", conf, "--timeout", "600")
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield {"env": env, "var": var, "ports": ports, "conf": conf, "start_output": started.stdout,
+               "api": f"http://127.0.0.1:{ports['api']}/v1", "web": f"http://127.0.0.1:{ports['web']}/",
+               "controller": f"http://127.0.0.1:{ports['controller']}"}
+    finally:
+        bundle_cli(env, "stop")
+        for p in bundle_processes(var):
+            p.kill()

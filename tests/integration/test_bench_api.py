@@ -1,0 +1,23 @@
+"""The API benchmark runs against the real bundle and writes its table and plot (figures are not asserted)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import API_KEYS, SERVED_FP32, SERVED_INT8
+from tests.helpers import ROOT, bundle_env
+
+
+def test_bench_api_writes_table_and_plot(served_bundle, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "workers.tools.bench_api", "--profile", served_bundle["conf"], "--concurrency", "1", "2",
+         "--requests-per-client", "1", "--rounds", "1", "--no-in-process"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        env=bundle_env(BUNDLE_VAR_DIR=str(tmp_path), BUNDLE_TEST_API_KEYS=",".join(API_KEYS)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (tmp_path / "reports" / "bench-api" / "bench-api.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith(f"| {SERVED_INT8} |") or line.startswith(f"| {SERVED_FP32} |")]
+    assert len(rows) == 4  # two models x two concurrency levels
+    assert all(row.rstrip().endswith("| 0 |") for row in rows), rows  # no failed request
+    png = tmp_path / "reports" / "bench-api" / "bench-api.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,215 @@
+"""ITREX INT8 on the embedded model: accuracy against fp32, and the quantized-weight cache."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from intel_extension_for_transformers.transformers import AutoModelForCausalLM as ItrexAuto
+from intel_extension_for_transformers.transformers import RtnConfig
+
+from workers.engine import int8_cache, quantize
+from workers.config.int8 import Int8Settings, unsupported_reason
+from workers.engine.loader import UnsupportedBackend, load_model
+from workers.engine.int8_cache import MANIFEST
+from workers.config.paths import ROOT
+
+PROMPTS = ["What is the capital of France?", "Write one sentence about the sea.", "List three primary colors.", "What is 12 times 3?"]
+
+
+def perplexity(model, tokenizer, text):
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return torch.exp(model(ids, labels=ids).loss).item()
+
+
+def greedy(model, tokenizer, question, n=16):
+    x = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt")
+    return model.generate(x, max_new_tokens=n, do_sample=False)[0][x.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def fp32_model(embedded_model):
+    return load_model(embedded_model, "fp32")
+
+
+@pytest.fixture(scope="module")
+def int8_model(embedded_model, int8_entry, int8_cache_root):
+    return load_model(embedded_model, "itrex-int8", cache_root=int8_cache_root)
+
+
+def test_int8_model_really_is_quantized(int8_model):
+    model, _ = int8_model
+    from intel_extension_for_transformers.transformers.llm.quantization.nn.modules import QuantizedLinearQBits
+
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinearQBits)]
+    assert len(quantized) == 30 * 7  # q, k, v, o, gate, up, down in each of 30 layers
+
+
+def test_int8_perplexity_within_one_percent_of_fp32(fp32_model, int8_model, paragraph):
+    ppl32 = perplexity(*fp32_model, paragraph)
+    ppl8 = perplexity(*int8_model, paragraph)
+    assert ppl8 <= ppl32 * 1.01, (ppl32, ppl8)
+
+
+def test_int8_greedy_output_follows_fp32(fp32_model, int8_model):
+    for question in PROMPTS:
+        a, b = greedy(*fp32_model, question), greedy(*int8_model, question)
+        # Measured: identical for the factual question; every answer shares at least 5 tokens.
+        assert a[:5] == b[:5], (question, a, b)
+    assert greedy(*fp32_model, PROMPTS[0]) == greedy(*int8_model, PROMPTS[0])
+
+
+def test_cache_reload_gives_same_logits_as_fresh_quantization(embedded_model, int8_model, paragraph, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # neural-compressor writes nc_workspace/ into the current directory
+    cached, tokenizer = int8_model
+    fresh = ItrexAuto.from_pretrained(
+        str(embedded_model), quantization_config=RtnConfig(**Int8Settings().rtn_kwargs()), use_neural_speed=False
+    ).eval()
+    ids = tokenizer(paragraph, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(cached(ids).logits, fresh(ids).logits)
+
+
+def test_second_ensure_is_a_cache_hit(embedded_model, int8_entry, int8_cache_root, caplog):
+    with caplog.at_level(logging.INFO, logger="int8_cache"):
+        assert int8_cache.ensure(embedded_model, Int8Settings(), int8_cache_root) == int8_entry
+    assert "INT8 cache hit" in caplog.text and "quantizing" not in caplog.text
+
+
+def test_truncated_cache_file_is_rebuilt_not_served(embedded_model, int8_entry, tmp_path, caplog):
+    root = tmp_path / "cache"
+    shutil.copytree(int8_entry.parent, root, ignore=shutil.ignore_patterns("*.lock"))
+    entry = root / int8_entry.name
+    weights = entry / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    with caplog.at_level(logging.INFO, logger="int8_cache"):
+        rebuilt = int8_cache.ensure(embedded_model, Int8Settings(), root)
+    assert rebuilt == entry
+    assert "is invalid: file model.safetensors has" in caplog.text
+    assert weights.stat().st_size == (int8_entry / "model.safetensors").stat().st_size
+    inputs = json.loads((entry / MANIFEST).read_text())["inputs"]
+    assert int8_cache.verify(entry, inputs) is None
+
+
+def test_verify_rejects_missing_manifest_corruption_and_other_inputs(int8_entry, tmp_path):
+    inputs = json.loads((int8_entry / MANIFEST).read_text())["inputs"]
+    copy = tmp_path / int8_entry.name
+    shutil.copytree(int8_entry, copy)
+    assert int8_cache.verify(copy, inputs) is None
+    assert "built from other inputs" in int8_cache.verify(copy, {**inputs, "settings": {"group_size": 32}})
+    config = copy / "config.json"
+    config.write_bytes(config.read_bytes().replace(b"{", b"[", 1))  # same size, other content
+    assert "does not match its sha256" in int8_cache.verify(copy, inputs)
+    (copy / MANIFEST).unlink()  # what a crash before the manifest was written leaves
+    assert "bundle_manifest.json is missing" in int8_cache.verify(copy, inputs)
+
+
+def test_key_covers_settings_versions_and_source(embedded_model, int8_cache_root, tmp_path):
+    base = int8_cache.key_inputs(embedded_model, Int8Settings(), int8_cache_root)
+    other = int8_cache.key_inputs(embedded_model, Int8Settings(group_size=32), int8_cache_root)
+    assert int8_cache.entry_dir(embedded_model, base, int8_cache_root) != int8_cache.entry_dir(embedded_model, other, int8_cache_root)
+    assert set(base["versions"]) == {"torch", "transformers", "intel-extension-for-transformers", "neural-compressor"}
+    changed = tmp_path / embedded_model.name
+    shutil.copytree(embedded_model, changed)
+    (changed / "generation_config.json").write_text('{"changed": true}')
+    assert int8_cache.key_inputs(changed, Int8Settings(), int8_cache_root)["source"] != base["source"]
+
+
+def test_failed_quantization_leaves_no_entry(tmp_path):
+    source = tmp_path / "not-a-model"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    with pytest.raises(int8_cache.CacheBuildError, match="quantizing .* failed"):
+        int8_cache.ensure(source, Int8Settings(), tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".source")] == [
+        p.name for p in (tmp_path / "cache").glob("*.lock")
+    ]
+
+
+def test_compute_dtypes_this_cpu_cannot_run_are_refused(embedded_model):
+    avx2_only = frozenset({"avx2", "fma"})
+    assert "needs AVX512-VNNI" in unsupported_reason(Int8Settings(compute_dtype="int8"), avx2_only)
+    assert "needs AMX-BF16" in unsupported_reason(Int8Settings(compute_dtype="bf16"), avx2_only)
+    assert unsupported_reason(Int8Settings(compute_dtype="int8"), frozenset({"avx512_vnni"})) is None
+    assert unsupported_reason(Int8Settings(), avx2_only) is None
+    assert "group_size=48" in unsupported_reason(Int8Settings(group_size=48), avx2_only)
+    with pytest.raises(UnsupportedBackend, match="backend 'int4'"):
+        load_model(embedded_model, "int4")
+
+
+# --- quantizing with little memory (workers/engine/quantize.py) -----------------------------------------
+
+@pytest.fixture(scope="module")
+def bf16_source(embedded_model, tmp_path_factory):
+    """The embedded model saved in bf16: the dtype of Qwen-7B-Chat's checkpoint."""
+    out = tmp_path_factory.mktemp("bf16-source")
+    AutoModelForCausalLM.from_pretrained(str(embedded_model), torch_dtype=torch.bfloat16).save_pretrained(out)
+    for f in embedded_model.glob("tokenizer*"):
+        shutil.copy2(f, out / f.name)
+    return out
+
+
+def test_quantizer_loads_the_source_in_its_checkpoint_dtype_not_fp32(bf16_source):
+    model = quantize.load_source(bf16_source, trust_remote_code=False)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_layer_by_layer_quantization_is_bit_identical_to_itrex_whole_model(bf16_source, tmp_path, monkeypatch):
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    settings = Int8Settings().rtn_kwargs()
+    subprocess.run(
+        [sys.executable, "-m", "workers.engine.quantize", "--source", str(bf16_source), "--staging", str(ours),
+         "--settings", json.dumps(settings)],
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True,
+    )
+    monkeypatch.chdir(tmp_path)  # neural-compressor writes nc_workspace/ into the current directory
+    ItrexAuto.from_pretrained(
+        str(bf16_source), quantization_config=RtnConfig(**settings), use_neural_speed=False
+    ).save_pretrained(str(theirs))
+    a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+    assert a.keys() == b.keys()
+    different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert different == []
+    assert json.loads((ours / "config.json").read_text()) == json.loads((theirs / "config.json").read_text())
+    assert (ours / "quantize_config.json").read_text() == (theirs / "quantize_config.json").read_text()
+
+
+def test_quantizer_refuses_up_front_when_memory_is_short(embedded_model, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(quantize.psutil, "virtual_memory", lambda: SimpleNamespace(available=100 * 2**20))
+    staging = tmp_path / "staging"
+    with caplog.at_level(logging.ERROR, logger="quantize"):
+        code = quantize.main(["--source", str(embedded_model), "--staging", str(staging),
+                              "--settings", json.dumps(Int8Settings().rtn_kwargs())])
+    assert code == 3
+    assert f"quantizing {embedded_model.name} needs about" in caplog.text and "only 0.1 GiB is available" in caplog.text
+    assert not staging.exists()
+
+
+def test_verify_hashes_an_unchanged_entry_once_not_on_every_start(int8_entry, tmp_path, monkeypatch):
+    from workers.config import files as atomic_dir
+
+    inputs = json.loads((int8_entry / MANIFEST).read_text())["inputs"]
+    copy = tmp_path / int8_entry.name
+    shutil.copytree(int8_entry, copy)
+    hashed = []
+    real = atomic_dir.sha256_file
+    monkeypatch.setattr(atomic_dir, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    assert int8_cache.verify(copy, inputs) is None
+    assert "model.safetensors" in hashed
+    hashed.clear()
+    assert int8_cache.verify(copy, inputs) is None
+    assert hashed == []
+    config = copy / "config.json"
+    config.write_bytes(config.read_bytes().replace(b"{", b"[", 1))  # same size, new mtime
+    assert "config.json does not match its sha256" in int8_cache.verify(copy, inputs)
+    assert hashed == ["config.json"]

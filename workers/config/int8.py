@@ -1,0 +1,51 @@
+"""ITREX weight-only INT8 settings, and which of them this CPU can run correctly."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from workers.config import cpu
+from workers.config.loading import Strict
+
+# Measured on an AVX2-only CPU (no VNNI / AMX), ITREX 1.4.2 qbits:
+#   compute_dtype="int8" runs but produces garbage (perplexity 16 -> 2.4e7), so it needs VNNI;
+#   compute_dtype="bf16" is refused by qbits itself ("device ISA must support AMX-BF16").
+_REQUIRED_FLAGS = {
+    "int8": ({"avx512_vnni", "avx_vnni", "amx_int8"}, "AVX512-VNNI, AVX-VNNI or AMX-INT8"),
+    "bf16": ({"amx_bf16"}, "AMX-BF16"),
+}
+
+
+class Int8Settings(Strict):
+    """What goes into RtnConfig. Part of the INT8 cache key."""
+
+    compute_dtype: Literal["fp32", "bf16", "int8"] = "fp32"
+    # -1 = one scale per output channel. Chosen by measurement (README "Benchmarks"): on the 1.1 B
+    # model it decoded fastest (1.66x fp32 vs 1.52x for 128, 1.61x for 32) with the smallest RSS,
+    # and its perplexity on the embedded model matched fp32.
+    group_size: int = Field(default=-1)
+    scale_dtype: Literal["fp32", "bf16"] = "fp32"
+
+    def rtn_kwargs(self) -> dict:
+        return dict(
+            bits=8,
+            weight_dtype="int8",
+            compute_dtype=self.compute_dtype,
+            group_size=self.group_size,
+            scale_dtype=self.scale_dtype,
+        )
+
+
+def unsupported_reason(settings: Int8Settings, flags: frozenset[str] | None = None) -> str | None:
+    """Why this CPU cannot run `settings` correctly, or None when it can."""
+    flags = cpu.flags() if flags is None else flags
+    if settings.group_size != -1 and (settings.group_size < 32 or settings.group_size % 32):
+        return f"group_size={settings.group_size}: use -1 (per channel) or a multiple of 32"
+    need = _REQUIRED_FLAGS.get(settings.compute_dtype)
+    if need and not (need[0] & flags):
+        return (
+            f"compute_dtype={settings.compute_dtype!r} needs {need[1]}, which this CPU lacks "
+            f"(ITREX gives wrong results or refuses); use compute_dtype='fp32'"
+        )
+    return None

@@ -1,0 +1,133 @@
+"""The deployment schema (conf/<profile>.yaml): what a deployment may say, field by field.
+
+Rules that need the whole deployment or the machine are in rules.py; loading in deployment.py.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from workers.config.int8 import Int8Settings
+from workers.config.loading import Strict
+
+EMBEDDED_MODELS = ("smollm2-135m-instruct",)
+BACKENDS = ("itrex-int8", "fp32", "bf16")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class Endpoint(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+
+
+class ApiEndpoint(Endpoint):
+    # Keys never live in the repo: a variable holding comma-separated keys, and/or a file outside git.
+    api_keys_env: str | None = None
+    api_keys_file: Path | None = None
+
+
+class WebEndpoint(Endpoint):
+    title: str = "CPU LLM Bundle"
+    auth_file: Path | None = None  # FastChat gradio auth file: "user:password" per line
+
+
+class Heartbeat(Strict):
+    # FastChat defaults (45 s / 90 s) leave workers unregistered for up to 90 s after a controller restart.
+    worker_interval_s: int = Field(default=3, ge=1)
+    expiration_s: int = Field(default=10, ge=2)
+
+    @model_validator(mode="after")
+    def _expiration_after_interval(self):
+        if self.expiration_s <= 2 * self.worker_interval_s:
+            raise ValueError(
+                f"expiration_s ({self.expiration_s}) must exceed twice worker_interval_s ({self.worker_interval_s})"
+            )
+        return self
+
+
+class Source(Strict):
+    """Exactly one of: a model shipped in a PyPI package, a ModelScope id, a local folder."""
+
+    embedded: Literal[EMBEDDED_MODELS] | None = None  # type: ignore[valid-type]
+    modelscope: str | None = None
+    path: Path | None = None
+    revision: str = "master"
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("embedded", "modelscope", "path") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of embedded, modelscope, path (got {given or 'none'})")
+        return self
+
+    @field_validator("modelscope")
+    @classmethod
+    def _modelscope_id(cls, v):
+        if v is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", v):
+            raise ValueError(f"{v!r} is not a ModelScope id like 'ZhipuAI/chatglm3-6b'")
+        return v
+
+
+class Sampling(Strict):
+    """Sampling defaults for what a request leaves out; each unset field falls back to the model's
+    own generation_config.json, then to neutral values (temperature 1, top_p 1, no top_k, no penalty)."""
+
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+
+
+class ModelSpec(Strict):
+    names: list[str] = Field(min_length=1)
+    source: Source
+    backend: Literal[BACKENDS] = "itrex-int8"  # type: ignore[valid-type]
+    port: int = Field(ge=1, le=65535)
+    threads: int = Field(default=1, ge=1)
+    cpu_cores: list[int] | None = None
+    conv_template: str | None = None
+    limit_concurrency: int = Field(default=4, ge=1)
+    # Requests that may wait for a slot; one more is refused at once with 429 and Retry-After.
+    max_queue: int = Field(default=16, ge=0)
+    # A request that waited this long for a slot gets 503 "busy" instead of waiting on.
+    queue_timeout_s: float = Field(default=300, gt=0)
+    # Answer length when a request gives no max_tokens (default: generation_config's max_new_tokens, else 512).
+    max_tokens_default: int | None = Field(default=None, ge=1)
+    sampling: Sampling = Sampling()
+    trust_remote_code: bool = False
+    int8: Int8Settings = Int8Settings()
+
+    @field_validator("names")
+    @classmethod
+    def _names(cls, names):
+        for n in names:
+            if not _NAME.match(n):
+                raise ValueError(f"{n!r}: use letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return names
+
+    @property
+    def program(self) -> str:
+        """The supervisord program name (in group `workers`)."""
+        return self.names[0]
+
+    @model_validator(mode="after")
+    def _cores_vs_threads(self):
+        if self.cpu_cores is not None:
+            if len(set(self.cpu_cores)) != len(self.cpu_cores):
+                raise ValueError(f"cpu_cores {self.cpu_cores} lists a core twice")
+            if self.threads > len(self.cpu_cores):
+                raise ValueError(
+                    f"threads ({self.threads}) exceeds the {len(self.cpu_cores)} pinned cpu_cores {self.cpu_cores}"
+                )
+        return self
+
+
+class Deployment(Strict):
+    controller: Endpoint = Endpoint(port=21001)
+    api: ApiEndpoint = ApiEndpoint(port=8000)
+    web: WebEndpoint = WebEndpoint(port=7860)
+    heartbeat: Heartbeat = Heartbeat()
+    models: list[ModelSpec] = Field(min_length=1)

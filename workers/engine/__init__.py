@@ -1,0 +1,1 @@
+"""Running a model on CPU: threads, loader, INT8 cache and quantizer."""

@@ -1,0 +1,164 @@
+"""The quantized-weight cache: quantize once, load the saved INT8 model on every later start.
+
+Layout: <cache root>/<model folder name>-<key>/ holding ITREX's saved model plus
+`bundle_manifest.json` (the key's inputs and every file's size and sha256), written last and
+published with an atomic rename. The key covers the source model's content, the quantization
+settings and the library versions, so changing any of them builds a new entry.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from workers.config.files import publish_dir, sha256_files, write_atomic
+from workers.config.int8 import Int8Settings
+from workers.config.paths import ROOT
+
+log = logging.getLogger("int8_cache")
+
+CACHE_FORMAT = 1
+MANIFEST = "bundle_manifest.json"
+_VERSIONED = ("torch", "transformers", "intel-extension-for-transformers", "neural-compressor")
+_DIGEST_MEMO = ".source-digests.json"
+
+
+class CacheBuildError(RuntimeError):
+    """Quantization failed; the message says where to look."""
+
+
+def _source_files(source: Path) -> list[Path]:
+    return sorted(
+        p for p in source.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts)
+    )
+
+
+def memoised_digests(files: list[Path], cache_root: Path, desc: str) -> dict[Path, str]:
+    """sha256 of each file, memoised by (size, mtime) in the cache root.
+
+    A 15 GB source or a 10 GB INT8 entry is read once, not on every start (and not twice per
+    start, by start_all.sh and then by the worker). A changed or truncated file has a new stamp
+    and is hashed again.
+    """
+    memo_path = cache_root / _DIGEST_MEMO
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    stamps = {f: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+    stale = [f for f in files if memo.get(str(f), {}).get("stamp") != stamps[f]]
+    for f, digest in sha256_files(stale, desc).items():
+        memo[str(f)] = {"stamp": stamps[f], "sha256": digest}
+    if stale:
+        write_atomic(memo_path, json.dumps(memo))
+    return {f: memo[str(f)]["sha256"] for f in files}
+
+
+def source_fingerprint(source: Path, cache_root: Path) -> str:
+    """sha256 over every file of the source model folder."""
+    files = _source_files(source)
+    total = hashlib.sha256()
+    for f, digest in memoised_digests(files, cache_root, f"fingerprint {source.name}").items():
+        total.update(f"{f.relative_to(source)}\0{digest}\n".encode())
+    return total.hexdigest()
+
+
+def key_inputs(source: Path, settings: Int8Settings, cache_root: Path) -> dict:
+    return {
+        "format": CACHE_FORMAT,
+        "source": source_fingerprint(source, cache_root),
+        "settings": settings.rtn_kwargs(),
+        "versions": {name: version(name) for name in _VERSIONED},
+    }
+
+
+def entry_dir(source: Path, inputs: dict, cache_root: Path) -> Path:
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root / f"{source.name}-{key}"
+
+
+def verify(entry: Path, inputs: dict) -> str | None:
+    """None when `entry` is a complete cache for `inputs`, else why it is not."""
+    manifest_path = entry / MANIFEST
+    if not manifest_path.is_file():
+        return f"{MANIFEST} is missing"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as exc:
+        return f"{MANIFEST} is not valid JSON ({exc})"
+    if manifest.get("inputs") != inputs:
+        return "it was built from other inputs (source, settings or versions)"
+    files = manifest.get("files", {})
+    for name, meta in files.items():
+        path = entry / name
+        if not path.is_file():
+            return f"file {name} is missing"
+        if path.stat().st_size != meta["size"]:
+            return f"file {name} has {path.stat().st_size} bytes, expected {meta['size']}"
+    digests = memoised_digests([entry / name for name in files], entry.parent, f"verify {entry.name}")
+    for name, meta in files.items():
+        if digests[entry / name] != meta["sha256"]:
+            return f"file {name} does not match its sha256"
+    return None
+
+
+def _build(source: Path, entry: Path, inputs: dict, trust_remote_code: bool) -> None:
+    with publish_dir(entry) as staging, tempfile.TemporaryDirectory(prefix="quantize-") as work:
+        cmd = [
+            sys.executable, "-m", "workers.engine.quantize",
+            "--source", str(source), "--staging", str(staging),
+            "--settings", json.dumps(inputs["settings"]),
+        ] + (["--trust-remote-code"] if trust_remote_code else [])
+        # cwd=work: neural-compressor writes an nc_workspace/ folder into the current directory.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        proc = subprocess.run(cmd, cwd=work, env=env)
+        if proc.returncode != 0:
+            raise CacheBuildError(
+                f"quantizing {source} failed (exit code {proc.returncode}); see the quantize lines above"
+            )
+        digests = sha256_files(sorted(p for p in staging.rglob("*") if p.is_file()), "checksum INT8 files")
+        files = {str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": d} for p, d in digests.items()}
+        # The manifest is written last: a folder without it is never served.
+        (staging / MANIFEST).write_text(json.dumps({"inputs": inputs, "files": files}, indent=2))
+
+
+def ensure(source: Path, settings: Int8Settings, cache_root: Path, trust_remote_code: bool = False) -> Path:
+    """Return a verified INT8 cache folder for `source`, quantizing first when there is none."""
+    source = source.resolve()
+    cache_root.mkdir(parents=True, exist_ok=True)
+    inputs = key_inputs(source, settings, cache_root)
+    entry = entry_dir(source, inputs, cache_root)
+    # One builder per entry: a second worker for the same model waits, then reuses the result.
+    with FileLock(str(entry) + ".lock"):
+        if entry.exists():
+            problem = verify(entry, inputs)
+            if problem is None:
+                log.info("INT8 cache hit: loading quantized weights from %s", entry)
+                return entry
+            log.warning("INT8 cache at %s is invalid: %s; deleting it and quantizing again", entry, problem)
+            shutil.rmtree(entry)
+        log.info("INT8 cache miss for %s: quantizing now (first start only)", source.name)
+        # One quantization at a time on the machine: each needs about 1.1x its INT8 size + 1 GiB
+        # (memory_budget.quantize_peak_bytes), and two 7 B models at once would not fit in 24 GiB.
+        machine_lock = FileLock(str(cache_root / ".quantize.lock"))
+        try:
+            machine_lock.acquire(timeout=0)
+        except Timeout:
+            log.info("another model is being quantized; %s waits for it to finish", source.name)
+            machine_lock.acquire()
+        try:
+            _build(source, entry, inputs, trust_remote_code)
+        finally:
+            machine_lock.release()
+        log.info("INT8 cache written to %s", entry)
+        return entry

@@ -1,0 +1,85 @@
+"""Load a model for serving on CPU with one of the bundle's backends.
+
+- itrex-int8: ITREX weight-only INT8 (RtnConfig, qbits kernels, no neural-speed), served from the
+  quantized-weight cache (int8_cache), quantizing first when the cache has no valid entry.
+- fp32 / bf16: plain transformers baselines.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from workers.engine import int8_cache
+from workers.config.int8 import Int8Settings, unsupported_reason
+from workers.models.families import prepare_cpu_config
+
+log = logging.getLogger("loader")
+
+BACKENDS = ("itrex-int8", "fp32", "bf16")
+
+
+class UnsupportedBackend(ValueError):
+    pass
+
+
+def load_model(
+    source: Path,
+    backend: str,
+    *,
+    int8: Int8Settings | None = None,
+    cache_root: Path | None = None,
+    trust_remote_code: bool = False,
+):
+    """Return (model, tokenizer) in eval mode on CPU."""
+    if backend not in BACKENDS:
+        raise UnsupportedBackend(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    t0 = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    if backend == "itrex-int8":
+        model = _load_int8(source, int8 or Int8Settings(), cache_root, trust_remote_code)
+    else:
+        dtype = torch.float32 if backend == "fp32" else torch.bfloat16
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source),
+            config=prepare_cpu_config(source, trust_remote_code),
+            torch_dtype=dtype,
+            low_cpu_mem_usage=True,
+            trust_remote_code=trust_remote_code,
+        )
+    model.eval()
+    release_freed_memory()
+    log.info("loaded %s with backend %s in %.1f s", source.name, backend, time.monotonic() - t0)
+    return model, tokenizer
+
+
+def release_freed_memory() -> None:
+    """Give memory freed while loading back to the OS.
+
+    Loading the INT8 checkpoint goes through temporary full-size tensors; glibc keeps their freed
+    heap pages. Measured on the 1.1 B model: steady RSS 3.20 -> 2.58 GiB after malloc_trim.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def _load_int8(source: Path, settings: Int8Settings, cache_root: Path | None, trust_remote_code: bool):
+    problem = unsupported_reason(settings)
+    if problem:
+        raise UnsupportedBackend(problem)
+    from intel_extension_for_transformers.transformers import AutoModelForCausalLM as ItrexAuto
+
+    from workers.config.paths import int8_cache_dir
+
+    entry = int8_cache.ensure(source, settings, cache_root or int8_cache_dir(), trust_remote_code)
+    return ItrexAuto.from_pretrained(
+        str(entry), use_neural_speed=False, trust_remote_code=trust_remote_code
+    )

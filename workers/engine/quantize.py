@@ -1,0 +1,153 @@
+"""Quantize a model to ITREX INT8 and save it: run as a child process by int8_cache.
+
+Why not simply `ITREX AutoModelForCausalLM.from_pretrained(..., quantization_config=RtnConfig)`:
+that path loads the whole model in fp32 (ITREX also calls `.float()` on chatglm), and
+neural-compressor then deep-copies the whole fp32 model before quantizing it. Qwen-7B would need
+about 2 x 29 GiB. Here the model is loaded in its checkpoint's own dtype (bf16 / fp16 for the seed
+models: 2 bytes per weight), and ITREX's own `convert_to_quantized_model` runs on one linear layer
+at a time, so only that layer exists in fp32 and the deep copy is one layer. Round-to-nearest is
+per layer, so the saved checkpoint is bit-identical to ITREX's whole-model path
+(tests/test_int8.py checks this).
+
+Running it in its own process keeps quantization's temporary memory out of the serving process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import shutil
+import sys
+import time
+import types
+from pathlib import Path
+
+import psutil
+import torch
+from tqdm import tqdm
+
+log = logging.getLogger("quantize")
+
+from workers.config.files import GIB
+# Files the INT8 folder needs besides the weights: custom modeling code for trust_remote_code.
+_COPY_PATTERNS = ("*.py",)
+# ITREX's replace_linear() leaves these output layers unquantized (matched inside the module name).
+_ITREX_SKIPPED = ("lm_head", "output_layer", "embed_out")
+
+
+class NotEnoughMemory(RuntimeError):
+    pass
+
+
+def check_memory(source: Path) -> None:
+    """Refuse before loading anything when quantizing `source` cannot fit in available RAM."""
+    from workers.models import memory_budget
+
+    try:
+        need = memory_budget.quantize_peak_bytes(memory_budget.shape_of_folder(source))
+    except (memory_budget.UnknownShape, OSError, ValueError) as exc:
+        log.warning("cannot estimate the memory quantizing needs (%s); trying anyway", exc)
+        return
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise NotEnoughMemory(
+            f"quantizing {source.name} needs about {need / GIB:.1f} GiB of RAM at its peak and only "
+            f"{available / GIB:.1f} GiB is available; stop other workers (scripts/stop_all.sh) and "
+            f"start again, or quantize on a larger machine and copy the INT8 cache folder (README)"
+        )
+    log.info("memory: quantizing needs about %.1f GiB, %.1f GiB available", need / GIB, available / GIB)
+
+
+def load_source(source: Path, trust_remote_code: bool):
+    """The source model in its checkpoint dtype (what config.json's torch_dtype says)."""
+    from transformers import AutoModelForCausalLM
+
+    from workers.models.families import prepare_cpu_config
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(source),
+        config=prepare_cpu_config(source, trust_remote_code),
+        torch_dtype="auto",
+        low_cpu_mem_usage=True,
+        trust_remote_code=trust_remote_code,
+    )
+    return model.eval()
+
+
+def quantize_linears(model, rtn_config) -> int:
+    """Replace every linear layer ITREX would quantize by its INT8 qbits layer, one at a time."""
+    from intel_extension_for_transformers.transformers.llm.quantization.utils import convert_to_quantized_model
+
+    skipped = _ITREX_SKIPPED + tuple(rtn_config.llm_int8_skip_modules or ())
+    targets = [
+        name for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not any(key in name for key in skipped)
+    ]
+    inc_logger = logging.getLogger("neural_compressor")
+    inc_level = inc_logger.level
+    inc_logger.setLevel(logging.ERROR)  # it logs a config table per call, hundreds of times
+    try:
+        for name in tqdm(targets, desc="quantize linear layers", unit="layer", mininterval=5):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            # A one-layer container, so neural-compressor's deep copy and fp32 cast cover one layer.
+            box = torch.nn.Module()
+            box.add_module(child, getattr(parent, child).float())
+            setattr(parent, child, getattr(convert_to_quantized_model(box, rtn_config, device="cpu"), child))
+    finally:
+        inc_logger.setLevel(inc_level)
+    return len(targets)
+
+
+def quantize_and_save(source: Path, staging: Path, settings: dict, trust_remote_code: bool) -> None:
+    from intel_extension_for_transformers.transformers import RtnConfig
+    from intel_extension_for_transformers.transformers.modeling.modeling_auto import save_low_bit
+
+    t0 = time.monotonic()
+    check_memory(source)
+    log.info("[1/3] loading %s in its checkpoint dtype", source)
+    model = load_source(source, trust_remote_code)
+    log.info("loaded as %s in %.0f s", next(model.parameters()).dtype, time.monotonic() - t0)
+    log.info("[2/3] quantizing linear layers to INT8 with %s", settings)
+    rtn_config = RtnConfig(**settings)
+    rtn_config.post_init_cpu()
+    count = quantize_linears(model, rtn_config)
+    # What ITREX's from_pretrained does after quantizing on CPU: everything else in fp32, the
+    # config recorded on the model, and its save_low_bit as save_pretrained.
+    model.float()
+    rtn_config.remove_redundant_parameters()
+    model.config.quantization_config = rtn_config
+    model.config.update({"low_cpu_mem_usage": True})
+    model.device_map = "cpu"
+    model.quantization_config = rtn_config
+    model.save_pretrained = types.MethodType(save_low_bit, model)
+    log.info("[3/3] saving INT8 checkpoint (%d layers quantized, %.0f s so far)", count, time.monotonic() - t0)
+    model.save_pretrained(str(staging))
+    for pattern in _COPY_PATTERNS:
+        for f in source.glob(pattern):
+            if not (staging / f.name).exists():
+                shutil.copy2(f, staging / f.name)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    log.info("quantized in %.0f s; peak resident memory %.2f GiB, counting the memory-mapped checkpoint's "
+             "page cache, which the kernel can reclaim", time.monotonic() - t0, peak / GIB)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="quantize one model into an INT8 cache folder")
+    parser.add_argument("--source", type=Path, required=True)
+    parser.add_argument("--staging", type=Path, required=True)
+    parser.add_argument("--settings", required=True, help="RtnConfig keyword arguments as JSON")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s quantize: %(message)s")
+    try:
+        quantize_and_save(args.source, args.staging, json.loads(args.settings), args.trust_remote_code)
+    except NotEnoughMemory as exc:
+        log.error("%s", exc)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

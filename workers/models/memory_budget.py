@@ -1,0 +1,138 @@
+"""Will the configured workers fit in RAM? Estimated before anything starts.
+
+Per worker, from the model's config.json and weight index:
+- INT8 (ITREX weight-only): 1 byte per linear weight plus one fp32 scale per group; the embedding
+  and the output layer stay fp32 (ITREX skips lm_head / output_layer), 4 bytes each;
+- fp32: 4 bytes per parameter; bf16: 2;
+- KV cache in fp32 for `limit_concurrency` requests of KV_TOKENS_PER_REQUEST tokens;
+- RUNTIME_GIB for the Python process itself (torch, ITREX, FastChat: measured ~0.9 GiB).
+Plus SERVICES_GIB once, for the controller, the API server and the web UI.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from workers.config.files import GIB
+KV_TOKENS_PER_REQUEST = 1024
+RUNTIME_GIB = 0.9
+SERVICES_GIB = 1.5
+# Quantizing: the INT8 model times this factor (save temporaries) plus the process's runtime.
+QUANTIZE_SAVE_FACTOR = 1.1
+QUANTIZE_RUNTIME_GIB = 1.0
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: int           # all parameters
+    embedding: int        # input embedding parameters
+    output: int           # output layer parameters (0 when tied to the embedding)
+    kv_bytes_per_token: int  # fp32 K and V over all layers
+
+
+class UnknownShape(ValueError):
+    pass
+
+
+def shape_from_config(config: dict, total_weight_bytes: int | None = None) -> ModelShape:
+    """ModelShape from a config.json (llama, qwen and chatglm families) and the index's total_size."""
+    missing = [k for k in ("hidden_size", "num_attention_heads") if k not in config]
+    if missing or not (config.get("num_hidden_layers") or config.get("num_layers")):
+        raise UnknownShape(f"config.json lacks {', '.join(missing) or 'num_hidden_layers'}")
+    hidden = config["hidden_size"]
+    vocab = config.get("padded_vocab_size") or config["vocab_size"]
+    layers = config.get("num_hidden_layers") or config.get("num_layers")
+    heads = config["num_attention_heads"]
+    head_dim = config.get("kv_channels") or hidden // heads
+    if config.get("multi_query_attention"):
+        kv_heads = config["multi_query_group_num"]  # chatglm
+    else:
+        kv_heads = config.get("num_key_value_heads") or heads
+    tied = bool(config.get("tie_word_embeddings", False)) and config.get("model_type") not in ("chatglm", "qwen")
+    if total_weight_bytes is None:
+        raise UnknownShape("total weight bytes unknown: the model folder has no weight index or weights")
+    dtype = config.get("torch_dtype") or ("bfloat16" if config.get("bf16") else "float32")
+    params = total_weight_bytes // DTYPE_BYTES.get(dtype, 4)
+    return ModelShape(params=params, embedding=vocab * hidden, output=0 if tied else vocab * hidden,
+                      kv_bytes_per_token=2 * layers * kv_heads * head_dim * 4)
+
+
+def shape_of_folder(folder: Path) -> ModelShape:
+    config = json.loads((folder / "config.json").read_text())
+    total = None
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            total = json.loads((folder / index).read_text()).get("metadata", {}).get("total_size")
+            break
+    if total is None:
+        single = [folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()]
+        total = single[0].stat().st_size if single else None
+    return shape_from_config(config, total)
+
+
+def weight_bytes(shape: ModelShape, backend: str, group_size: int = -1) -> int:
+    if backend == "fp32":
+        return shape.params * 4
+    if backend == "bf16":
+        return shape.params * 2
+    linear = shape.params - shape.embedding - shape.output
+    per_weight = 1 + 4 / (group_size if group_size > 0 else 4096)
+    return int(linear * per_weight) + (shape.embedding + shape.output) * 4
+
+
+def worker_bytes(shape: ModelShape, backend: str, limit_concurrency: int, group_size: int = -1) -> int:
+    kv = shape.kv_bytes_per_token * KV_TOKENS_PER_REQUEST * limit_concurrency
+    return weight_bytes(shape, backend, group_size) + kv + int(RUNTIME_GIB * GIB)
+
+
+def quantize_peak_bytes(shape: ModelShape) -> int:
+    """Peak anonymous memory of quantizing (workers/engine/quantize.py) when no INT8 cache exists yet.
+
+    The source is memory-mapped in its checkpoint dtype, so its pages are page cache the kernel
+    can drop, not counted here; what must fit is the INT8 model being built plus the save's
+    temporaries. Measured with scripts/bench_quantize.sh: 2.50 GiB for a 1.1 B Llama (1.39 GiB of
+    INT8 weights) and 12.74 GiB for a Qwen-7B-shaped one (10.67 GiB), both 1.1x + 1.0 GiB.
+    """
+    return int(QUANTIZE_SAVE_FACTOR * weight_bytes(shape, "itrex-int8")) + int(QUANTIZE_RUNTIME_GIB * GIB)
+
+
+@dataclass(frozen=True)
+class Need:
+    name: str
+    backend: str
+    shape: ModelShape
+    limit_concurrency: int
+    group_size: int = -1
+
+    @property
+    def bytes(self) -> int:
+        return worker_bytes(self.shape, self.backend, self.limit_concurrency, self.group_size)
+
+
+def check(needs: list[Need], available_bytes: int) -> str | None:
+    """None when everything fits, else a message naming what does not fit and what would."""
+    total = sum(n.bytes for n in needs) + int(SERVICES_GIB * GIB)
+    if total <= available_bytes:
+        return None
+    lines = [f"not enough memory: the workers need about {total / GIB:.1f} GiB "
+             f"(including {SERVICES_GIB} GiB for controller, API and web), {available_bytes / GIB:.1f} GiB is available."]
+    for n in sorted(needs, key=lambda n: -n.bytes):
+        line = f"  - {n.name} ({n.backend}): about {n.bytes / GIB:.1f} GiB"
+        if n.backend != "itrex-int8":
+            int8 = worker_bytes(n.shape, "itrex-int8", n.limit_concurrency, n.group_size)
+            line += f"; with backend itrex-int8 about {int8 / GIB:.1f} GiB"
+        lines.append(line)
+    all_int8 = sum(worker_bytes(n.shape, "itrex-int8", n.limit_concurrency, n.group_size) for n in needs) + int(SERVICES_GIB * GIB)
+    if all_int8 <= available_bytes:
+        lines.append(f"Everything in itrex-int8 would fit (about {all_int8 / GIB:.1f} GiB): set backend: itrex-int8.")
+    else:
+        fitting, used = [], int(SERVICES_GIB * GIB)
+        for n in sorted(needs, key=lambda n: worker_bytes(n.shape, "itrex-int8", n.limit_concurrency, n.group_size)):
+            b = worker_bytes(n.shape, "itrex-int8", n.limit_concurrency, n.group_size)
+            if used + b <= available_bytes:
+                fitting.append(n.name)
+                used += b
+        lines.append("Even in itrex-int8 not all fit; in itrex-int8 these would: " + (", ".join(fitting) or "none") + ".")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Operating the bundle: start/stop/status/restart, supervisord config and RPC."""

@@ -1,0 +1,40 @@
+"""What every serving process does first: read its settings from the deployment snapshot.
+
+A program of the bundle is launched as `python -m workers.serving.<program> --deployment
+var/run/deployment.json [--model NAME]`; all its settings come from that validated snapshot, so no
+setting has a second default in a command-line flag.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from workers.config import deployment
+from workers.config.paths import logs_dir
+from workers.config.schema import Deployment, ModelSpec
+
+
+def parser(description: str, with_model: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--deployment", type=Path, default=None, help="deployment snapshot (default: var/run/deployment.json)")
+    if with_model:
+        p.add_argument("--model", required=True, help="the model's first name in the deployment")
+    return p
+
+
+def settings(args) -> tuple[Deployment, ModelSpec | None]:
+    """Set up logging and FastChat's log folder, then return (deployment, this model's spec)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    # FastChat writes a log file per module into $LOGDIR (default: the current directory) as soon
+    # as its server modules are imported, so this runs before any of them is.
+    os.environ.setdefault("LOGDIR", str(logs_dir()))
+    Path(os.environ["LOGDIR"]).mkdir(parents=True, exist_ok=True)
+    _, dep = deployment.read_snapshot(args.deployment)
+    spec = deployment.model_by_name(dep, args.model) if getattr(args, "model", None) else None
+    return dep, spec
+
+
+def controller_url(dep: Deployment) -> str:
+    return f"http://{dep.controller.host}:{dep.controller.port}"

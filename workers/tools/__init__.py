@@ -1,0 +1,1 @@
+"""Tools run beside the bundle: compare with question sets and checks, benchmarks. Nothing in workers imports tools."""

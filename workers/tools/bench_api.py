@@ -1,0 +1,139 @@
+"""Serving benchmark through the OpenAI-style API, next to the in-process engine figures.
+
+    python -m workers.tools.bench_api [--profile default] [--concurrency 1 2 4] [--rounds 2]
+
+For each model and concurrency level, `concurrency` clients send streamed chat requests; rounds
+interleave levels and models so machine noise spreads over all of them. Reports requests/s,
+output tok/s, time to first token and latency (p50/p95), a Markdown table and a PNG plot, and
+the API's single-client decode speed as a share of the in-process engine's (bench_engine, same
+model, backend and threads). Prints figures; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from workers.config import deployment
+from workers.config.schema import ModelSpec
+from workers.tools.compare import api_settings, ask, count_tokens
+from workers.models.sources import model_dir
+from workers.config.paths import reports_dir
+
+PROMPT = "Write a short story about a robot who learns to paint."
+MAX_TOKENS = 64
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
+
+
+def run_level(api: str, key: str, model: str, concurrency: int, requests_per_client: int) -> dict:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=api, api_key=key, max_retries=0, timeout=600)
+
+    def one_client(_):
+        return [ask(client, model, PROMPT, MAX_TOKENS, 0.0) for _ in range(requests_per_client)]
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        results = [r for rs in pool.map(one_client, range(concurrency)) for r in rs]
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if not r["error"]]
+    tokens = [count_tokens(api, key, model, r["answer"]) or 0 for r in ok]
+    decode = [t / (r["total_s"] - r["ttft_s"]) for t, r in zip(tokens, ok) if r["ttft_s"] and r["total_s"] > r["ttft_s"] and t > 1]
+    return {
+        "requests": len(results), "errors": len(results) - len(ok), "wall_s": wall,
+        "req_s": len(ok) / wall, "out_tok_s": sum(tokens) / wall,
+        "ttft_p50": percentile([r["ttft_s"] for r in ok if r["ttft_s"]], 50),
+        "ttft_p95": percentile([r["ttft_s"] for r in ok if r["ttft_s"]], 95),
+        "lat_p50": percentile([r["total_s"] for r in ok], 50), "lat_p95": percentile([r["total_s"] for r in ok], 95),
+        "decode_tok_s": statistics.median(decode) if decode else None,
+    }
+
+
+def in_process_decode(spec: ModelSpec) -> float | None:
+    from workers.tools.bench_engine import Variant, run_child
+    from workers.config.paths import int8_cache_dir
+
+    variant = Variant(spec.backend, threads=spec.threads, compute_dtype=spec.int8.compute_dtype, group_size=spec.int8.group_size)
+    result = run_child(model_dir(spec.source), variant, int8_cache_dir())
+    return result.get("decode_tok_s")
+
+
+def plot(table: dict, models: list[str], levels: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for m in models:
+        axes[0].plot(levels, [table[(m, c)]["out_tok_s"] for c in levels], marker="o", label=m)
+        axes[1].plot(levels, [table[(m, c)]["ttft_p50"] for c in levels], marker="o", label=m)
+    axes[0].set(title="output tokens/s (all clients)", xlabel="concurrent clients", xticks=levels)
+    axes[1].set(title="time to first token p50 (s)", xlabel="concurrent clients", xticks=levels)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="default")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--no-in-process", action="store_true", help="skip the in-process engine comparison")
+    args = p.parse_args(argv)
+    try:
+        dep = deployment.load(args.profile)
+    except deployment.DeploymentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    api, key = api_settings(dep)
+    specs = {m.names[0]: m for m in dep.models}
+    models, levels = list(specs), sorted(set(args.concurrency))
+    runs: dict[tuple[str, int], list[dict]] = {(m, c): [] for m in models for c in levels}
+    jobs = [(c, m) for _ in range(args.rounds) for c in levels for m in models]
+    for c, m in tqdm(jobs, desc="API benchmark (interleaved)", unit="level"):
+        runs[(m, c)].append(run_level(api, key, m, c, args.requests_per_client))
+    table = {k: {f: statistics.median(r[f] for r in v if r[f] is not None) if any(r[f] is not None for r in v) else None
+                 for f in v[0]} for k, v in runs.items()}
+    lines = [f"API benchmark ({time.strftime('%Y-%m-%d %H:%M')}; streamed chat, max_tokens {MAX_TOKENS}, "
+             f"{args.requests_per_client} requests per client, medians over {args.rounds} interleaved rounds)", "",
+             "| model | clients | req/s | output tok/s | TTFT p50 s | TTFT p95 s | latency p50 s | latency p95 s | errors |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m in models:
+        for c in levels:
+            t = table[(m, c)]
+            lines.append(f"| {m} | {c} | {t['req_s']:.2f} | {t['out_tok_s']:.1f} | {t['ttft_p50']:.2f} | {t['ttft_p95']:.2f} | "
+                         f"{t['lat_p50']:.2f} | {t['lat_p95']:.2f} | {int(t['errors'])} |")
+    if not args.no_in_process:
+        lines += ["", "| model | API decode tok/s (1 client) | in-process decode tok/s | API / in-process |", "|---|---|---|---|"]
+        for m in tqdm(models, desc="in-process reference", unit="model"):
+            engine = in_process_decode(specs[m])
+            api_one = table[(m, min(levels))]["decode_tok_s"]
+            ratio = f"{api_one / engine:.0%}" if engine and api_one else "–"
+            lines.append(f"| {m} | {api_one or 0:.1f} | {engine or 0:.1f} | {ratio} |")
+    out = reports_dir() / "bench-api"
+    out.mkdir(parents=True, exist_ok=True)
+    plot(table, models, levels, out / "bench-api.png")
+    report = "\n".join(lines)
+    (out / "bench-api.md").write_text(report + "\n")
+    (out / "bench-api.json").write_text(json.dumps({f"{m}@{c}": v for (m, c), v in runs.items()}, indent=2))
+    print(report)
+    print(f"\nwritten to {out}/bench-api.md and bench-api.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

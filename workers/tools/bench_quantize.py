@@ -1,0 +1,137 @@
+"""First-start quantization on a model shaped like a seed model: time, peak memory, INT8 speed.
+
+The seed models cannot be downloaded here, so this builds a random-weight Llama with the same
+linear-layer and embedding sizes as Qwen-7B-Chat or ChatGLM3-6B, saved in bf16 like the real
+checkpoints. It builds the model's INT8 cache entry the way a first start does (int8_cache ->
+workers.engine.quantize) while sampling the memory of that process tree, then measures INT8 decode
+speed from the cache with bench_engine's measurement. Memory splits into anonymous memory (what
+must fit in RAM) and file-backed pages of the memory-mapped checkpoint (page cache the kernel can
+drop and re-read). Prints figures; asserts nothing. Needs about 2.3x the bf16 size in free disk.
+
+    python -m workers.tools.bench_quantize --shape qwen-7b
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from workers.config.paths import ROOT, var_dir
+
+GIB = 2**30
+# Llama configs whose linear layers and embeddings have the real models' sizes (parameter counts
+# 7,721,324,544 and 6,243,584,032 within 0.01%): Qwen's fused c_attn is q+k+v here, ChatGLM3's
+# multi-query attention with 2 groups is 2 KV heads.
+SHAPES = {
+    "qwen-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=32, vocab_size=151936),
+    "chatglm3-6b": dict(hidden_size=4096, intermediate_size=13696, num_hidden_layers=28,
+                        num_attention_heads=32, num_key_value_heads=2, vocab_size=65024),
+    "llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                       num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+}
+
+
+def random_bf16_model(shape: str) -> Path:
+    out = var_dir() / "bench" / f"random-{shape}-bf16"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from workers.config.files import publish_dir
+    from workers.models.embedded import prepare as prepare_embedded
+    from workers.engine.loader import release_freed_memory
+
+    print(f"bench: generating a random-weight {shape}-shaped model in bf16 (once)", flush=True)
+    config = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    model = LlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    print(f"bench: {sum(p.numel() for p in model.parameters()):,} parameters; saving", flush=True)
+    with publish_dir(out) as staging:
+        model.save_pretrained(staging, safe_serialization=True, max_shard_size="2GB")
+        AutoTokenizer.from_pretrained(prepare_embedded()).save_pretrained(staging)  # ids fit the vocab
+    del model
+    release_freed_memory()  # the quantizing child needs this memory back
+    return out
+
+
+def sample_tree(cmd: list[str]) -> dict:
+    """Run `cmd`, sampling the anonymous and file-backed resident memory of it and its children."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    root = psutil.Process(proc.pid)
+    peak_anon = peak_file = 0
+    while proc.poll() is None:
+        anon = file = 0
+        try:
+            for p in [root] + root.children(recursive=True):
+                mem = p.memory_info()
+                anon, file = anon + mem.rss - mem.shared, file + mem.shared
+        except psutil.NoSuchProcess:
+            continue
+        peak_anon, peak_file = max(peak_anon, anon), max(peak_file, file)
+        time.sleep(0.2)
+    return {"exit": proc.returncode, "seconds": time.monotonic() - t0,
+            "peak_anon_gib": peak_anon / GIB, "peak_file_gib": peak_file / GIB}
+
+
+def build_cache(source: Path, cache_root: Path) -> None:
+    """Child: what `start_all.sh` step [2/4] does for a model without an INT8 cache entry."""
+    from workers.engine import int8_cache
+    from workers.config.int8 import Int8Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    int8_cache.ensure(source, Int8Settings(), cache_root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-1.1b")
+    p.add_argument("--keep", action="store_true", help="keep the generated model and its INT8 cache entry")
+    p.add_argument("--child-build", nargs=2, type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child_build:
+        build_cache(*args.child_build)
+        return 0
+    from workers.models import memory_budget
+    from workers.tools.bench_engine import Variant, run_child
+
+    source = random_bf16_model(args.shape)
+    shape = memory_budget.shape_of_folder(source)
+    checkpoint = sum(f.stat().st_size for f in source.glob("*.safetensors"))
+    cache_root = var_dir() / "bench" / "int8-cache"
+    built = sample_tree([sys.executable, "-m", "workers.tools.bench_quantize", "--child-build", str(source), str(cache_root)])
+    int8_bytes = sum(f.stat().st_size for d in cache_root.glob(f"{source.name}-*") for f in d.glob("*.safetensors"))
+    speeds = {t: run_child(source, Variant("itrex-int8", threads=t), cache_root) for t in (1, 2)} if built["exit"] == 0 else {}
+    print(f"\nfirst-start quantization of a {args.shape}-shaped model ({shape.params:,} parameters, "
+          f"bf16 checkpoint {checkpoint / GIB:.1f} GiB), {os.cpu_count()} cores:")
+    print(f"  exit code {built['exit']}, {built['seconds'] / 60:.1f} min (incl. fingerprint and checksums)")
+    print(f"  peak anonymous memory {built['peak_anon_gib']:.2f} GiB "
+          f"(the bundle's estimate: {memory_budget.quantize_peak_bytes(shape) / GIB:.2f} GiB)")
+    print(f"  peak file-backed memory (mmapped checkpoint, reclaimable) {built['peak_file_gib']:.2f} GiB")
+    print(f"  INT8 checkpoint {int8_bytes / GIB:.2f} GiB")
+    for threads, r in speeds.items():
+        if "error" in r:
+            print(f"  INT8 {threads} thread(s): error {r['error']}")
+        else:
+            print(f"  INT8 {threads} thread(s): decode {r['decode_tok_s']:.2f} tok/s, prompt {r['prompt_tok_s']:.1f} tok/s, "
+                  f"load from cache {r['load_s']:.0f} s, steady RSS {r['steady_rss_gib']:.2f} GiB")
+    if not args.keep:
+        shutil.rmtree(source)
+        for entry in cache_root.glob(f"{source.name}-*"):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    return built["exit"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

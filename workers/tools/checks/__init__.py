@@ -1,0 +1,1 @@
+"""Automatic answer checks, one module per `check.kind` of a question set; runner.run picks one."""
