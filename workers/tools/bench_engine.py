@@ -21,7 +21,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from workers.config.paths import ROOT, reports_dir, var_dir
+from workers.config import cpu
+from workers.config.files import GIB
+from workers.config.paths import ROOT, reports_dir
+from workers.tools import random_model
 
 PROMPT_TOKENS = 128
 DECODE_TOKENS = 64
@@ -43,25 +46,7 @@ class Variant:
 
 def random_llama_1b() -> Path:
     """A TinyLlama-shaped model (1.1 B parameters) with random weights: speed does not depend on them."""
-    out = var_dir() / "bench" / "random-llama-1.1b"
-    if (out / "config.json").is_file():
-        return out
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from workers.config.files import publish_dir
-    from workers.models.embedded import prepare
-
-    print("bench: generating random-weight 1.1 B Llama (once)", flush=True)
-    config = LlamaConfig(
-        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-        num_key_value_heads=4, vocab_size=49152, max_position_embeddings=2048, torch_dtype="float32",
-    )
-    torch.manual_seed(0)
-    with publish_dir(out) as staging:
-        LlamaForCausalLM(config).save_pretrained(staging, safe_serialization=True)
-        AutoTokenizer.from_pretrained(prepare()).save_pretrained(staging)  # same vocab size
-    return out
+    return random_model.random_llama("random-llama-1.1b", random_model.TINYLLAMA_EMBEDDED_VOCAB, "float32")
 
 
 def measure(model_path: Path, variant: Variant, cache_root: Path) -> dict:
@@ -100,8 +85,8 @@ def measure(model_path: Path, variant: Variant, cache_root: Path) -> dict:
         "load_s": load_s,
         "prompt_tok_s": PROMPT_TOKENS / prefill_s,
         "decode_tok_s": DECODE_TOKENS / decode_s,
-        "steady_rss_gib": psutil.Process().memory_info().rss / 2**30,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "steady_rss_gib": psutil.Process().memory_info().rss / GIB,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,  # ru_maxrss is KiB
         "ppl": ppl,
     }
 
@@ -109,8 +94,7 @@ def measure(model_path: Path, variant: Variant, cache_root: Path) -> dict:
 def run_child(model_path: Path, variant: Variant, cache_root: Path) -> dict:
     cmd = [sys.executable, "-m", "workers.tools.bench_engine", "--child", str(model_path),
            json.dumps(asdict(variant)), str(cache_root)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cache_root)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cache_root)  # the package is installed: no PYTHONPATH
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
@@ -137,7 +121,8 @@ def variants_for(explore: bool, bf16_backend: bool = False) -> list[Variant]:
 
 def summarize(results: dict, models: list[Path], variants: list[Variant], cache_root: Path) -> str:
     lines = [f"Engine benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "
-             f"medians over rounds; prompt {PROMPT_TOKENS} tokens, decode {DECODE_TOKENS} tokens)", ""]
+             f"medians over rounds; prompt {PROMPT_TOKENS} tokens, decode {DECODE_TOKENS} tokens)",
+             f"CPU: {cpu.describe()}", ""]
     header = "| model | variant | decode tok/s | x fp32 | prompt tok/s | x fp32 | load s | steady RSS GiB | peak RSS GiB | ppl |"
     for model in models:
         lines += [header, "|" + "---|" * 10]
@@ -159,7 +144,7 @@ def summarize(results: dict, models: list[Path], variants: list[Variant], cache_
             )
         weight = int8_weight_bytes(cache_root, model)
         if weight:
-            lines.append(f"\nINT8 checkpoint of {model.name}: {weight / 2**30:.2f} GiB on disk.\n")
+            lines.append(f"\nINT8 checkpoint of {model.name}: {weight / GIB:.2f} GiB on disk.\n")
     return "\n".join(lines)
 
 
@@ -175,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", choices=("embedded", "random-1b", "both"), default="both")
     p.add_argument("--bf16-backend", action="store_true", help="also the plain bf16 backend (slow on CPUs without bf16 units)")
     args = p.parse_args(argv)
+    print(f"CPU: {cpu.describe()}", flush=True)
 
     from workers.engine import int8_cache
     from workers.models.embedded import prepare

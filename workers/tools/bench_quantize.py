@@ -23,52 +23,21 @@ from pathlib import Path
 
 import psutil
 
-from workers.config.paths import ROOT, var_dir
-
-GIB = 2**30
-# Llama configs whose linear layers and embeddings have the real models' sizes (parameter counts
-# 7,721,324,544 and 6,243,584,032 within 0.01%): Qwen's fused c_attn is q+k+v here, ChatGLM3's
-# multi-query attention with 2 groups is 2 KV heads.
-SHAPES = {
-    "qwen-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=32, vocab_size=151936),
-    "chatglm3-6b": dict(hidden_size=4096, intermediate_size=13696, num_hidden_layers=28,
-                        num_attention_heads=32, num_key_value_heads=2, vocab_size=65024),
-    "llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                       num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
-}
+from workers.config import cpu
+from workers.config.files import GIB
+from workers.config.paths import var_dir
+from workers.tools import random_model
 
 
 def random_bf16_model(shape: str) -> Path:
-    out = var_dir() / "bench" / f"random-{shape}-bf16"
-    if (out / "config.json").is_file():
-        return out
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from workers.config.files import publish_dir
-    from workers.models.embedded import prepare as prepare_embedded
-    from workers.engine.loader import release_freed_memory
-
-    print(f"bench: generating a random-weight {shape}-shaped model in bf16 (once)", flush=True)
-    config = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False, torch_dtype="bfloat16")
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    model = LlamaForCausalLM(config)
-    torch.set_default_dtype(torch.float32)
-    print(f"bench: {sum(p.numel() for p in model.parameters()):,} parameters; saving", flush=True)
-    with publish_dir(out) as staging:
-        model.save_pretrained(staging, safe_serialization=True, max_shard_size="2GB")
-        AutoTokenizer.from_pretrained(prepare_embedded()).save_pretrained(staging)  # ids fit the vocab
-    del model
-    release_freed_memory()  # the quantizing child needs this memory back
-    return out
+    """Saved in bf16 like the real checkpoints, in 2 GB shards."""
+    return random_model.random_llama(f"random-{shape}-bf16", random_model.SHAPES[shape], "bfloat16", max_shard_size="2GB")
 
 
 def sample_tree(cmd: list[str]) -> dict:
     """Run `cmd`, sampling the anonymous and file-backed resident memory of it and its children."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = subprocess.Popen(cmd)  # the package is installed: no PYTHONPATH
     root = psutil.Process(proc.pid)
     peak_anon = peak_file = 0
     while proc.poll() is None:
@@ -96,13 +65,14 @@ def build_cache(source: Path, cache_root: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-1.1b")
+    p.add_argument("--shape", choices=sorted(random_model.SHAPES), default="llama-1.1b")
     p.add_argument("--keep", action="store_true", help="keep the generated model and its INT8 cache entry")
     p.add_argument("--child-build", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child_build:
         build_cache(*args.child_build)
         return 0
+    print(f"CPU: {cpu.describe()}", flush=True)
     from workers.models import memory_budget
     from workers.tools.bench_engine import Variant, run_child
 
@@ -115,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     speeds = {t: run_child(source, Variant("itrex-int8", threads=t), cache_root) for t in (1, 2)} if built["exit"] == 0 else {}
     print(f"\nfirst-start quantization of a {args.shape}-shaped model ({shape.params:,} parameters, "
           f"bf16 checkpoint {checkpoint / GIB:.1f} GiB), {os.cpu_count()} cores:")
+    print(f"  CPU: {cpu.describe()}")
     print(f"  exit code {built['exit']}, {built['seconds'] / 60:.1f} min (incl. fingerprint and checksums)")
     print(f"  peak anonymous memory {built['peak_anon_gib']:.2f} GiB "
           f"(the bundle's estimate: {memory_budget.quantize_peak_bytes(shape) / GIB:.2f} GiB)")
