@@ -4,24 +4,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from workers.config.paths import ROOT
+from workers.config.loading import ConfigError, Strict, load_yaml
+from workers.config.paths import CONF_DIR
 
-QUESTIONS_DIR = ROOT / "conf" / "questions"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+QUESTIONS_DIR = CONF_DIR / "questions"
 
 
-class ContainsAny(_Strict):
+class ContainsAny(Strict):
     kind: Literal["contains_any"]
     expect: list[str] = Field(min_length=1)
 
 
-class Constraint(_Strict):
+class Constraint(Strict):
     """One seating rule; seats are numbered 1..n from the left."""
 
     at: str | None = None
@@ -44,19 +40,19 @@ class Constraint(_Strict):
         return self
 
 
-class SeatingConstraints(_Strict):
+class SeatingConstraints(Strict):
     kind: Literal["seating_constraints"]
     people: list[str] = Field(min_length=2)
     satisfiable: bool
     constraints: list[Constraint] = Field(min_length=1)
 
 
-class CppCase(_Strict):
+class CppCase(Strict):
     input: list[int]
     expect: bool | int
 
 
-class CppFunction(_Strict):
+class CppFunction(Strict):
     kind: Literal["cpp_function"]
     function: str  # the C++ signature, e.g. "bool canPartition(std::vector<int>& nums)"
     cases: list[CppCase] = Field(min_length=1)
@@ -65,25 +61,25 @@ class CppFunction(_Strict):
 Check = Annotated[Union[ContainsAny, SeatingConstraints, CppFunction], Field(discriminator="kind")]
 
 
-class Question(_Strict):
+class Question(Strict):
     id: str
     text: str
     note: str | None = None
     check: Check | None = None
 
 
-class QuestionSet(_Strict):
+class QuestionSet(Strict):
     id: str
     title: str
     questions: list[Question] = Field(min_length=1)
 
 
-class QuestionFile(_Strict):
+class QuestionFile(Strict):
     sets: list[QuestionSet] = Field(min_length=1)
 
 
-class QuestionsError(ValueError):
-    pass
+class QuestionsError(ConfigError):
+    """A question file is invalid (each line names file and field), or question ids repeat."""
 
 
 def load(paths: list[Path] | None = None) -> list[QuestionSet]:
@@ -92,16 +88,7 @@ def load(paths: list[Path] | None = None) -> list[QuestionSet]:
         raise QuestionsError(f"no question files in {QUESTIONS_DIR}")
     sets: list[QuestionSet] = []
     for path in paths:
-        try:
-            data = QuestionFile.model_validate(yaml.safe_load(Path(path).read_text()) or {})
-        except FileNotFoundError:
-            raise QuestionsError(f"{path}: no such question file") from None
-        except yaml.YAMLError as exc:
-            raise QuestionsError(f"{path}: not valid YAML: {exc}") from None
-        except ValidationError as exc:
-            lines = [f"{path}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-            raise QuestionsError("\n".join(lines)) from None
-        sets += data.sets
+        sets += load_yaml(Path(path), QuestionFile, QuestionsError).sets
     ids = [q.id for s in sets for q in s.questions]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
