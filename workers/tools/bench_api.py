@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import statistics
 import sys
 import time
@@ -20,11 +21,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from workers.config import deployment
-from workers.config.schema import ModelSpec
-from workers.tools.compare import api_settings, ask, count_tokens
-from workers.models.sources import model_dir
+from workers.config import cpu, deployment, secrets
 from workers.config.paths import reports_dir
+from workers.config.schema import ModelSpec
+from workers.models.sources import model_dir
+from workers.tools.api_client import api_settings, ask, count_tokens, openai_client
 
 PROMPT = "Write a short story about a robot who learns to paint."
 MAX_TOKENS = 64
@@ -36,9 +37,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_level(api: str, key: str, model: str, concurrency: int, requests_per_client: int) -> dict:
-    from openai import OpenAI
-
-    client = OpenAI(base_url=api, api_key=key, max_retries=0, timeout=600)
+    client = openai_client(api, key, max_retries=0, timeout=600)
 
     def one_client(_):
         return [ask(client, model, PROMPT, MAX_TOKENS, 0.0) for _ in range(requests_per_client)]
@@ -88,7 +87,7 @@ def plot(table: dict, models: list[str], levels: list[int], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", default="default")
+    p.add_argument("--profile", default=os.environ.get("BUNDLE_PROFILE", "default"))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
@@ -96,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         dep = deployment.load(args.profile)
-    except deployment.DeploymentError as exc:
+        api, key = api_settings(dep)
+    except (deployment.DeploymentError, secrets.SecretError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    api, key = api_settings(dep)
+    print(f"CPU: {cpu.describe()}", flush=True)
     specs = {m.names[0]: m for m in dep.models}
     models, levels = list(specs), sorted(set(args.concurrency))
     runs: dict[tuple[str, int], list[dict]] = {(m, c): [] for m in models for c in levels}
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     table = {k: {f: statistics.median(r[f] for r in v if r[f] is not None) if any(r[f] is not None for r in v) else None
                  for f in v[0]} for k, v in runs.items()}
     lines = [f"API benchmark ({time.strftime('%Y-%m-%d %H:%M')}; streamed chat, max_tokens {MAX_TOKENS}, "
-             f"{args.requests_per_client} requests per client, medians over {args.rounds} interleaved rounds)", "",
+             f"{args.requests_per_client} requests per client, medians over {args.rounds} interleaved rounds)",
+             f"CPU: {cpu.describe()}", "",
              "| model | clients | req/s | output tok/s | TTFT p50 s | TTFT p95 s | latency p50 s | latency p95 s | errors |",
              "|---|---|---|---|---|---|---|---|---|"]
     for m in models:

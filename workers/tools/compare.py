@@ -14,65 +14,18 @@ import json
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 
 import requests
 from tqdm import tqdm
 
-from workers.tools import questions
-from workers.tools.checks import runner as checks
-from workers.config import deployment
-from workers.config.schema import Deployment
+from workers.config import deployment, secrets
 from workers.config.paths import reports_dir
+from workers.tools import questions
+from workers.tools.api_client import api_key, ask, base_url, count_tokens, openai_client
+from workers.tools.checks import runner as checks
 
 RESULTS = "results.jsonl"
-
-
-def api_settings(dep: Deployment) -> tuple[str, str]:
-    key = "none"
-    if dep.api.api_keys_env and os.environ.get(dep.api.api_keys_env):
-        key = os.environ[dep.api.api_keys_env].split(",")[0].strip()
-    elif dep.api.api_keys_file and dep.api.api_keys_file.expanduser().is_file():
-        key = next(line.strip() for line in dep.api.api_keys_file.expanduser().read_text().splitlines() if line.strip())
-    return f"http://{dep.api.host}:{dep.api.port}/v1", key
-
-
-def ask(client, model: str, text: str, max_tokens: int, temperature: float) -> dict:
-    """One streamed answer with its timings."""
-    t0 = time.perf_counter()
-    first = None
-    parts: list[str] = []
-    finish = None
-    try:
-        stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
-                                                max_tokens=max_tokens, temperature=temperature, stream=True)
-        for chunk in stream:
-            delta = chunk.choices[0].delta.content if chunk.choices else None
-            if delta:
-                first = first or time.perf_counter()
-                parts.append(delta)
-            if chunk.choices and chunk.choices[0].finish_reason:
-                finish = chunk.choices[0].finish_reason
-        error = None
-    except Exception as exc:  # recorded per answer; the run goes on
-        error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
-    total = time.perf_counter() - t0
-    return {"answer": "".join(parts), "ttft_s": (first - t0) if first else None, "total_s": total,
-            "finish_reason": finish, "error": error}
-
-
-def count_tokens(api: str, key: str, model: str, text: str) -> int | None:
-    """Tokens of the answer, counted by the model's own tokenizer (FastChat's token_check endpoint)."""
-    if not text:
-        return 0
-    try:
-        r = requests.post(api.removesuffix("/v1") + "/api/v1/token_check", timeout=30,
-                          headers={"Authorization": f"Bearer {key}"},
-                          json={"prompts": [{"model": model, "prompt": text, "max_tokens": 0}]})
-        return r.json()["prompts"][0]["tokenCount"]
-    except (requests.RequestException, KeyError, ValueError):
-        return None
 
 
 def load_done(path: Path) -> dict[tuple[str, str], dict]:
@@ -90,9 +43,7 @@ def load_done(path: Path) -> dict[tuple[str, str], dict]:
 
 def run(api: str, key: str, models: list[str], sets: list[questions.QuestionSet], out_dir: Path,
         max_tokens: int, temperature: float, concurrency: int, redo: bool) -> list[dict]:
-    from openai import OpenAI
-
-    client = OpenAI(base_url=api, api_key=key, max_retries=1, timeout=1800)
+    client = openai_client(api, key, max_retries=1, timeout=1800)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / RESULTS
     if redo and results_path.exists():
@@ -142,11 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dep = deployment.load(args.profile)
         sets = questions.load(args.questions)
-    except (deployment.DeploymentError, questions.QuestionsError) as exc:
+        api, key = args.api or base_url(dep), args.api_key or api_key(dep)
+    except (deployment.DeploymentError, questions.QuestionsError, secrets.SecretError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    api, key = api_settings(dep)
-    api, key = args.api or api, args.api_key or key
     try:
         listed = requests.get(api + "/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
         listed.raise_for_status()

@@ -1,0 +1,67 @@
+"""What the tools share to talk to a running bundle's OpenAI-style API: address and key, one streamed
+answer with its timings, and token counts by the model's own tokenizer."""
+from __future__ import annotations
+
+import time
+
+import requests
+
+from workers.config import secrets
+from workers.config.schema import Deployment
+
+
+def base_url(dep: Deployment) -> str:
+    return f"http://{dep.api.host}:{dep.api.port}/v1"
+
+
+def api_key(dep: Deployment) -> str:
+    """The first of the deployment's API keys, "none" when it requires none (raises secrets.SecretError)."""
+    keys = secrets.api_keys(dep.api)
+    return keys[0] if keys else "none"
+
+
+def api_settings(dep: Deployment) -> tuple[str, str]:
+    return base_url(dep), api_key(dep)
+
+
+def openai_client(api: str, key: str, max_retries: int, timeout: float):
+    from openai import OpenAI
+
+    return OpenAI(base_url=api, api_key=key, max_retries=max_retries, timeout=timeout)
+
+
+def ask(client, model: str, text: str, max_tokens: int, temperature: float) -> dict:
+    """One streamed answer with its timings."""
+    t0 = time.perf_counter()
+    first = None
+    parts: list[str] = []
+    finish = None
+    try:
+        stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
+                                                max_tokens=max_tokens, temperature=temperature, stream=True)
+        for chunk in stream:
+            delta = chunk.choices[0].delta.content if chunk.choices else None
+            if delta:
+                first = first or time.perf_counter()
+                parts.append(delta)
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+        error = None
+    except Exception as exc:  # recorded per answer; the run goes on
+        error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+    total = time.perf_counter() - t0
+    return {"answer": "".join(parts), "ttft_s": (first - t0) if first else None, "total_s": total,
+            "finish_reason": finish, "error": error}
+
+
+def count_tokens(api: str, key: str, model: str, text: str) -> int | None:
+    """Tokens of the answer, counted by the model's own tokenizer (FastChat's token_check endpoint)."""
+    if not text:
+        return 0
+    try:
+        r = requests.post(api.removesuffix("/v1") + "/api/v1/token_check", timeout=30,
+                          headers={"Authorization": f"Bearer {key}"},
+                          json={"prompts": [{"model": model, "prompt": text, "max_tokens": 0}]})
+        return r.json()["prompts"][0]["tokenCount"]
+    except (requests.RequestException, KeyError, ValueError):
+        return None
