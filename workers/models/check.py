@@ -4,24 +4,26 @@
 - every weight shard named in the index present, and complete: safetensors files are opened with
   the `safetensors` library (which rejects a file shorter than its header declares); .bin shards
   must be complete zip archives (torch.save format);
-- the tokenizer files its family needs (Qwen: qwen.tiktoken; ChatGLM3: tokenizer.model);
-- the remote-code files named in auto_map (config.json and tokenizer_config.json).
+- the tokenizer files its family needs (families.py; Qwen: qwen.tiktoken; ChatGLM3: tokenizer.model);
+- the remote-code files named in auto_map (config.json and tokenizer_config.json), and every local
+  module they import, recursively (`from .x import y` anywhere in the code, as transformers copies
+  them; an absolute `import x` when x.py is in the folder): Qwen's modeling_qwen.py imports
+  qwen_generation_utils and cpp_kernels.
 """
 from __future__ import annotations
 
+import ast
 import json
 import zipfile
 from pathlib import Path
 
 from safetensors import safe_open
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
-# Tokenizer files each family's remote code loads (from reading tokenization_*.py of each model).
-FAMILY_TOKENIZER_FILES = {
-    "chatglm": ("tokenizer.model", "tokenizer_config.json"),
-    "qwen": ("qwen.tiktoken", "tokenizer_config.json"),
-}
+from workers.models.families import family_for_config
+
+INDEX_FILES = (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME)
+SINGLE_FILES = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)
 GENERIC_TOKENIZER_FILES = (("tokenizer.json", "tokenizer.model", "vocab.json"),)
 
 
@@ -53,6 +55,41 @@ def _auto_map_files(config: dict) -> set[str]:
     return files
 
 
+def _local_imports(source: str) -> tuple[set[str], set[str]]:
+    """(files a module needs by relative import, files it may need by absolute import if local)."""
+    relative, absolute = set(), set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+            relative.add(node.module.replace(".", "/") + ".py")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            absolute.add(node.module.split(".")[0] + ".py")
+        elif isinstance(node, ast.Import):
+            absolute |= {a.name.split(".")[0] + ".py" for a in node.names}
+    return relative, absolute
+
+
+def _imported_files(folder: Path, roots: set[str]) -> tuple[dict[str, str], list[str]]:
+    """{local module file: the file importing it} over the remote code, recursively, and problems."""
+    needed: dict[str, str] = {}
+    found: list[str] = []
+    todo, seen = sorted(roots), set()
+    while todo:
+        name = todo.pop(0)
+        if name in seen or not (folder / name).is_file():
+            continue
+        seen.add(name)
+        try:
+            relative, absolute = _local_imports((folder / name).read_text(encoding="utf-8", errors="replace"))
+        except SyntaxError as exc:
+            found.append(f"remote-code file {name} is not valid Python ({exc.msg}, line {exc.lineno})")
+            continue
+        local = relative | {f for f in absolute if (folder / f).is_file()}
+        for dep in sorted(local - roots):
+            needed.setdefault(dep, name)
+        todo += sorted(local - seen)
+    return needed, found
+
+
 def problems(folder: Path) -> list[str]:
     if not folder.is_dir():
         return [f"{folder} does not exist"]
@@ -77,11 +114,11 @@ def problems(folder: Path) -> list[str]:
             found.append(f"no weights: none of {', '.join(INDEX_FILES + SINGLE_FILES)} is present")
         found += [p for p in (_shard_problem(s) for s in singles) if p]
 
-    family = config.get("model_type")
-    for name in FAMILY_TOKENIZER_FILES.get(family, ()):
+    family = family_for_config(config)
+    for name in family.tokenizer_files if family else ():
         if not (folder / name).is_file():
-            found.append(f"tokenizer file {name} is missing (needed by {family} models)")
-    if family not in FAMILY_TOKENIZER_FILES:
+            found.append(f"tokenizer file {name} is missing (needed by {config.get('model_type')} models)")
+    if family is None or not family.tokenizer_files:
         for alternatives in GENERIC_TOKENIZER_FILES:
             if not any((folder / a).is_file() for a in alternatives):
                 found.append(f"no tokenizer: none of {', '.join(alternatives)} is present")
@@ -94,6 +131,10 @@ def problems(folder: Path) -> list[str]:
         except ValueError as exc:
             found.append(f"tokenizer_config.json is not valid JSON ({exc})")
     found += [f"remote-code file {f} is missing (named in auto_map)" for f in sorted(code) if not (folder / f).is_file()]
+    imported, unreadable = _imported_files(folder, code)
+    found += unreadable
+    found += [f"remote-code file {f} is missing (imported by {by})" for f, by in sorted(imported.items())
+              if not (folder / f).is_file()]
     return found
 
 

@@ -1,21 +1,228 @@
-"""Per-model fixes needed to run on CPU, applied to the config before any weights load."""
+"""What the bundle knows about each model family, in one place, keyed by what config.json says.
+
+A family is recognised from config.json (`model_type`, `architectures`, the classes `auto_map`
+names), never from the folder name. Each `Family` says how its own chat code builds a prompt,
+which tokens end its turn, what its chat() does to the answer text, which config fixes it needs on
+CPU, which tokenizer files its code loads, and the sampling values its chat() passes itself.
+
+Choosing a family for a model (`resolve`):
+1. a family below whose config keys match and whose tokenizer has the method its chat code calls
+   (ChatGLM3 `build_chat_input`; ChatGLM2 and GLM-4 share model_type "chatglm" but not that code);
+2. otherwise, a tokenizer with a `chat_template` (SmolLM2, Llama 3, Qwen2/2.5, Phi-3, Gemma, ...)
+   renders through `apply_chat_template`: the `CHAT_TEMPLATE` family;
+3. otherwise `UnknownFamily`, which asks for `models[].conv_template` (a FastChat template name).
+"""
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
 
-from transformers import AutoConfig, PretrainedConfig
+if TYPE_CHECKING:  # imported where used: the family data itself needs neither
+    import torch
+    from transformers import PretrainedConfig
+
+# How a family's prompt is built (ChatFormat in workers/engine/prompt.py implements each):
+PROMPT_CHAT_TEMPLATE = "chat_template"  # tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+PROMPT_CHATGLM3 = "chatglm3"            # tokenizer.build_chat_input(query, history, role="user")
+PROMPT_QWEN_CHATML = "qwen_chatml"      # qwen_generation_utils.make_context(..., chat_format="chatml")
+
+# How a family's code picks its precision (apply_cpu_overrides):
+PRECISION_TORCH_DTYPE = "torch_dtype"   # from_pretrained's torch_dtype is enough (transformers' own models)
+PRECISION_CONFIG_DTYPE = "config_dtype"  # its code builds layers in config.torch_dtype (ChatGLM3)
+PRECISION_FLAGS = "flags"               # config.fp32 / bf16 / fp16 flags (Qwen-7B)
+
+# Turn-end tokens of common chat templates, stopped on when the template itself writes them.
+TEMPLATE_TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>",
+                      "<|user|>", "<|observation|>")
 
 
-def prepare_cpu_config(source: Path, trust_remote_code: bool) -> PretrainedConfig:
-    return apply_cpu_overrides(AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code))
+class UnknownFamily(ValueError):
+    """The bundle knows no chat format for this model."""
 
 
-def apply_cpu_overrides(config: PretrainedConfig) -> PretrainedConfig:
-    if getattr(config, "model_type", None) == "qwen":
-        # Qwen's remote code picks half precision from config.fp16/bf16 (and FastChat's Qwen
-        # adapter forces fp16), which fails on CPU: "addmm_impl_cpu_ not implemented for 'Half'".
-        config.fp16 = False
-        config.bf16 = False
-        config.fp32 = True
-        config.use_flash_attn = False
+@dataclass(frozen=True)
+class Family:
+    name: str
+    prompt: str                                  # one of the PROMPT_* kinds
+    # Recognised by any of these config.json values:
+    model_types: tuple[str, ...] = ()
+    architectures: tuple[str, ...] = ()
+    auto_map_classes: tuple[str, ...] = ()       # class names in config.json auto_map ("module.Class" -> "Class")
+    # The tokenizer method its chat code calls; a config match without it is another family member.
+    tokenizer_method: str | None = None
+    default_system: str | None = None            # system prompt when the messages give none
+    turn_end_tokens: tuple[str, ...] = ()        # tokens ending the assistant's turn (besides eos)
+    postprocess: str = "none"                    # "none" | "strip" | "chatglm3" (see postprocess_text)
+    plain_text_bos: bool | None = None           # None: as the chat template says (bos_token in it)
+    precision: str = PRECISION_TORCH_DTYPE
+    cpu_config: tuple[tuple[str, Any], ...] = ()  # config attributes set before loading on CPU
+    tokenizer_files: tuple[str, ...] = ()        # files its tokenizer code loads (completeness check)
+    # Sampling values its own chat() passes to generate() itself (they win over generation_config).
+    chat_sampling: tuple[tuple[str, float], ...] = ()
+    notes: str = field(default="", compare=False)
+
+    def postprocess_text(self, text: str) -> str:
+        """The text clean-up the family's own chat() applies to a decoded answer."""
+        if self.postprocess == "strip":
+            return text.strip()
+        if self.postprocess == "chatglm3":
+            return chatglm3_process_response(text)
+        return text
+
+
+CHATGLM3 = Family(
+    name="chatglm3",
+    prompt=PROMPT_CHATGLM3,
+    model_types=("chatglm",),
+    architectures=("ChatGLMModel", "ChatGLMForConditionalGeneration"),
+    auto_map_classes=("ChatGLMForConditionalGeneration", "ChatGLMModel"),
+    tokenizer_method="build_chat_input",
+    turn_end_tokens=("<|user|>", "<|observation|>"),
+    postprocess="chatglm3",
+    plain_text_bos=False,  # its tokenizer itself starts every encoded text with [gMASK] sop
+    precision=PRECISION_CONFIG_DTYPE,
+    tokenizer_files=("tokenizer.model", "tokenizer_config.json"),
+    chat_sampling=(("temperature", 0.8), ("top_p", 0.8)),  # chat(..., do_sample=True, top_p=0.8, temperature=0.8)
+    notes="chat(): eos 2, <|user|> 64795, <|observation|> 64797; decode(out[:-1]) then process_response",
+)
+
+QWEN = Family(
+    name="qwen",
+    prompt=PROMPT_QWEN_CHATML,
+    model_types=("qwen",),
+    architectures=("QWenLMHeadModel",),
+    auto_map_classes=("QWenLMHeadModel",),
+    default_system="You are a helpful assistant.",
+    turn_end_tokens=("<|im_end|>", "<|im_start|>", "<|endoftext|>"),
+    postprocess="strip",
+    plain_text_bos=False,
+    precision=PRECISION_FLAGS,
+    # Its code picks half precision from config.fp16/bf16 (FastChat's Qwen adapter forces fp16), which
+    # fails on CPU ("addmm_impl_cpu_ not implemented for 'Half'"); flash-attn does not exist on CPU.
+    cpu_config=(("use_flash_attn", False),),
+    tokenizer_files=("qwen.tiktoken", "tokenizer_config.json"),
+    notes="chat(): stop words <|im_end|>/<|im_start|> then a forced <|endoftext|>; decode(errors='replace').strip()",
+)
+
+# Any model whose tokenizer has a chat_template and that no family above claims.
+CHAT_TEMPLATE = Family(name="chat_template", prompt=PROMPT_CHAT_TEMPLATE)
+
+FAMILIES: tuple[Family, ...] = (CHATGLM3, QWEN)
+
+NEUTRAL_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0}
+
+
+# ------------------------------------------------------------------------------------- choosing
+
+def _get(config: Mapping | PretrainedConfig, key: str, default=None):
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def _auto_map_class_names(config) -> set[str]:
+    names = set()
+    for ref in (_get(config, "auto_map") or {}).values():
+        for item in ref if isinstance(ref, (list, tuple)) else [ref]:
+            if isinstance(item, str) and item:
+                names.add(item.split("--")[-1].rsplit(".", 1)[-1])
+    return names
+
+
+def family_for_config(config: Mapping | PretrainedConfig) -> Family | None:
+    """The family config.json names (model_type, architectures, auto_map), or None.
+
+    Config only: ChatGLM2/GLM-4 folders also match CHATGLM3 here (`resolve` tells them apart by their
+    tokenizer). Used where no tokenizer is loaded (the completeness check, config overrides).
+    """
+    model_type = _get(config, "model_type")
+    architectures = set(_get(config, "architectures") or ())
+    classes = _auto_map_class_names(config)
+    for family in FAMILIES:
+        if (model_type in family.model_types or architectures & set(family.architectures)
+                or classes & set(family.auto_map_classes)):
+            return family
+    return None
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def resolve(config: Mapping | PretrainedConfig, tokenizer) -> Family:
+    """The family whose chat format the model gets (see the module docstring for the order)."""
+    family = family_for_config(config)
+    if family is not None and (family.tokenizer_method is None or hasattr(tokenizer, family.tokenizer_method)):
+        return family
+    if has_chat_template(tokenizer):
+        return CHAT_TEMPLATE
+    model_type = _get(config, "model_type")
+    architectures = ", ".join(_get(config, "architectures") or ()) or "none"
+    raise UnknownFamily(
+        f"no chat format known for model_type {model_type!r} (architectures: {architectures}): its tokenizer "
+        f"has no chat_template and it is not one of the families the bundle knows "
+        f"({', '.join(f.name for f in FAMILIES)}); set models[].conv_template to a FastChat conversation "
+        f"template name (e.g. conv_template: chatglm2)"
+    )
+
+
+# -------------------------------------------------------------------------------- post-processing
+
+def chatglm3_process_response(output: str) -> str:
+    """The text ChatGLM3's `process_response` makes of a decoded answer, as a string.
+
+    Only the part after the last "<|assistant|>" counts; its first line is metadata. With empty
+    metadata the content is stripped and "[[训练时间]]" becomes "2023年" (what chat() returns). With a
+    non-empty metadata line chat() returns a dict {"name": metadata, "content": ...} (a tool call);
+    a text answer cannot be a dict, so that part is returned unchanged ("metadata\\ncontent").
+    """
+    part = output.split("<|assistant|>")[-1]
+    metadata, content = part.split("\n", 1) if "\n" in part else ("", part)
+    if metadata.strip():
+        return part
+    return content.strip().replace("[[训练时间]]", "2023年")
+
+
+# --------------------------------------------------------------------------------- CPU overrides
+
+def prepare_cpu_config(source: Path, trust_remote_code: bool, dtype: torch.dtype | None = None) -> PretrainedConfig:
+    """The model's config with the CPU overrides its family needs (see apply_cpu_overrides)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    return apply_cpu_overrides(config, dtype)
+
+
+def apply_cpu_overrides(config: PretrainedConfig, dtype: torch.dtype | None = None) -> PretrainedConfig:
+    """Set what the family needs on CPU; with `dtype`, make its code build every layer in that dtype.
+
+    ChatGLM3 builds its layers in config.torch_dtype (float16 as shipped), Qwen picks fp32/bf16/fp16
+    from its config flags (fp16 in some revisions); without `dtype` Qwen gets fp32 flags (its half
+    precision does not run on CPU) and ChatGLM3 keeps its checkpoint dtype.
+    """
+    import torch
+
+    family = family_for_config(config)
+    if family is None:
+        return config
+    for key, value in family.cpu_config:
+        setattr(config, key, value)
+    if family.precision == PRECISION_FLAGS:
+        want = dtype or torch.float32
+        config.fp32, config.bf16, config.fp16 = (want == torch.float32, want == torch.bfloat16, want == torch.float16)
+    elif family.precision == PRECISION_CONFIG_DTYPE and dtype is not None:
+        config.torch_dtype = dtype
     return config
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+def read_json(path: Path) -> dict:
+    """A JSON file as a dict; {} when it is absent or not a JSON object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
