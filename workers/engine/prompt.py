@@ -1,0 +1,339 @@
+"""A model's own chat format: prompt token ids, stop tokens, answer clean-up, sampling defaults.
+
+`ChatFormat(folder, tokenizer, config, conv_template)` is what a worker builds once per model:
+
+- `render(messages)`: OpenAI-style messages -> the prompt token ids the model's own chat code feeds
+  to generate(): `apply_chat_template` for a tokenizer with a chat template, ChatGLM3's
+  `build_chat_input`, Qwen-7B-Chat's ChatML (`make_context`, default system prompt included), or,
+  when `models[].conv_template` is set, FastChat's conversation template of that name;
+- `encode_text(text)`: plain text for /v1/completions, with a BOS where the model needs one;
+- `stop_token_ids`: eos ids of config.json and generation_config.json, the tokenizer's eos, the
+  family's turn-end tokens (and the FastChat template's stop ids); `stop_strings`: the template's;
+- `postprocess(text)`: what the family's chat() does to the decoded answer.
+
+The family data (which format, which tokens) lives in workers/models/families.py.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from transformers import PretrainedConfig
+
+from workers.models import families
+from workers.models.families import Family, UnknownFamily, read_json
+
+ROLES = ("system", "user", "assistant")
+DEFAULT_MAX_NEW_TOKENS = 512
+DEFAULT_CONTEXT_LENGTH = 2048
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+# config.json keys naming the context window, most specific first (chatglm/qwen: seq_length).
+CONTEXT_KEYS = ("max_position_embeddings", "seq_length", "max_sequence_length", "n_positions", "max_seq_len",
+                "n_ctx", "model_max_length")
+QWEN_DEFAULT_WINDOW = 6144  # make_context's default max_window_size
+
+
+class PromptError(ValueError):
+    """The messages cannot be rendered in this model's chat format (a client error)."""
+
+
+def _config_dict(folder: Path, config) -> dict:
+    if config is None:
+        return read_json(Path(folder) / "config.json")
+    if isinstance(config, PretrainedConfig):
+        return config.to_dict()
+    return dict(config)
+
+
+def _ids(value) -> list[int]:
+    """An eos_token_id field (int, list of ints, or None) as a list."""
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, int)]
+    return []
+
+
+def token_id(tokenizer, token: str) -> int | None:
+    """The id of `token` when the tokenizer has it as one token, else None (no unk fallbacks)."""
+    try:
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if not isinstance(tid, int) or tid < 0:
+            return None
+        back = tokenizer.convert_ids_to_tokens(tid)
+    except (KeyError, ValueError, IndexError, TypeError, AssertionError):
+        return None
+    if isinstance(back, bytes):
+        back = back.decode("utf-8", errors="replace")
+    return tid if back == token else None
+
+
+def _template_text(tokenizer) -> str:
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, Mapping):
+        return "\n".join(str(v) for v in template.values())
+    if isinstance(template, list):  # [{"name": ..., "template": ...}] as some tokenizer_config.json files write it
+        return "\n".join(str(t.get("template", "")) if isinstance(t, Mapping) else str(t) for t in template)
+    return template or ""
+
+
+def normalize_messages(messages: Any) -> list[dict]:
+    """[{"role", "content": str}], checked: known roles, text content, ending with a user message.
+
+    Content given as OpenAI content parts is accepted when every part is text (joined).
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise PromptError("messages must be a non-empty list of {role, content}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise PromptError(f"messages[{i}] is not an object with role and content")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise PromptError(f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}")
+        if isinstance(content, list):
+            if not all(isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise PromptError(f"messages[{i}].content: only text parts are supported")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise PromptError(f"messages[{i}].content must be a string")
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] != "user":
+        raise PromptError(f"the last message must be from the user (it is {out[-1]['role']!r})")
+    return out
+
+
+def _split_system_and_turns(messages: list[dict], fmt: str) -> tuple[str | None, list[dict]]:
+    """(system or None, turns) where turns alternate user, assistant, ..., user."""
+    system, turns = None, messages
+    if turns[0]["role"] == "system":
+        system, turns = turns[0]["content"], turns[1:]
+    for i, m in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            where = "only first" if m["role"] == "system" else "alternating user and assistant"
+            raise PromptError(
+                f"{fmt} takes an optional system message first, then turns alternating user and assistant "
+                f"ending with user; messages[{i + (system is not None)}] is {m['role']!r} ({where})"
+            )
+    return system, turns
+
+
+class ChatFormat:
+    """The chat format of one model folder (see the module docstring)."""
+
+    def __init__(self, folder: Path, tokenizer, config: Mapping | PretrainedConfig | None = None,
+                 conv_template: str | None = None):
+        self.folder = Path(folder)
+        self.tokenizer = tokenizer
+        self.config = _config_dict(self.folder, config)
+        self.generation_config = read_json(self.folder / "generation_config.json")
+        self.conv_template = conv_template
+        stop_strings: list[str] = []
+        extra_stop_ids: list[int] = []
+        if conv_template is not None:
+            from fastchat.conversation import get_conv_template
+
+            try:
+                conv = get_conv_template(conv_template)
+            except KeyError:
+                raise UnknownFamily(f"conv_template {conv_template!r} is not a FastChat conversation template") from None
+            self.family: Family | None = families.family_for_config(self.config)
+            self.kind = f"fastchat:{conv_template}"
+            extra_stop_ids += list(conv.stop_token_ids or ())
+            stop = conv.stop_str
+            stop_strings += [stop] if isinstance(stop, str) else list(stop or ())
+        else:
+            self.family = families.resolve(self.config, tokenizer)
+            self.kind = self.family.prompt
+        self.stop_strings: tuple[str, ...] = tuple(s for s in stop_strings if s)
+        self.stop_token_ids: frozenset[int] = frozenset(self._stop_ids(extra_stop_ids))
+
+    # ------------------------------------------------------------------------------- stops
+
+    def eos_token_ids(self) -> set[int]:
+        found = set(_ids(self.config.get("eos_token_id"))) | set(_ids(self.generation_config.get("eos_token_id")))
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        return found | set(_ids(tok_eos))
+
+    def turn_end_tokens(self) -> tuple[str, ...]:
+        if self.family is not None and self.family.turn_end_tokens:
+            return self.family.turn_end_tokens
+        if self.kind == families.PROMPT_CHAT_TEMPLATE:
+            text = _template_text(self.tokenizer)
+            return tuple(t for t in families.TEMPLATE_TURN_ENDS if t in text)
+        return ()
+
+    def _stop_ids(self, extra: Iterable[int]) -> set[int]:
+        ids = self.eos_token_ids() | set(extra)
+        for token in self.turn_end_tokens():
+            tid = token_id(self.tokenizer, token)
+            if tid is not None:
+                ids.add(tid)
+        return ids
+
+    # ------------------------------------------------------------------------------ prompts
+
+    def render(self, messages: list[dict]) -> list[int]:
+        """The prompt token ids for `messages` (the last one from the user), ready for generate()."""
+        messages = normalize_messages(messages)
+        if self.conv_template is not None:
+            return self._render_fastchat(messages)
+        if self.kind == families.PROMPT_CHATGLM3:
+            return self._render_chatglm3(messages)
+        if self.kind == families.PROMPT_QWEN_CHATML:
+            return self._render_qwen(messages)
+        return self._render_chat_template(messages)
+
+    def _render_chat_template(self, messages: list[dict]) -> list[int]:
+        from jinja2 import TemplateError
+
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except TemplateError as exc:  # e.g. "Conversation roles must alternate user/assistant/..."
+            raise PromptError(f"the model's chat template refuses these messages: {exc}") from None
+        return [int(i) for i in ids]
+
+    def _render_chatglm3(self, messages: list[dict]) -> list[int]:
+        # ChatGLM3's history is a list of role items (any order); the query is the last user message.
+        history = [{"role": m["role"], "content": m["content"], **({"metadata": ""} if m["role"] == "assistant" else {})}
+                   for m in messages[:-1]]
+        encoded = self.tokenizer.build_chat_input(messages[-1]["content"], history=history, role="user")
+        ids = encoded["input_ids"]
+        return [int(i) for i in (ids[0].tolist() if hasattr(ids, "tolist") else ids[0])]
+
+    def _render_qwen(self, messages: list[dict]) -> list[int]:
+        """qwen_generation_utils.make_context(chat_format="chatml"), as Qwen-7B-Chat's chat() calls it."""
+        system, turns = _split_system_and_turns(messages, "Qwen-7B-Chat's chat format")
+        if system is None:
+            system = self.family.default_system if self.family else ""
+        tok = self.tokenizer
+        window = self.generation_config.get("max_window_size") or QWEN_DEFAULT_WINDOW
+        im_start, im_end = [tok.im_start_id], [tok.im_end_id]
+        nl = tok.encode("\n")
+
+        def part(role: str, content: str) -> list[int]:
+            return tok.encode(role, allowed_special=set()) + nl + tok.encode(content, allowed_special=set())
+
+        system_tokens = im_start + part("system", system) + im_end
+        context: list[int] = []
+        pairs = [(turns[i]["content"], turns[i + 1]["content"]) for i in range(0, len(turns) - 1, 2)]
+        for query, response in reversed(pairs):  # whole (query, response) pairs, newest first, while they fit
+            more = nl + im_start + part("user", query) + im_end + nl + im_start + part("assistant", response) + im_end
+            if len(system_tokens) + len(more) + len(context) < window:
+                context = more + context
+            else:
+                break
+        return (system_tokens + context + nl + im_start + part("user", turns[-1]["content"]) + im_end + nl
+                + im_start + tok.encode("assistant") + nl)
+
+    def _render_fastchat(self, messages: list[dict]) -> list[int]:
+        from fastchat.conversation import get_conv_template
+
+        conv = get_conv_template(self.conv_template)
+        system, turns = _split_system_and_turns(messages, f"FastChat template {self.conv_template!r}")
+        if system is not None:
+            conv.set_system_message(system)
+        for i, m in enumerate(turns):
+            conv.append_message(conv.roles[i % 2], m["content"])
+        conv.append_message(conv.roles[1], None)
+        return list(self.tokenizer(conv.get_prompt()).input_ids)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Plain text (for /v1/completions) as the tokenizer encodes it, with a BOS where the model needs one.
+
+        The tokenizer's own special tokens are added (ChatGLM3: [gMASK] sop; Llama: <s>); a BOS is
+        prepended when the family says so or, for a chat-template model, its template writes bos_token.
+        """
+        if not isinstance(text, str):
+            raise PromptError("prompt must be a string")
+        ids = [int(i) for i in self.tokenizer.encode(text)]
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if bos is not None and self._plain_text_bos() and ids[:1] != [bos]:
+            ids = [bos] + ids
+        if not ids:
+            raise PromptError("the prompt is empty")
+        return ids
+
+    def _plain_text_bos(self) -> bool:
+        if self.family is not None and self.family.plain_text_bos is not None:
+            return self.family.plain_text_bos
+        return "bos_token" in _template_text(self.tokenizer)
+
+    def postprocess(self, text: str) -> str:
+        """The family's chat() clean-up of a whole decoded answer (ChatGLM3: strip, [[训练时间]]; Qwen: strip).
+
+        Not applied under a conv_template override (FastChat's own path would not either).
+        """
+        if self.conv_template is not None or self.family is None:
+            return text
+        return self.family.postprocess_text(text)
+
+    def describe(self) -> str:
+        """One line for the worker's log."""
+        family = self.family.name if self.family else "unknown family"
+        return f"prompt {self.kind} ({family}), stop ids {sorted(self.stop_token_ids)}" + (
+            f", stop strings {list(self.stop_strings)}" if self.stop_strings else "")
+
+
+# ----------------------------------------------------------------------------------- defaults
+
+def _override_value(override, key: str):
+    if override is None:
+        return None
+    if isinstance(override, Mapping):
+        return override.get(key)
+    return getattr(override, key, None)
+
+
+def sampling_defaults(folder: Path, override=None) -> dict:
+    """temperature, top_p, top_k, repetition_penalty for what a request leaves out.
+
+    Field by field, first given wins: conf `models[].sampling` (`override`, a schema.Sampling or a
+    dict), the values the family's own chat() passes itself (ChatGLM3: temperature 0.8, top_p 0.8),
+    the model's generation_config.json (do_sample is not looked at: its values are kept), neutral
+    (temperature 1, top_p 1, top_k -1 = off, repetition_penalty 1). top_k 0 also means off.
+    """
+    folder = Path(folder)
+    generation = read_json(folder / "generation_config.json")
+    family = families.family_for_config(read_json(folder / "config.json"))
+    out = dict(families.NEUTRAL_SAMPLING)
+    for key in SAMPLING_KEYS:
+        if isinstance(generation.get(key), (int, float)) and not isinstance(generation.get(key), bool):
+            out[key] = generation[key]
+    for key, value in (family.chat_sampling if family else ()):
+        out[key] = value
+    for key in SAMPLING_KEYS:
+        value = _override_value(override, key)
+        if value is not None:
+            out[key] = value
+    out["top_k"] = int(out["top_k"])
+    for key in ("temperature", "top_p", "repetition_penalty"):
+        out[key] = float(out[key])
+    return out
+
+
+def max_new_tokens_default(folder: Path, conf_value: int | None = None) -> int:
+    """Answer length when a request gives none: conf max_tokens_default, generation_config's
+    max_new_tokens, else 512."""
+    if conf_value is not None:
+        return int(conf_value)
+    value = read_json(Path(folder) / "generation_config.json").get("max_new_tokens")
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return DEFAULT_MAX_NEW_TOKENS
+
+
+def context_length(config: Mapping | PretrainedConfig) -> int:
+    """The context window config.json states (max_position_embeddings, seq_length for ChatGLM/Qwen,
+    n_positions, ...; a multimodal config's text_config), else 2048. Rope scaling is not applied."""
+    data = config.to_dict() if isinstance(config, PretrainedConfig) else dict(config)
+    for source in (data, data.get("text_config") or {}):
+        for key in CONTEXT_KEYS:
+            value = source.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return DEFAULT_CONTEXT_LENGTH
