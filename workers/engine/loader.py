@@ -2,7 +2,10 @@
 
 - itrex-int8: ITREX weight-only INT8 (RtnConfig, qbits kernels, no neural-speed), served from the
   quantized-weight cache (int8_cache), quantizing first when the cache has no valid entry.
-- fp32 / bf16: plain transformers baselines.
+- fp32 / bf16: plain transformers baselines in exactly that precision: every floating parameter is
+  float32 (bfloat16), whatever the family's code would pick (ChatGLM3 builds its layers in
+  config.torch_dtype, float16 as shipped; Qwen-7B picks from its fp32/bf16/fp16 flags); the family's
+  config overrides (families.py) say how, and any parameter still in another dtype is cast.
 """
 from __future__ import annotations
 
@@ -47,15 +50,29 @@ def load_model(
         dtype = torch.float32 if backend == "fp32" else torch.bfloat16
         model = AutoModelForCausalLM.from_pretrained(
             str(source),
-            config=prepare_cpu_config(source, trust_remote_code),
+            config=prepare_cpu_config(source, trust_remote_code, dtype),
             torch_dtype=dtype,
             low_cpu_mem_usage=True,
             trust_remote_code=trust_remote_code,
         )
+        cast_parameters(model, dtype)
     model.eval()
     release_freed_memory()
     log.info("loaded %s with backend %s in %.1f s", source.name, backend, time.monotonic() - t0)
     return model, tokenizer
+
+
+def cast_parameters(model, dtype: torch.dtype) -> int:
+    """Cast every floating parameter not in `dtype` to it (buffers stay: rotary tables are float32 by
+    design); returns how many were cast. A family whose config overrides work casts none."""
+    wrong = [(name, p) for name, p in model.named_parameters() if p.is_floating_point() and p.dtype != dtype]
+    if wrong:
+        log.warning("%d parameters were not %s after loading (e.g. %s is %s); casting them",
+                    len(wrong), dtype, wrong[0][0], wrong[0][1].dtype)
+        with torch.no_grad():
+            for _, p in wrong:
+                p.data = p.data.to(dtype)
+    return len(wrong)
 
 
 def release_freed_memory() -> None:
