@@ -9,6 +9,7 @@
 - `encode_text(text)`: plain text for /v1/completions, with a BOS where the model needs one;
 - `stop_token_ids`: eos ids of config.json and generation_config.json, the tokenizer's eos, the
   family's turn-end tokens (and the FastChat template's stop ids); `stop_strings`: the template's;
+- `decode(ids)`: answer ids (stop token excluded) to text as the family's chat() decodes them;
 - `postprocess(text)`: what the family's chat() does to the decoded answer.
 
 The family data (which format, which tokens) lives in workers/models/families.py.
@@ -262,6 +263,16 @@ class ChatFormat:
         if self.family is not None and self.family.plain_text_bos is not None:
             return self.family.plain_text_bos
         return "bos_token" in _template_text(self.tokenizer)
+
+    def decode(self, ids: list[int]) -> str:
+        """Generated ids (without the stop token) as text, decoded the way the family's chat() does:
+        ChatGLM3 and Qwen keep special tokens (Qwen: invalid UTF-8 becomes U+FFFD), other models skip
+        them. Ids the tokenizer has no entry for are dropped: a model's embedding is often larger than
+        its vocabulary (Qwen: 151,936 rows, 151,851 tokens; tiktoken panics on the rest)."""
+        limit = max(len(self.tokenizer), getattr(self.tokenizer, "vocab_size", 0) or 0)
+        ids = [int(i) for i in ids if 0 <= int(i) < limit]
+        skip = True if self.family is None else self.family.decode_skip_special_tokens
+        return self.tokenizer.decode(ids, skip_special_tokens=skip)
 
     def postprocess(self, text: str) -> str:
         """The family's chat() clean-up of a whole decoded answer (ChatGLM3: strip, [[训练时间]]; Qwen: strip).

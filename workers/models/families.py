@@ -56,6 +56,8 @@ class Family:
     turn_end_tokens: tuple[str, ...] = ()        # tokens ending the assistant's turn (besides eos)
     postprocess: str = "none"                    # "none" | "strip" | "chatglm3" (see postprocess_text)
     plain_text_bos: bool | None = None           # None: as the chat template says (bos_token in it)
+    # Its chat() decodes the answer ids with special tokens kept (stop tokens are cut off before).
+    decode_skip_special_tokens: bool = True
     precision: str = PRECISION_TORCH_DTYPE
     cpu_config: tuple[tuple[str, Any], ...] = ()  # config attributes set before loading on CPU
     tokenizer_files: tuple[str, ...] = ()        # files its tokenizer code loads (completeness check)
@@ -82,6 +84,7 @@ CHATGLM3 = Family(
     turn_end_tokens=("<|user|>", "<|observation|>"),
     postprocess="chatglm3",
     plain_text_bos=False,  # its tokenizer itself starts every encoded text with [gMASK] sop
+    decode_skip_special_tokens=False,  # chat(): tokenizer.decode(ids) (its role tokens are no HF specials anyway)
     precision=PRECISION_CONFIG_DTYPE,
     tokenizer_files=("tokenizer.model", "tokenizer_config.json"),
     chat_sampling=(("temperature", 0.8), ("top_p", 0.8)),  # chat(..., do_sample=True, top_p=0.8, temperature=0.8)
@@ -98,6 +101,7 @@ QWEN = Family(
     turn_end_tokens=("<|im_end|>", "<|im_start|>", "<|endoftext|>"),
     postprocess="strip",
     plain_text_bos=False,
+    decode_skip_special_tokens=False,  # chat() keeps <|extra_N|>; skip_special_tokens=True would drop them
     precision=PRECISION_FLAGS,
     # Its code picks half precision from config.fp16/bf16 (FastChat's Qwen adapter forces fp16), which
     # fails on CPU ("addmm_impl_cpu_ not implemented for 'Half'"); flash-attn does not exist on CPU.
