@@ -329,7 +329,23 @@ def test_encode_text_adds_bos_when_the_template_writes_one(smol_dir):
     assert ChatFormat(smol_dir, tok).encode_text(tok.bos_token + "Hello").count(tok.bos_token_id) == 1
 
 
-# --------------------------------------------------------------------------- post-processing
+# ---------------------------------------------------------------------------- decode and post-processing
+
+@needs_model_code
+def test_decode_as_chat_does(glm_dir, qwen_dir, smol_dir):
+    qwen = fmt(qwen_dir)
+    # chat() keeps Qwen's <|extra_N|> tokens; ids past the tokenizer's 151,851 tokens (the model has 151,936
+    # rows) would make tiktoken panic and are dropped.
+    assert qwen.decode([9707, 151646, 504, 151900]) == "Hello<|extra_0|> from"
+    assert qwen.decode([15722]) == tokenizer_of(qwen_dir).decode([15722])
+    glm = fmt(glm_dir)
+    assert glm.decode([679, 3370, 348, 64796, 3370]) == tokenizer_of(glm_dir).decode([679, 3370, 348, 64796, 3370])
+    assert "<|assistant|>" in glm.decode([679, 64796, 3370])  # process_response splits on it
+    assert glm.decode([679, 64900]) == tokenizer_of(glm_dir).decode([679])
+    smol = fmt(smol_dir)
+    assert smol.decode([2, *tokenizer_of(smol_dir).encode("Hi")]) == "Hi"  # special tokens skipped
+
+
 
 @pytest.mark.parametrize("raw, expected", [
     ("\n  Hi [[训练时间]] there \n", "Hi 2023年 there"),   # ChatGLM3 answers start with "\n" (empty metadata)
@@ -496,3 +512,61 @@ def test_check_uses_transformers_weight_names():
     assert model_check.SINGLE_FILES == (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)
     assert families.CHATGLM3.tokenizer_files == ("tokenizer.model", "tokenizer_config.json")
     assert families.QWEN.tokenizer_files == ("qwen.tiktoken", "tokenizer_config.json")
+
+
+# ------------------------------------------------------------- the pieces together reproduce chat()
+
+@pytest.fixture(scope="module")
+def turn_end_dirs(tmp_path_factory) -> dict:
+    if MISSING:
+        pytest.skip(MISSING)
+    root = tmp_path_factory.mktemp("te")
+    return {"chatglm3": tiny_models.build_chatglm3(root / "glm-te3", turn_end_after=3),
+            "qwen": tiny_models.build_qwen(root / "qwen-te3", turn_end_after=3)}
+
+
+_LOADED: dict[Path, tuple] = {}
+
+
+def loaded(folder: Path):
+    if folder not in _LOADED:
+        _LOADED[folder] = tiny_models.load_reference(folder)
+    return _LOADED[folder]
+
+
+def reference_chat(folder: Path, messages, max_new_tokens: int) -> dict:
+    model, tokenizer = loaded(folder)
+    return tiny_models.chat_with_model(model, tokenizer, messages, max_new_tokens=max_new_tokens)
+
+
+def greedy_answer(folder: Path, messages, max_new_tokens: int) -> tuple[str, list[int], bool]:
+    """render -> generate (stop ids as eos, greedy) -> cut at the stop -> decode -> postprocess."""
+    model, tokenizer = loaded(folder)
+    chat = ChatFormat(folder, tokenizer)
+    ids = chat.render(messages)
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(chat.stop_token_ids),
+                         pad_token_id=min(chat.stop_token_ids), repetition_penalty=1.0)[0, len(ids):].tolist()
+    cut = next((i for i, t in enumerate(out) if t in chat.stop_token_ids), None)
+    answer = out if cut is None else out[:cut]
+    return chat.postprocess(chat.decode(answer)), answer, cut is not None
+
+
+@needs_model_code
+@pytest.mark.parametrize("family", ["chatglm3", "qwen"])
+@pytest.mark.parametrize("case", ["single", "chinese", "multi-system"])
+def test_render_stop_decode_postprocess_reproduce_chat(glm_dir, qwen_dir, turn_end_dirs, family, case):
+    messages = CASES[case]
+    # Random weights, stopped by length: the text of all max_new_tokens tokens (chat() itself drops the last).
+    folder = glm_dir if family == "chatglm3" else qwen_dir
+    ref = reference_chat(folder, messages, max_new_tokens=10)
+    text, ids, stopped = greedy_answer(folder, messages, 10)
+    assert (ids, stopped) == (ref["output_ids"], ref["stopped_by"] != "length")
+    assert text == ref["full_text"]
+    # A model whose answer ends with the family's turn-end token: stops there, text equals chat()'s.
+    folder = turn_end_dirs[family]
+    ref = reference_chat(folder, messages, max_new_tokens=8)
+    text, ids, stopped = greedy_answer(folder, messages, 8)
+    assert ref["stopped_by"] == "turn_end" and stopped
+    assert ids == ref["output_ids"] == tiny_models.chain_token_ids(folder, 3)
+    assert text == ref["text"]
