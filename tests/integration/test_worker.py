@@ -5,6 +5,7 @@ import json
 
 import pytest
 import requests
+from transformers import AutoTokenizer
 
 from tests.helpers import bundle_env, free_port, snapshot_for, start, stop, wait_for
 
@@ -35,7 +36,7 @@ def served(embedded_model, int8_entry, int8_cache_root, tmp_path_factory):
         procs.append(start(["-m", "workers.serving.api_server", "--deployment", str(snap)], logs / "api.log", env))
         wait_for(lambda: requests.get(f"http://127.0.0.1:{api_port}/v1/models", timeout=5).ok, 60,
                  "the API server", procs[2], logs / "api.log")
-        yield {"worker": f"http://127.0.0.1:{worker_port}", "api": f"http://127.0.0.1:{api_port}/v1",
+        yield {"worker": f"http://127.0.0.1:{worker_port}", "model": embedded_model, "api": f"http://127.0.0.1:{api_port}/v1",
                "controller": controller, "worker_log": worker_log}
     finally:
         for p in reversed(procs):
@@ -49,15 +50,15 @@ def stream_worker(worker: str, params: dict) -> list[dict]:
 
 
 def test_worker_loaded_from_int8_cache_and_answers_generate_stream(served):
-    conv = requests.post(f"{served['worker']}/worker_get_conv_template", timeout=10).json()["conv"]
-    assert conv["name"] == "smollm2"
-    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-    chunks = stream_worker(served["worker"], {
-        "prompt": prompt, "temperature": 0, "max_new_tokens": 24, "echo": False,
-        "stop": conv["stop_str"], "stop_token_ids": conv["stop_token_ids"],
-    })
+    # The worker renders the model's own chat format from messages and stops at its turn end
+    # (<|im_end|>) without being told: no FastChat template, no stop list from the client.
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    assert requests.post(f"{served['worker']}/count_token", json={"messages": question}, timeout=10).json()["count"] \
+        == len(AutoTokenizer.from_pretrained(served["model"]).apply_chat_template(question, add_generation_prompt=True))
+    chunks = stream_worker(served["worker"], {"messages": question, "temperature": 0, "max_new_tokens": 48})
     assert len(chunks) >= 2, "generate stream should send incremental chunks"
     assert chunks[-1]["error_code"] == 0 and chunks[-1]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"]["completion_tokens"] < 48
     # Run with 1 thread on a 2-core machine in a request thread: catches the qbits thread mismatch.
     assert "Paris" in chunks[-1]["text"]
     assert "INT8 cache hit" in served["worker_log"].read_text()

@@ -11,7 +11,7 @@ import sys
 
 import gradio as gr  # module level: gradio resolves the gr.Request annotation below by name
 
-from workers.serving import launch
+from workers.serving import launch, web_chat
 
 
 def notice(title: str, models: list[str]) -> str:
@@ -53,6 +53,15 @@ def hide_upstream_notices(demo) -> int:
 CONCURRENCY = 8  # answers the page streams at once (gradio queue)
 
 
+def stop_button(elem_id: str) -> None:
+    """Stops the answers this browser session is waiting for, on their workers."""
+    def stop(request: gr.Request):
+        web_chat.stop_answers(request.session_hash)
+
+    gr.Button("⏹  Stop", elem_id=elem_id, variant="stop").click(stop, None, None, concurrency_limit=None,
+                                                               queue=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = launch.parser(__doc__).parse_args(argv)
     dep, _ = launch.settings(args)
@@ -60,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.serving import fastchat_compat
 
     fastchat_compat.apply()
+    web_chat.install()
 
     from fastchat.serve import gradio_block_arena_named as named
     from fastchat.serve import gradio_web_server as single
@@ -78,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         with gr.Tabs() as tabs:
             with gr.Tab("Chat", id=0):
                 single_components = single.build_single_model_ui(models)
+                stop_button("stop_single")
             with gr.Tab("Side by side", id=1):
                 named_components = named.build_side_by_side_ui_named(models)
+                stop_button("stop_side_by_side")
         url_params = gr.JSON(visible=False)
 
         def load_demo(url_params, request: gr.Request):

@@ -1,22 +1,258 @@
-"""Launch one FastChat model worker that loads its model through the bundle's loader.
+"""The bundle's model worker: FastChat's worker protocol, the bundle's own generation path.
 
     python -m workers.serving.worker --deployment var/run/deployment.json --model NAME
 
-FastChat's ModelWorker, its FastAPI app and its worker protocol (register, heartbeat, generate
-stream, embeddings, token count, conversation template) are used unchanged; only the function it
-calls to load weights is replaced, so backends (ITREX INT8 with its cache, fp32, bf16) and CPU
-threads are chosen per model. Every setting comes from the deployment snapshot.
+Like FastChat's own vllm/mlx workers, this subclasses FastChat's BaseModelWorker (registration,
+heartbeat, status) and serves the same endpoints (`/worker_generate_stream`, `/worker_generate`,
+`/worker_get_embeddings`, `/count_token`, `/worker_get_conv_template`, `/model_details`,
+`/worker_get_status`) from an app of its own, because FastChat 0.2.36's ModelWorker picks the
+prompt format by folder name, ignores ChatGLM3's turn-end tokens, leaks its slot on errors, keeps
+generating for clients that left, and runs embeddings on the event loop.
+
+Here: the prompt is the model's own chat format (engine/prompt.py), generation is the model's own
+generate() in a thread, cancelled within one decode step when its client disconnects; every path
+frees its slot; the queue is bounded (429) and waits are limited (503 busy). Every setting comes
+from the deployment snapshot.
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import os
 import sys
+import threading
+import time
+import uuid
+
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the `Request` annotations by name
 
 from workers.engine import threads
 from workers.serving import launch
 
 log = logging.getLogger("bundle_worker")
-STREAM_INTERVAL = 2  # tokens between stream updates (FastChat's default)
+STREAM_MIN_INTERVAL_S = 0.05  # coalesce tokens that arrive faster than this into one chunk
+INTERNAL_ERROR = 50001  # FastChat's ErrorCode.INTERNAL_ERROR, which its API server and web UI understand
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None, headers: dict | None = None):
+    from fastapi.responses import JSONResponse
+
+    body = {"error": {"message": message, "type": type_, "param": param, "code": status},
+            "text": message, "error_code": status}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# Tests of the error paths set BUNDLE_ALLOW_FAULTS=1; a request may then ask to fail mid-generation.
+ALLOW_FAULTS = os.environ.get("BUNDLE_ALLOW_FAULTS") == "1"
+
+
+def _failing(on_text):
+    def fail(text, n):
+        raise RuntimeError("injected fault (BUNDLE_ALLOW_FAULTS)")
+    return fail
+
+
+def build_app(worker):
+    """The worker's HTTP endpoints (FastChat's worker protocol)."""
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+    from workers.engine.served_model import BadRequest
+    from workers.serving.admission import Busy, ClientGone, QueueFull
+
+    app = FastAPI(title=f"bundle worker {worker.model_names[0]}")
+    served = worker.served
+
+    async def read_params(request: Request) -> dict:
+        try:
+            params = await request.json()
+        except ValueError:
+            raise BadRequest("the request body is not valid JSON") from None
+        if not isinstance(params, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return params
+
+    @app.exception_handler(BadRequest)
+    async def on_bad_request(request, exc: BadRequest):
+        return error_response(400, str(exc), "invalid_request_error", exc.param)
+
+    @app.exception_handler(QueueFull)
+    async def on_queue_full(request, exc: QueueFull):
+        return error_response(429, f"model {worker.model_names[0]} is overloaded: {exc}; retry after "
+                                   f"{exc.retry_after_s} s", "rate_limit_exceeded",
+                              headers={"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(Busy)
+    async def on_busy(request, exc: Busy):
+        return error_response(503, f"model {worker.model_names[0]} is busy: {exc} (all "
+                                   f"{worker.admission.slots} slots stayed taken)", "worker_busy")
+
+    @app.exception_handler(Exception)
+    async def on_failure(request, exc: Exception):
+        log.error("%s failed: %s: %s", request.url.path, type(exc).__name__, exc)
+        return error_response(500, f"the worker failed: {type(exc).__name__}: {exc}", "internal_error")
+
+    @app.exception_handler(ClientGone)
+    async def on_client_gone(request, exc: ClientGone):
+        return Response(status_code=499)  # nobody reads it
+
+    async def admitted(request: Request, params: dict, work):
+        """Run `work(params)` in a thread once a slot is free; the thread frees the slot when done."""
+        await worker.admission.acquire(request.is_disconnected)
+        start = time.monotonic()
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, work, params)
+        future.add_done_callback(lambda _: worker.admission.release(time.monotonic() - start))
+        return future
+
+    async def until_done_or_gone(request: Request, future, cancel=None):
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=0.25)
+            if done:
+                return future.result()
+            if await request.is_disconnected():
+                if cancel is not None:
+                    cancel.set()
+                raise ClientGone()
+
+    @app.post("/worker_generate_stream")
+    async def generate_stream(request: Request):
+        params = await read_params(request)
+        job, _ = await asyncio.to_thread(served.job, params)
+        chunks: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        rid = params.get("request_id") or uuid.uuid4().hex[:8]
+
+        def work(_params):
+            try:
+                result = worker.run_job(rid, job, lambda text, n: loop.call_soon_threadsafe(
+                    chunks.put_nowait, ("text", text, n)), params)
+                loop.call_soon_threadsafe(chunks.put_nowait, ("done", result, None))
+            except Exception as exc:  # report it on the stream; the slot is freed by admitted()
+                log.exception("request %s failed", rid)
+                loop.call_soon_threadsafe(chunks.put_nowait, ("error", exc, None))
+
+        await admitted(request, params, work)
+
+        async def stream():
+            last_sent = 0.0
+            pending = None
+            try:
+                while True:
+                    kind, value, n = await chunks.get()
+                    if kind == "text":
+                        pending = (value, n)
+                        if time.monotonic() - last_sent >= STREAM_MIN_INTERVAL_S:
+                            yield worker.chunk(value, len(job.prompt_ids), n, None)
+                            last_sent, pending = time.monotonic(), None
+                    elif kind == "done":
+                        yield worker.chunk(value.text, len(job.prompt_ids), value.completion_tokens, value.finish_reason)
+                        return
+                    else:
+                        message = f"generation failed: {type(value).__name__}: {value}"
+                        yield (json.dumps({"text": message, "error_code": INTERNAL_ERROR}) + "\0").encode()
+                        return
+            finally:
+                job.cancel.set()  # a client that left, or the end: either way nothing more to generate
+
+        return StreamingResponse(stream())
+
+    @app.post("/worker_generate")
+    async def generate_once(request: Request):
+        params = await read_params(request)
+        job, _ = await asyncio.to_thread(served.job, params)
+        rid = params.get("request_id") or uuid.uuid4().hex[:8]
+        future = await admitted(request, params, lambda p: worker.run_job(rid, job, None, p))
+        result = await until_done_or_gone(request, future, job.cancel)
+        return JSONResponse(json.loads(worker.chunk(result.text, len(job.prompt_ids), result.completion_tokens,
+                                                    result.finish_reason)[:-1]))
+
+    @app.post("/worker_get_embeddings")
+    async def embeddings(request: Request):
+        params = await read_params(request)
+        future = await admitted(request, params, served.embed)
+        return JSONResponse(await until_done_or_gone(request, future))
+
+    @app.post("/count_token")
+    async def count_token(request: Request):
+        params = await read_params(request)
+        return {"count": await asyncio.to_thread(served.count_tokens, params), "error_code": 0}
+
+    @app.post("/worker_cancel")
+    async def cancel(request: Request):
+        """Stop a running generation by its request_id (the web page's Stop button)."""
+        params = await read_params(request)
+        job = worker.jobs.get(str(params.get("request_id")))
+        if job is not None:
+            job.cancel.set()
+        return {"cancelled": job is not None}
+
+    @app.post("/worker_get_status")
+    async def status(request: Request):
+        return worker.get_status()
+
+    @app.post("/worker_get_conv_template")
+    async def conv_template(request: Request):
+        return worker.get_conv_template()
+
+    @app.post("/model_details")
+    async def model_details(request: Request):
+        return {"context_length": served.context_len, "max_tokens_default": served.max_tokens_default,
+                "sampling": served.sampling}
+
+    return app
+
+
+def make_worker_class():
+    from fastchat.serve.base_model_worker import BaseModelWorker
+
+    class BundleWorker(BaseModelWorker):
+        """FastChat's registration, heartbeat and status; the bundle's generation and admission."""
+
+        def __init__(self, controller_addr, worker_addr, spec, served, conv_template_name):
+            self.served = served
+            from workers.serving.admission import Admission
+
+            self.admission = Admission(spec.limit_concurrency, spec.max_queue, spec.queue_timeout_s)
+            self.jobs: dict = {}  # request id -> running Job
+            super().__init__(controller_addr, worker_addr, uuid.uuid4().hex[:8], str(served.folder), spec.names,
+                             spec.limit_concurrency, conv_template=conv_template_name)
+            self.tokenizer, self.context_len = served.tokenizer, served.context_len
+
+        def make_conv_template(self, conv_template=None, model_path=None):
+            from fastchat.conversation import get_conv_template
+
+            # Only for clients that build prompts themselves (FastChat's web UI shows its role
+            # names); the bundle's API and web UI send messages, rendered by the model's own format.
+            return get_conv_template(conv_template or "raw")
+
+        def get_queue_length(self):
+            return self.admission.queue_length
+
+        def run_job(self, rid, job, on_text, params=None):
+            self.jobs[rid] = job  # so /worker_cancel can stop it
+            if ALLOW_FAULTS and (params or {}).get("bundle_fault") == "after-first-token":
+                on_text = _failing(on_text)
+            try:
+                result = self.served.generate(job, on_text)
+            finally:
+                self.jobs.pop(rid, None)
+            speed = result.completion_tokens / result.decode_s if result.decode_s > 0 else 0.0
+            log.info("request %s: %d prompt + %d new tokens, %s, first token %.2f s, %.1f tok/s", rid,
+                     len(job.prompt_ids), result.completion_tokens, result.finish_reason, result.first_token_s or 0.0,
+                     speed)
+            return result
+
+        @staticmethod
+        def chunk(text: str, prompt_tokens: int, completion_tokens: int, finish_reason: str | None) -> bytes:
+            if finish_reason == "cancelled":
+                finish_reason = "stop"
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                     "total_tokens": prompt_tokens + completion_tokens}
+            return (json.dumps({"text": text, "error_code": 0, "usage": usage, "finish_reason": finish_reason},
+                               ensure_ascii=False) + "\0").encode()
+
+    return BundleWorker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,39 +273,30 @@ def main(argv: list[str] | None = None) -> int:
 
     fastchat_compat.apply()
     import uvicorn
-    from fastchat.serve import model_worker as fastchat_worker
 
     from workers.engine.loader import UnsupportedBackend, load_model
+    from workers.engine.prompt import PromptError
+    from workers.engine.served_model import ServedModel
 
-    def bundle_load_model(model_path, **_fastchat_options):
-        loaded = load_model(folder, spec.backend, int8=spec.int8, trust_remote_code=spec.trust_remote_code)
-        threads.apply_to_torch(spec.threads)  # after loading: ITREX resets the thread count
-        return loaded
-
-    fastchat_worker.load_model = bundle_load_model
     log.info("starting worker %s: backend=%s threads=%d cores=%s", spec.names, spec.backend,
              spec.threads, spec.cpu_cores or "all")
-    host = "127.0.0.1"
     try:
-        worker = fastchat_worker.ModelWorker(
-            launch.controller_url(dep),
-            f"http://{host}:{spec.port}",
-            fastchat_worker.worker_id,
-            str(folder),
-            spec.names,
-            spec.limit_concurrency,
-            no_register=False,
-            device="cpu",
-            num_gpus=0,
-            max_gpu_memory=None,
-            conv_template=spec.conv_template,
-            stream_interval=STREAM_INTERVAL,
-        )
-    except UnsupportedBackend as exc:
-        log.error("cannot load %s: %s", folder, exc)
+        model, tokenizer = load_model(folder, spec.backend, int8=spec.int8, trust_remote_code=spec.trust_remote_code)
+        threads.apply_to_torch(spec.threads)  # after loading: ITREX resets the thread count
+        served = ServedModel.build(spec, folder, model, tokenizer)
+    except (UnsupportedBackend, PromptError) as exc:
+        log.error("cannot serve %s: %s", folder, exc)
         return 2
+    host = "127.0.0.1"
+    worker = make_worker_class()(launch.controller_url(dep), f"http://{host}:{spec.port}", spec, served,
+                                 spec.conv_template)
+    app = build_app(worker)
+
+    # Registration retries until the controller answers (compat patch), so not on the event loop.
+    threading.Thread(target=worker.init_heart_beat, name="register", daemon=True).start()
+
     log.info("worker ready: %s (context length %s)", worker.model_names, worker.context_len)
-    uvicorn.run(fastchat_worker.app, host=host, port=spec.port, log_level="info")
+    uvicorn.run(app, host=host, port=spec.port, log_level="info")
     return 0
 
 

@@ -1,0 +1,192 @@
+"""One generation, run by the model's own `generate()` (so every family's own cache, position and
+stop handling apply), streamed token by token, cancellable between decode steps.
+
+The worker calls `run(job, on_text)` in a thread; `on_text` receives the cumulative answer text each
+time it grows by a stable piece. Text is held back while it might still change: an incomplete UTF-8
+character at the end (U+FFFD), trailing white space the family's post-processing would strip, or the
+start of a stop string. So the concatenated stream always equals the final, non-streamed text.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+log = logging.getLogger("generate")
+
+
+@dataclass
+class Job:
+    """What one request asks for, with every default already resolved by the worker."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop_token_ids: frozenset[int] = frozenset()
+    stop_strings: tuple[str, ...] = ()
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Result:
+    text: str
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    first_token_s: float | None = None
+    decode_s: float = 0.0
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, job: Job, stop_strings_hit: Callable[[], bool]):
+        self.job, self.stop_strings_hit = job, stop_strings_hit
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        done = self.job.cancel.is_set() or self.stop_strings_hit()
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
+
+
+class PresenceFrequencyPenalty(LogitsProcessor):
+    """OpenAI's presence/frequency penalties over the tokens generated so far (not the prompt)."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float):
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[:, self.prompt_len:]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+class _TokenStreamer(BaseStreamer):
+    """generate() pushes the prompt first, then one token per step."""
+
+    def __init__(self, on_token: Callable[[int], None]):
+        self.on_token, self.prompt_seen = on_token, False
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.on_token(token)
+
+    def end(self):
+        pass
+
+
+class TextAssembler:
+    """Turns generated ids into the answer text, as stable prefixes for streaming.
+
+    `decode(ids)` is the tokenizer's decode; `postprocess(text)` the family's text fix-up (e.g.
+    ChatGLM3 strips and replaces placeholders). Both are applied to the whole answer every time,
+    which is what the non-streamed answer gets, and only a prefix that can no longer change is sent.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], postprocess: Callable[[str], str],
+                 stop_strings: tuple[str, ...]):
+        self.decode, self.postprocess, self.stop_strings = decode, postprocess, tuple(s for s in stop_strings if s)
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped_by_string = False
+
+    def _raw(self) -> tuple[str, bool]:
+        text = self.decode(self.ids)
+        cut = min((i for i in (text.find(s) for s in self.stop_strings) if i >= 0), default=-1)
+        if cut >= 0:
+            return text[:cut], True
+        return text, False
+
+    def add(self, token: int) -> str | None:
+        """Add a token; return the new cumulative text when a stable piece grew, else None."""
+        self.ids.append(token)
+        raw, hit = self._raw()
+        if hit:
+            self.stopped_by_string = True
+            return None  # the final text is sent by finish()
+        raw = raw.rstrip("\ufffd")  # an incomplete character: wait for its next bytes
+        for s in self.stop_strings:  # hold back what may be the start of a stop string
+            for k in range(min(len(s) - 1, len(raw)), 0, -1):
+                if raw.endswith(s[:k]):
+                    raw = raw[:-k]
+                    break
+        stable = self.postprocess(raw).rstrip()
+        if len(stable) > len(self.sent) and stable.startswith(self.sent):
+            self.sent = stable
+            return stable
+        return None
+
+    def finish(self) -> str:
+        raw, _ = self._raw()
+        return self.postprocess(raw)
+
+
+def _sampling_kwargs(job: Job) -> dict:
+    if job.temperature <= 1e-5:  # greedy, as the models' own chat code does with do_sample=False
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {"do_sample": True, "temperature": job.temperature, "top_p": job.top_p, "top_k": job.top_k}
+
+
+def run(model, tokenizer_decode: Callable[[list[int]], str], postprocess: Callable[[str], str], job: Job,
+        on_text: Callable[[str, int], None] | None = None, pad_token_id: int | None = None) -> Result:
+    """Generate for `job` with the model's own generate(); on_text(cumulative_text, tokens) while it grows."""
+    assembler = TextAssembler(tokenizer_decode, postprocess, job.stop_strings)
+    t0 = time.monotonic()
+    first: list[float] = []
+    last_token: list[int] = []
+
+    def on_token(token: int) -> None:
+        if not first:
+            first.append(time.monotonic())
+        last_token[:] = [token]
+        if token in job.stop_token_ids:
+            return
+        text = assembler.add(token)
+        if text is not None and on_text is not None:
+            on_text(text, len(assembler.ids))
+
+    processors = LogitsProcessorList()
+    if job.presence_penalty or job.frequency_penalty:
+        processors.append(PresenceFrequencyPenalty(len(job.prompt_ids), job.presence_penalty, job.frequency_penalty))
+    input_ids = torch.tensor([job.prompt_ids], dtype=torch.long)
+    with torch.inference_mode():
+        model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=job.max_new_tokens,
+            eos_token_id=sorted(job.stop_token_ids) or None,
+            pad_token_id=pad_token_id if pad_token_id is not None else (min(job.stop_token_ids) if job.stop_token_ids else 0),
+            repetition_penalty=job.repetition_penalty,
+            logits_processor=processors,
+            stopping_criteria=StoppingCriteriaList([_Cancelled(job, lambda: assembler.stopped_by_string)]),
+            streamer=_TokenStreamer(on_token),
+            **_sampling_kwargs(job),
+        )
+    end = time.monotonic()
+    if job.cancel.is_set():
+        reason = "cancelled"
+    elif assembler.stopped_by_string or (last_token and last_token[0] in job.stop_token_ids):
+        reason = "stop"
+    elif len(assembler.ids) >= job.max_new_tokens:
+        reason = "length"
+    else:
+        reason = "stop"
+    return Result(
+        text=assembler.finish(),
+        completion_tokens=len(assembler.ids),
+        finish_reason=reason,
+        first_token_s=(first[0] - t0) if first else None,
+        decode_s=(end - first[0]) if first else 0.0,
+    )

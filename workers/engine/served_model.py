@@ -1,0 +1,188 @@
+"""A loaded model with everything needed to answer as the model itself: its chat format, stop
+tokens, sampling defaults, default answer length and context length.
+
+Requests arrive as FastChat worker-protocol dicts (from the API server or the web UI); `job()` turns
+one into a generation Job with every default resolved, or raises BadRequest naming the problem.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from workers.config.schema import ModelSpec
+from workers.engine import generate, prompt
+from workers.engine.generate import Job
+
+log = logging.getLogger("served_model")
+
+
+class BadRequest(ValueError):
+    """The request cannot be served as asked; the message names the problem (HTTP 400)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+# Accepted ranges of the sampling parameters (OpenAI's where it has them); outside: 400.
+RANGES = {
+    "temperature": (0.0, 2.0), "top_p": (1e-9, 1.0), "top_k": (-1, 10**6), "repetition_penalty": (1e-3, 10.0),
+    "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0),
+}
+
+
+def _number(params: dict, key: str, default, kind=float):
+    value = params.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise BadRequest(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}", key)
+    value = kind(value)
+    low, high = RANGES.get(key, (None, None))
+    if low is not None and not (low <= value <= high):  # also refuses NaN
+        raise BadRequest(f"{key}={value!r} is out of range: use {low:g} to {high:g}", key)
+    return value
+
+
+def _stop_strings(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return tuple(value)
+    raise BadRequest("stop must be a string or a list of strings", "stop")
+
+
+@dataclass
+class ServedModel:
+    name: str
+    folder: Path
+    model: object
+    tokenizer: object
+    chat: prompt.ChatFormat
+    sampling: dict
+    max_tokens_default: int
+    context_len: int
+
+    @classmethod
+    def build(cls, spec: ModelSpec, folder: Path, model, tokenizer) -> "ServedModel":
+        config = json.loads((folder / "config.json").read_text())
+        chat = prompt.ChatFormat(folder, tokenizer, config, spec.conv_template)
+        served = cls(
+            name=spec.program, folder=folder, model=model, tokenizer=tokenizer, chat=chat,
+            sampling=prompt.sampling_defaults(folder, spec.sampling),
+            max_tokens_default=prompt.max_new_tokens_default(folder, spec.max_tokens_default),
+            context_len=prompt.context_length(config),
+        )
+        log.info("%s: context %d, default answer %d tokens, sampling %s, stop ids %s", spec.program,
+                 served.context_len, served.max_tokens_default, served.sampling, sorted(chat.stop_token_ids))
+        return served
+
+    # --- prompts -------------------------------------------------------------------------------
+
+    def prompt_ids(self, params: dict) -> list[int]:
+        """The prompt token ids: rendered from `messages` in the model's own chat format, or a plain
+        text `prompt` (completions), or `prompt_token_ids` given by the client."""
+        try:
+            if params.get("messages") is not None:
+                return self.chat.render(params["messages"])
+            if params.get("prompt_token_ids") is not None:
+                ids = params["prompt_token_ids"]
+                if not (isinstance(ids, list) and ids and all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids)):
+                    raise BadRequest(f"prompt token ids must be a non-empty list of ids in 0..{self.vocab_size - 1}",
+                                     "prompt")
+                return ids
+            if isinstance(params.get("prompt"), str) and params["prompt"]:
+                return self.chat.encode_text(params["prompt"])
+        except prompt.PromptError as exc:
+            raise BadRequest(str(exc), "messages") from None
+        raise BadRequest("give messages, a non-empty prompt, or prompt token ids", "messages")
+
+    @property
+    def vocab_size(self) -> int:
+        return int(getattr(self.model.config, "vocab_size", None) or getattr(self.model.config, "padded_vocab_size"))
+
+    def count_tokens(self, params: dict) -> int:
+        return len(self.prompt_ids(params))
+
+    # --- generation ------------------------------------------------------------------------------
+
+    def job(self, params: dict) -> tuple[Job, list[int]]:
+        ids = self.prompt_ids(params)
+        room = self.context_len - len(ids)
+        if room <= 0:
+            raise BadRequest(f"the prompt has {len(ids)} tokens, which does not fit in the {self.context_len}-token "
+                             f"context of model {self.name}; shorten it", "messages")
+        asked = params.get("max_new_tokens")
+        if asked is not None:
+            asked = _number(params, "max_new_tokens", None, int)
+            if asked < 1:
+                raise BadRequest(f"max_tokens must be at least 1, got {asked}", "max_tokens")
+            if asked > room:
+                raise BadRequest(f"max_tokens={asked} is too large for model {self.name}: after this prompt of "
+                                 f"{len(ids)} tokens, at most {room} tokens fit in its context window", "max_tokens")
+        max_new = asked if asked is not None else min(self.max_tokens_default, room)
+        extra_ids = params.get("stop_token_ids") or []
+        if not (isinstance(extra_ids, list) and all(isinstance(i, int) for i in extra_ids)):
+            raise BadRequest("stop_token_ids must be a list of integers", "stop_token_ids")
+        s = self.sampling
+        job = Job(
+            prompt_ids=ids,
+            max_new_tokens=max_new,
+            temperature=_number(params, "temperature", s["temperature"]),
+            top_p=_number(params, "top_p", s["top_p"]),
+            top_k=_number(params, "top_k", s["top_k"], int),
+            repetition_penalty=_number(params, "repetition_penalty", s["repetition_penalty"]),
+            presence_penalty=_number(params, "presence_penalty", 0.0),
+            frequency_penalty=_number(params, "frequency_penalty", 0.0),
+            stop_token_ids=self.chat.stop_token_ids | frozenset(extra_ids),  # a user's stops add, never replace
+            stop_strings=self.chat.stop_strings + _stop_strings(params.get("stop")),
+        )
+        if job.top_k is not None and job.top_k < 0:  # FastChat clients send -1 for "no top-k"
+            job.top_k = 0
+        return job, ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.chat.decode(ids)
+
+    def generate(self, job: Job, on_text=None) -> generate.Result:
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return generate.run(self.model, self.decode, self.chat.postprocess, job, on_text, pad_token_id=pad)
+
+    # --- embeddings ------------------------------------------------------------------------------
+
+    def embed(self, params: dict) -> dict:
+        """Mean of the last hidden state over each input's tokens, L2-normalised; inputs one at a
+        time, so no padding token is needed (Qwen's tokenizer has none)."""
+        inputs = params.get("input")
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs:
+            raise BadRequest("input must be a non-empty string, list of strings, or token ids", "input")
+        vectors, total = [], 0
+        with torch.inference_mode():
+            for item in inputs:
+                if isinstance(item, str) and item:
+                    ids = self.chat.encode_text(item)
+                elif isinstance(item, list) and item and all(isinstance(i, int) and 0 <= i < self.vocab_size for i in item):
+                    ids = item
+                else:
+                    raise BadRequest("each input must be a non-empty string or a list of token ids", "input")
+                if len(ids) > self.context_len:
+                    raise BadRequest(f"an input has {len(ids)} tokens; model {self.name} takes at most "
+                                     f"{self.context_len}", "input")
+                x = torch.tensor([ids])
+                out = self.model(input_ids=x, attention_mask=torch.ones_like(x), output_hidden_states=True,
+                                 return_dict=True)
+                hidden = out.hidden_states[-1]
+                if hidden.shape[0] == len(ids) and hidden.shape[1] == 1 and len(ids) != 1:  # ChatGLM: seq first
+                    hidden = hidden.transpose(0, 1)
+                v = hidden[0].float().mean(dim=0)
+                vectors.append(torch.nn.functional.normalize(v, dim=0).tolist())
+                total += len(ids)
+        return {"embedding": vectors, "token_num": total}
