@@ -1,37 +1,548 @@
-"""The bundle's input policy for FastChat's OpenAI-style API server.
+"""The API's input rules, as pure functions: a JSON body in, a validated plan (or an errors.ApiError) out.
 
-Bad input gets a 4xx JSON error that names the problem, and never a 5xx. FastChat 0.2.36 already
-checks ranges (temperature, top_p, negative max_tokens, n) and context overflow. This adds:
-- a clear 401 for a missing or wrong API key (FastChat's message is empty);
-- the unknown-model message lists the served models;
-- empty `messages`, messages without a valid role or string content (FastChat raised KeyError: 500);
-- an explicit max_tokens larger than the room left in the context (FastChat silently clamped it);
-- `n` above MAX_N, and empty embedding input;
-- request bodies above MAX_BODY_BYTES (413), checked before the body is parsed.
+Nothing here does I/O, so every rule is unit-tested without a server (tests/unit/test_api_policy.py).
+FastChat's protocol models (fastchat.protocol.openai_api_protocol) still validate the fields they know; the
+rules here cover what they let through:
+- `messages`: a non-empty list; roles system/user/assistant; `content` a string or a list of content parts
+  (text parts joined with newlines; image, audio and file parts -> 400 "not supported"); a string -> 400.
+- OpenAI parameters this server does not implement -> 400 naming the parameter (UNSUPPORTED below), so
+  nothing is silently ignored; `n` at most MAX_N; penalties in [-2, 2]; `max_completion_tokens` is max_tokens.
+- `stream_options.include_usage`: a last chunk with the usage and no choices.
+- prompts and embedding inputs: a string, a list of strings, a list of token ids or a list of lists of token
+  ids (decoded by the worker with the model's own tokenizer); empty, `[{}]`, `[null]` -> 400.
+- sampling fields the client leaves out are sent as null: the worker applies the model's defaults.
+- request bodies above MAX_BODY_BYTES -> 413, before the body is parsed (BodySizeLimit).
 """
 from __future__ import annotations
 
 import json
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
-from fastapi import Depends, Request
-from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials
+import pydantic
+from fastchat.protocol.openai_api_protocol import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest
+
+from workers.serving import errors
+from workers.serving.errors import ApiError
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: about 250k tokens of text, far more than any served context
 MAX_N = 8
+MAX_CHOICES = 16  # prompts x n in one /v1/completions request
+MAX_EMBEDDING_INPUTS = 256
+MAX_STOP = 16
+MAX_TOKEN_ID = 2**31 - 1
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions (chat: the model's default)
 ROLES = ("system", "user", "assistant")
+NON_TEXT_PARTS = ("image_url", "input_image", "image", "input_audio", "audio", "file", "input_file", "video_url")
+
+CHAT, COMPLETIONS, EMBEDDINGS = "chat", "completions", "embeddings"
+
+NO_TOOLS = "this server has no function/tool calling"
+# parameter -> (values that mean "not used", why it is refused otherwise)
+UNSUPPORTED: dict[str, dict[str, tuple[tuple, str]]] = {
+    CHAT: {
+        "tools": ((None, []), NO_TOOLS),
+        "functions": ((None, []), NO_TOOLS),
+        "tool_choice": ((None, "none", "auto"), NO_TOOLS),
+        "function_call": ((None, "none", "auto"), NO_TOOLS),
+        "response_format": ((None, {"type": "text"}), 'only {"type": "text"} is supported (no JSON mode or schemas)'),
+        "logit_bias": ((None, {}), "logit bias is not implemented"),
+        "seed": ((None,), "seeded sampling is not implemented; use temperature 0 for repeatable answers"),
+        "logprobs": ((None, False), "chat logprobs are not implemented"),
+        "top_logprobs": ((None, 0), "chat logprobs are not implemented"),
+        "audio": ((None,), "the served models read and write text only"),
+        "modalities": ((None, ["text"]), "the served models read and write text only"),
+        "prediction": ((None,), "predicted outputs are not implemented"),
+    },
+    COMPLETIONS: {
+        "logit_bias": ((None, {}), "logit bias is not implemented"),
+        "seed": ((None,), "seeded sampling is not implemented; use temperature 0 for repeatable answers"),
+        "suffix": ((None, ""), "insertion (suffix) is not implemented"),
+        "best_of": ((None, 1), "best_of is not implemented"),
+        "use_beam_search": ((None, False), "beam search is not implemented"),
+    },
+    EMBEDDINGS: {
+        "dimensions": ((None,), "the embedding size is the model's hidden size"),
+    },
+}
 
 
-class ApiKeyError(Exception):
-    pass
+# --- plans: what a validated request asks for --------------------------------------------------------------
+@dataclass
+class Sampling:
+    """Null means "the model's default" (the worker applies it)."""
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    max_tokens: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
 
 
-def _error(status: int, message: str, code: int | str, type_: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"object": "error", "message": message, "code": code, "type": type_,
-                         "error": {"message": message, "type": type_, "code": code}}, status_code=status)
+@dataclass
+class ChatPlan:
+    model: str
+    messages: list[dict]  # [{"role", "content": str}]
+    sampling: Sampling
+    n: int
+    stream: bool
+    include_usage: bool
+    protocol: ChatCompletionRequest
 
 
+@dataclass
+class CompletionPlan:
+    model: str
+    prompts: list  # each a str or a list of token ids
+    sampling: Sampling
+    n: int
+    stream: bool
+    include_usage: bool
+    echo: bool
+    logprobs: Optional[int]
+    protocol: CompletionRequest
+
+
+@dataclass
+class EmbeddingPlan:
+    model: str
+    inputs: list  # each a str or a list of token ids
+    encoding_format: Optional[str]
+    protocol: EmbeddingsRequest
+
+
+class StreamOptions(pydantic.BaseModel):
+    include_usage: Optional[bool] = None
+
+
+class Extras(pydantic.BaseModel):
+    """Fields FastChat's protocol models do not have."""
+    max_completion_tokens: Optional[int] = None
+    repetition_penalty: Optional[float] = None
+    stream_options: Optional[StreamOptions] = None
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+def _invalid(message: str, param: str | None) -> ApiError:
+    return ApiError(errors.INVALID_VALUE, message, param)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def parse_json(raw: bytes) -> dict:
+    """The request body as a JSON object; NaN/Infinity, non-objects and undecodable bytes are 400."""
+    if not raw or not raw.strip():
+        raise ApiError(errors.INVALID_JSON, "the request body is empty: send a JSON object")
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(errors.INVALID_JSON, "the request body is nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise ApiError(errors.INVALID_JSON, f"the request body is not UTF-8 JSON: {exc.reason}") from None
+    except ValueError as exc:
+        raise ApiError(errors.INVALID_JSON, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(errors.INVALID_JSON, f"the request body must be a JSON object (got {type(body).__name__})")
+    return body
+
+
+def validate(model_cls, data: dict):
+    """FastChat's (or our) pydantic model, its first error naming the field as `param`."""
+    try:
+        return model_cls.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise errors.from_validation(exc.errors(include_url=False)) from None
+    except RecursionError:
+        raise ApiError(errors.INVALID_REQUEST, "the request is nested too deeply") from None
+
+
+def check_range(name: str, value, lo=None, hi=None, lo_open: bool = False) -> None:
+    """OpenAI's wording: "5 is greater than the maximum of 2 - 'temperature'". NaN never passes."""
+    if value is None:
+        return
+    shown = int(value) if isinstance(value, float) and value.is_integer() else value
+    if lo is not None and not (value > lo if lo_open else value >= lo):
+        bound = f"greater than {lo}" if lo_open else f"the minimum of {lo}"
+        raise _invalid(f"{shown} is less than {bound} - '{name}'" if not lo_open
+                       else f"{shown} must be {bound} - '{name}'", name)
+    if hi is not None and not value <= hi:
+        raise _invalid(f"{shown} is greater than the maximum of {hi} - '{name}'", name)
+
+
+def _require_model(body: dict) -> str:
+    model = body.get("model")
+    if model is None:
+        raise ApiError(errors.MISSING_PARAMETER, "model: this field is required (one of the served model names)", "model")
+    if not isinstance(model, str):
+        raise _invalid(f"model must be a string (got {errors.short(model)})", "model")
+    return model
+
+
+def unsupported(body: dict, endpoint: str) -> None:
+    """400 naming the first OpenAI parameter this server would otherwise silently ignore."""
+    for name, (unused, why) in UNSUPPORTED[endpoint].items():
+        value = body.get(name)
+        if value is None or any(type(value) is type(u) and value == u for u in unused):
+            continue  # absent, or a value that asks for nothing (tool_choice "auto" with no tools, ...)
+        raise ApiError(errors.UNSUPPORTED_PARAMETER,
+                       f"{name} is not supported by this server: {why} (got {errors.short(value)})", name)
+
+
+# --- messages -------------------------------------------------------------------------------------------------
+def content_text(content: Any, where: str) -> str:
+    """A message's content as one string: a string, or the text parts of a content-part list joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        if not content:
+            raise _invalid(f"{where} must not be an empty list", where)
+        texts = []
+        for j, part in enumerate(content):
+            at = f"{where}[{j}]"
+            if not isinstance(part, dict):
+                raise _invalid(f'{at} must be a content part like {{"type": "text", "text": "..."}} '
+                               f"(got {errors.short(part)})", at)
+            kind = part.get("type")
+            if kind == "text":
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise _invalid(f"{at}.text must be a string (got {errors.short(text)})", f"{at}.text")
+                texts.append(text)
+            elif isinstance(kind, str) and kind in NON_TEXT_PARTS:
+                raise ApiError(errors.UNSUPPORTED_CONTENT,
+                               f"{at}: {kind} content is not supported: the served models read text only", at)
+            else:
+                raise _invalid(f"{at}.type must be 'text' (got {errors.short(kind)})", f"{at}.type")
+        return "\n".join(texts)
+    raise _invalid(f"{where} must be a string or a list of content parts (got {errors.short(content)})", where)
+
+
+def chat_messages(messages: Any) -> list[dict]:
+    """The validated messages, content flattened to strings: [{"role", "content"}]."""
+    if isinstance(messages, str):
+        raise _invalid('messages must be a list of messages like [{"role": "user", "content": "..."}], '
+                       "not a string", "messages")
+    if not isinstance(messages, list):
+        raise _invalid(f"messages must be a list of messages (got {errors.short(messages)})", "messages")
+    if not messages:
+        raise _invalid("messages must contain at least one message", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        at = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _invalid(f"{at} must be an object with 'role' and 'content' (got {errors.short(m)})", at)
+        role = m.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise _invalid(f"{at}.role must be one of {', '.join(ROLES)} (got {errors.short(role)})", f"{at}.role")
+        for key in ("tool_calls", "function_call", "audio"):
+            if m.get(key) not in (None, [], {}):
+                raise ApiError(errors.UNSUPPORTED_PARAMETER, f"{at}.{key} is not supported by this server: {NO_TOOLS}",
+                               f"{at}.{key}")
+        if "content" not in m:
+            raise _invalid(f"{at} has no 'content'", f"{at}.content")
+        out.append({"role": role, "content": content_text(m["content"], f"{at}.content")})
+    return out
+
+
+# --- prompts and embedding inputs ----------------------------------------------------------------------------
+def _is_token(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)
+
+
+def token_ids(ids: list, where: str) -> list[int]:
+    if not ids:
+        raise _invalid(f"{where} must not be empty", where)
+    for j, t in enumerate(ids):
+        if not _is_token(t):
+            raise _invalid(f"{where}[{j}] must be a token id (an integer), got {errors.short(t)}", f"{where}[{j}]")
+        if not 0 <= t <= MAX_TOKEN_ID:
+            raise _invalid(f"{where}[{j}]: token id {t} is out of range", f"{where}[{j}]")
+    return list(ids)
+
+
+def text_inputs(value: Any, param: str) -> list:
+    """A string, list of strings, list of token ids or list of lists of token ids -> a list of items."""
+    shapes = "a string, a list of strings, a list of token ids or a list of lists of token ids"
+    if isinstance(value, str):
+        if not value:
+            raise _invalid(f"{param} must not be empty", param)
+        return [value]
+    if not isinstance(value, list):
+        raise _invalid(f"{param} must be {shapes} (got {errors.short(value)})", param)
+    if not value:
+        raise _invalid(f"{param} must not be empty", param)
+    if _is_token(value[0]):
+        return [token_ids(value, param)]
+    out = []
+    for i, item in enumerate(value):
+        at = f"{param}[{i}]"
+        if isinstance(item, str):
+            if not item:
+                raise _invalid(f"{at} must not be empty", at)
+            out.append(item)
+        elif isinstance(item, list):
+            out.append(token_ids(item, at))
+        else:
+            raise _invalid(f"{at} must be a string or a list of token ids (got {errors.short(item)}); "
+                           f"{param} must be {shapes}", at)
+    return out
+
+
+# --- sampling -------------------------------------------------------------------------------------------------
+def _given(body: dict, protocol, name: str):
+    """The validated value of a field the client set to something other than null, else None."""
+    return getattr(protocol, name) if body.get(name) is not None else None
+
+
+def stop_list(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > MAX_STOP:
+        raise _invalid(f"stop has {len(stops)} sequences; at most {MAX_STOP} are allowed", "stop")
+    for i, s in enumerate(stops):
+        if not s:
+            raise _invalid(f"stop[{i}] must not be an empty string", f"stop[{i}]" if not isinstance(stop, str) else "stop")
+    return stops
+
+
+def sampling(body: dict, protocol, extras: Extras) -> Sampling:
+    s = Sampling(
+        temperature=_given(body, protocol, "temperature"),
+        top_p=_given(body, protocol, "top_p"),
+        top_k=_given(body, protocol, "top_k"),
+        repetition_penalty=extras.repetition_penalty,
+        presence_penalty=_given(body, protocol, "presence_penalty"),
+        frequency_penalty=_given(body, protocol, "frequency_penalty"),
+        max_tokens=_given(body, protocol, "max_tokens"),
+        stop=stop_list(protocol.stop),
+    )
+    check_range("temperature", s.temperature, 0, 2)
+    check_range("top_p", s.top_p, 0, 1)
+    if s.top_k is not None and not (s.top_k == -1 or 1 <= s.top_k <= MAX_TOKEN_ID):
+        raise _invalid(f"top_k must be -1 (off) or at least 1 (got {s.top_k}) - 'top_k'", "top_k")
+    check_range("presence_penalty", s.presence_penalty, -2, 2)
+    check_range("frequency_penalty", s.frequency_penalty, -2, 2)
+    check_range("repetition_penalty", s.repetition_penalty, 0, 2, lo_open=True)
+    check_range("max_tokens", s.max_tokens, 1)
+    return s
+
+
+def _n(protocol) -> int:
+    n = protocol.n if protocol.n is not None else 1
+    check_range("n", n, 1, MAX_N)
+    return n
+
+
+def _include_usage(extras: Extras, stream: bool) -> bool:
+    if extras.stream_options is None:
+        return False
+    if not stream:
+        raise _invalid("stream_options is only allowed when stream is true", "stream_options")
+    return bool(extras.stream_options.include_usage)
+
+
+# --- the three endpoints ------------------------------------------------------------------------------------
+def chat_request(body: dict) -> ChatPlan:
+    model = _require_model(body)
+    unsupported(body, CHAT)
+    if "messages" not in body:
+        raise ApiError(errors.MISSING_PARAMETER, "messages: this field is required", "messages")
+    messages = chat_messages(body["messages"])
+    protocol = validate(ChatCompletionRequest, {**body, "messages": messages})
+    extras = validate(Extras, body)
+    s = sampling(body, protocol, extras)
+    if extras.max_completion_tokens is not None:
+        check_range("max_completion_tokens", extras.max_completion_tokens, 1)
+        if s.max_tokens is not None and s.max_tokens != extras.max_completion_tokens:
+            raise _invalid(f"max_tokens={s.max_tokens} and max_completion_tokens={extras.max_completion_tokens} "
+                           "disagree: give one of them", "max_completion_tokens")
+        s.max_tokens = extras.max_completion_tokens
+    stream = bool(protocol.stream)
+    return ChatPlan(model, messages, s, _n(protocol), stream, _include_usage(extras, stream), protocol)
+
+
+def completion_request(body: dict) -> CompletionPlan:
+    model = _require_model(body)
+    unsupported(body, COMPLETIONS)
+    if "prompt" not in body:
+        raise ApiError(errors.MISSING_PARAMETER, "prompt: this field is required", "prompt")
+    prompts = text_inputs(body["prompt"], "prompt")
+    protocol = validate(CompletionRequest, body)
+    extras = validate(Extras, body)
+    s = sampling(body, protocol, extras)  # no max_tokens: OpenAI's 16 (max_new_tokens(default=...))
+    n = _n(protocol)
+    if len(prompts) * n > MAX_CHOICES:
+        raise _invalid(f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} completions; "
+                       f"at most {MAX_CHOICES} per request", "prompt")
+    logprobs = _given(body, protocol, "logprobs")
+    check_range("logprobs", logprobs, 0, 5)
+    stream = bool(protocol.stream)
+    return CompletionPlan(model, prompts, s, n, stream, _include_usage(extras, stream), bool(protocol.echo),
+                          logprobs, protocol)
+
+
+def embeddings_request(body: dict, model_from_path: str | None = None) -> EmbeddingPlan:
+    if body.get("model") is None and model_from_path is not None:
+        body = {**body, "model": model_from_path}
+    model = _require_model(body)
+    unsupported(body, EMBEDDINGS)
+    if "input" not in body:
+        raise ApiError(errors.MISSING_PARAMETER, "input: this field is required", "input")
+    inputs = text_inputs(body["input"], "input")
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise _invalid(f"input has {len(inputs)} items; at most {MAX_EMBEDDING_INPUTS} per request", "input")
+    protocol = validate(EmbeddingsRequest, body)
+    if protocol.encoding_format not in (None, "float", "base64"):
+        raise _invalid(f"encoding_format must be 'float' or 'base64' (got {errors.short(protocol.encoding_format)})",
+                       "encoding_format")
+    return EmbeddingPlan(model, inputs, protocol.encoding_format, protocol)
+
+
+# --- model names ---------------------------------------------------------------------------------------------
+def unknown_model(model: str, served: list[str]) -> ApiError:
+    available = ", ".join(sorted(served)) or "none (no worker is registered)"
+    return ApiError(errors.MODEL_NOT_FOUND,
+                    f"model {model!r} is not served here; available models: {available}", "model")
+
+
+# --- context length --------------------------------------------------------------------------------------------
+def max_new_tokens(explicit: Optional[int], context_len: int, prompt_tokens: int, model: str,
+                   default: Optional[int] = None) -> Optional[int]:
+    """The max_new_tokens to send: the explicit value if it fits after the prompt (else 400); without one,
+    `default` clamped to the room left, or None: the worker's default for the model, capped by the context."""
+    room = context_len - prompt_tokens
+    if room <= 0:
+        raise ApiError(errors.CONTEXT_LENGTH_EXCEEDED,
+                       f"This model's maximum context length is {context_len} tokens. However, your messages "
+                       f"resulted in {prompt_tokens} tokens. Please reduce the length of the messages.", "messages")
+    if explicit is not None and explicit > room:
+        raise ApiError(errors.CONTEXT_LENGTH_EXCEEDED,
+                       f"max_tokens={explicit} is too large for model {model}: after this prompt, at most {room} "
+                       f"tokens fit in its context window", "max_tokens")
+    if explicit is None and default is not None:
+        return min(default, room)
+    return explicit
+
+
+# --- the worker's side ------------------------------------------------------------------------------------------
+def fastchat_prompt(conv: dict, messages: list[dict]) -> str:
+    """The prompt FastChat's openai_api_server builds from the worker's conversation template (for FastChat's
+    own worker and for token counting; the bundle's worker renders `messages` itself)."""
+    from fastchat.conversation import Conversation, SeparatorStyle
+
+    c = Conversation(name=conv["name"], system_template=conv["system_template"], system_message=conv["system_message"],
+                     roles=conv["roles"], messages=list(conv["messages"]), offset=conv["offset"],
+                     sep_style=SeparatorStyle(conv["sep_style"]), sep=conv["sep"], sep2=conv["sep2"],
+                     stop_str=conv["stop_str"], stop_token_ids=conv["stop_token_ids"])
+    for m in messages:
+        if m["role"] == "system":
+            c.set_system_message(m["content"])
+        elif m["role"] == "user":
+            c.append_message(c.roles[0], m["content"])
+        else:
+            c.append_message(c.roles[1], m["content"])
+    c.append_message(c.roles[1], None)
+    return c.get_prompt()
+
+
+def worker_payload(model: str, s: Sampling, *, max_new_tokens: Optional[int], request_id: str, echo: bool = False,
+                   messages: list[dict] | None = None, prompt: str | None = None,
+                   prompt_token_ids: list[int] | None = None, logprobs: Optional[int] = None) -> dict:
+    """The JSON for /worker_generate_stream (see the contract in workers/serving/api_server.py)."""
+    payload = {
+        "model": model, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+        "repetition_penalty": s.repetition_penalty, "presence_penalty": s.presence_penalty,
+        "frequency_penalty": s.frequency_penalty, "max_new_tokens": max_new_tokens, "stop": list(s.stop),
+        "stop_token_ids": [], "echo": echo, "request_id": request_id,
+    }
+    if messages is not None:
+        payload["messages"] = messages
+    if prompt is not None:
+        payload["prompt"] = prompt
+    if prompt_token_ids is not None:
+        payload["prompt_token_ids"] = prompt_token_ids
+    if logprobs is not None:
+        payload["logprobs"] = logprobs
+    return payload
+
+
+def finish_reason(reason: Any) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+class TextDeltas:
+    """The worker streams its whole text so far; this yields what is new. A trailing U+FFFD (the start of a
+    character whose bytes have not all come) is held back until the character is complete or the answer ends."""
+
+    def __init__(self) -> None:
+        self.sent = ""
+
+    def feed(self, text: str, final: bool = False) -> str:
+        shown = text if final else text.rstrip("\ufffd")
+        if len(shown) <= len(self.sent):
+            return ""
+        delta, self.sent = shown[len(self.sent):], shown
+        return delta
+
+
+class Usage:
+    """Token counts over choices: each prompt's tokens once (not once per `n`), every choice's completion."""
+
+    def __init__(self) -> None:
+        self.prompt: dict[Any, int] = {}
+        self.completion = 0
+
+    def add(self, prompt_key: Any, usage: dict | None) -> None:
+        if not usage:
+            return
+        self.prompt.setdefault(prompt_key, int(usage.get("prompt_tokens") or 0))
+        self.completion += int(usage.get("completion_tokens") or 0)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self.prompt.values())
+
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion,
+                "total_tokens": self.prompt_tokens + self.completion}
+
+
+# --- stream chunks: every chunk has id, object, created, model --------------------------------------------------
+DONE = "data: [DONE]\n\n"
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def chat_chunk(id_: str, created: int, model: str, index: int, delta: dict, finish: Optional[str] = None,
+               include_usage: bool = False) -> dict:
+    chunk = {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model,
+             "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def completion_chunk(id_: str, created: int, model: str, index: int, text: str, finish: Optional[str] = None,
+                     logprobs: dict | None = None, include_usage: bool = False) -> dict:
+    chunk = {"id": id_, "object": "text_completion", "created": created, "model": model,
+             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(id_: str, created: int, model: str, object_: str, usage: Usage) -> dict:
+    return {"id": id_, "object": object_, "created": created, "model": model, "choices": [], "usage": usage.as_dict()}
+
+
+# --- request size ------------------------------------------------------------------------------------------------
 class BodySizeLimit:
     """Pure ASGI middleware: refuse request bodies larger than `limit` bytes with 413."""
 
@@ -55,106 +566,10 @@ class BodySizeLimit:
                 if message["type"] != "http.request" or not message.get("more_body"):
                     break
         if too_big:
-            response = _error(413, f"request body exceeds the limit of {self.limit} bytes", 40013)
-            return await response(scope, receive, send)
+            err = ApiError(errors.REQUEST_TOO_LARGE, f"request body exceeds the limit of {self.limit} bytes")
+            return await err.response()(scope, receive, send)
 
         async def replay():
             return chunks.pop(0) if chunks else await receive()
 
         return await self.app(scope, replay, send)
-
-
-def install(api_module) -> None:
-    """Install the policy on fastchat.serve.openai_api_server (module object passed in)."""
-    from fastchat.constants import ErrorCode
-    from fastchat.protocol.openai_api_protocol import ChatCompletionRequest
-
-    app = api_module.app
-    original_check_requests = api_module.check_requests
-    original_check_length = api_module.check_length
-
-    async def check_api_key(auth: Optional[HTTPAuthorizationCredentials] = Depends(api_module.get_bearer_token)):
-        keys = api_module.app_settings.api_keys
-        if not keys:
-            return None
-        if auth is None:
-            raise ApiKeyError("missing API key: send the header 'Authorization: Bearer <key>'")
-        if auth.credentials not in keys:
-            raise ApiKeyError("invalid API key")  # never echo the key
-        return auth.credentials
-
-    async def on_api_key_error(request: Request, exc: ApiKeyError):
-        return _error(401, str(exc), "invalid_api_key")
-
-    def message_problem(messages) -> str | None:
-        if isinstance(messages, str):
-            return None if messages.strip() else "messages is an empty string"
-        if not messages:
-            return "messages must contain at least one message"
-        for i, m in enumerate(messages):
-            if m.get("role") not in ROLES:
-                return f"messages[{i}].role must be one of {', '.join(ROLES)} (got {m.get('role')!r})"
-            if "content" not in m:
-                return f"messages[{i}] has no 'content'"
-        return None
-
-    def check_requests(request):
-        ret = original_check_requests(request)
-        if ret is not None:
-            return ret
-        if isinstance(request, ChatCompletionRequest):
-            problem = message_problem(request.messages)
-            if problem:
-                return api_module.create_error_response(ErrorCode.VALIDATION_TYPE_ERROR, problem)
-        if request.n is not None and request.n > MAX_N:
-            return api_module.create_error_response(
-                ErrorCode.PARAM_OUT_OF_RANGE, f"{request.n} is greater than the maximum of {MAX_N} - 'n'")
-        return None
-
-    async def check_length(request, prompt, max_tokens, worker_addr):
-        length, error = await original_check_length(request, prompt, max_tokens, worker_addr)
-        if error is None and isinstance(max_tokens, int) and max_tokens > length:
-            error = api_module.create_error_response(
-                ErrorCode.CONTEXT_OVERFLOW,
-                f"max_tokens={max_tokens} is too large for model {request.model}: after this prompt, "
-                f"at most {length} tokens fit in its context window",
-            )
-        return (None, error) if error is not None else (length, None)
-
-    async def check_model(request):
-        models = await api_module.fetch_remote(
-            api_module.app_settings.controller_address + "/list_models", None, "models")
-        if request.model in models:
-            return None
-        available = ", ".join(sorted(models)) or "none (no worker is registered)"
-        return api_module.create_error_response(
-            ErrorCode.INVALID_MODEL, f"model {request.model!r} is not served here; available models: {available}")
-
-    original_process_input = api_module.process_input
-
-    def process_input(model_name, inp):
-        if inp is None or (isinstance(inp, (list, str)) and len(inp) == 0):
-            raise EmptyInput("input must not be empty")
-        return original_process_input(model_name, inp)
-
-    async def on_empty_input(request: Request, exc: "EmptyInput"):
-        return _error(400, str(exc), ErrorCode.VALIDATION_TYPE_ERROR)
-
-    async def on_bad_value(request: Request, exc: ValueError):
-        # FastChat raises ValueError for some inputs it cannot turn into a prompt (e.g. unknown role).
-        return _error(400, f"invalid request: {exc}", ErrorCode.VALIDATION_TYPE_ERROR)
-
-    app.dependency_overrides[api_module.check_api_key] = check_api_key
-    app.add_exception_handler(ApiKeyError, on_api_key_error)
-    app.add_exception_handler(EmptyInput, on_empty_input)
-    app.add_exception_handler(json.JSONDecodeError, on_bad_value)
-    app.add_exception_handler(ValueError, on_bad_value)
-    api_module.check_requests = check_requests
-    api_module.check_length = check_length
-    api_module.check_model = check_model
-    api_module.process_input = process_input
-    app.add_middleware(BodySizeLimit, limit=MAX_BODY_BYTES)
-
-
-class EmptyInput(ValueError):
-    pass

@@ -1,6 +1,8 @@
-"""FastChat 0.2.36 compatibility patches, all in one place. Each has a test in tests/test_fastchat_compat.py.
+"""FastChat 0.2.36 compatibility patches, all in one place. Each has a test (tests/unit/test_fastchat_compat.py,
+or with real processes in tests/integration/).
 
-apply() is idempotent and is called by every bundle entry point before FastChat serves anything.
+apply() is idempotent and is called by every bundle entry point before FastChat serves anything; the API
+server also calls apply_api().
 
 1. stream_json_pydantic2: openai_api_server streams `chunk.json(exclude_unset=True, ensure_ascii=False)`;
    pydantic 2 rejects `ensure_ascii` ("`dumps_kwargs` keyword arguments are no longer supported"),
@@ -9,11 +11,18 @@ apply() is idempotent and is called by every bundle entry point before FastChat 
    is byte-identical to the tokenizer's own ChatML chat template, and an adapter that selects it.
 3. register_retry: the worker's first registration is a bare `requests.post` and kills the worker
    when the controller is not up yet (supervisord starts all programs at once); retry with a log line.
-4. worker_unavailable: when a worker dies mid-request (kill -9, restart), the API server answers a
-   bare "500 Internal Server Error" (non-streaming) or cuts the stream off. Answer 503 with a JSON
-   error naming the worker instead, and end a stream with an `error` event clients can raise.
+4. worker_unavailable (apply_api): when the controller or a worker does not answer, FastChat's API answers a
+   bare "500 Internal Server Error". Its `fetch_remote` (still used by /v1/models) raises errors.ApiError
+   503 naming the address instead. The bundle's own generation handlers (api_server.py) answer the same
+   503 before a stream starts, and end a stream under way with an `error` event clients raise.
 5. usage_length_count: inference.generate_stream reports `completion_tokens = i`, the last loop
    index, so an answer cut off at max_tokens=N reports N-1 tokens. Count the last token too.
+6. worker_contract_bridge: FastChat's own ModelWorker made to accept the API's generation contract (see
+   api_server.py): null sampling fields -> FastChat's defaults, null max_new_tokens -> min(512, room left),
+   `prompt_token_ids` and token-id embedding inputs decoded with the model's own tokenizer, the conversation
+   template's stop strings and ids added (FastChat's API added them itself), `messages` ignored (the API
+   also sends FastChat's `prompt`). Installed on FastChat's ModelWorker class only, when one is created, so
+   the bundle's own worker class is untouched. Delete this patch with FastChat's worker.
 """
 from __future__ import annotations
 
@@ -21,6 +30,8 @@ import logging
 import time
 
 import requests
+
+from workers.serving import errors
 
 log = logging.getLogger("fastchat_compat")
 
@@ -103,35 +114,25 @@ def _patch_register_retry() -> None:
     base_model_worker.BaseModelWorker.register_to_controller = register_with_retry
 
 
-class WorkerUnavailable(Exception):
+class WorkerUnavailable(errors.ApiError):
     def __init__(self, url: str, exc: BaseException):
         self.url, self.exc = url, exc
-        super().__init__(worker_unavailable_message(url, exc))
+        err = errors.unavailable(url, exc)
+        super().__init__(err.kind, err.message, headers=err.headers)
 
 
-def worker_unavailable_message(url: str, exc: BaseException) -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    base = f"{parts.scheme}://{parts.netloc}" if parts.netloc else url
-    return (
-        f"the model worker or controller at {base} stopped answering ({type(exc).__name__}); "
-        f"it may be restarting - retry in a few seconds"
-    )
+worker_unavailable_message = errors.worker_unavailable_message
 
 
 def _patch_worker_unavailable() -> None:
     import asyncio
 
     import aiohttp
-    import httpx
-    from fastapi.responses import JSONResponse
-    from fastchat.constants import ErrorCode
     from fastchat.serve import openai_api_server as api
 
     if getattr(api.fetch_remote, "_bundle_patched", False):
         return
-    original_fetch, original_stream = api.fetch_remote, api.generate_completion_stream
+    original_fetch = api.fetch_remote
 
     async def fetch_remote(url, pload=None, name=None):
         try:
@@ -139,28 +140,8 @@ def _patch_worker_unavailable() -> None:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise WorkerUnavailable(url, exc) from exc
 
-    async def generate_completion_stream(payload, worker_addr):
-        try:
-            async for content in original_stream(payload, worker_addr):
-                yield content
-        except httpx.HTTPError as exc:
-            message = worker_unavailable_message(worker_addr, exc)
-            yield {
-                "text": message,
-                "error_code": ErrorCode.INTERNAL_ERROR,
-                "error": {"message": message, "type": "worker_unavailable", "code": ErrorCode.INTERNAL_ERROR},
-            }
-
-    async def on_worker_unavailable(request, exc: WorkerUnavailable):
-        return JSONResponse(
-            {"object": "error", "message": str(exc), "code": ErrorCode.INTERNAL_ERROR, "type": "worker_unavailable"},
-            status_code=503,
-        )
-
     fetch_remote._bundle_patched = True
-    api.fetch_remote = fetch_remote
-    api.generate_completion_stream = generate_completion_stream
-    api.app.add_exception_handler(WorkerUnavailable, on_worker_unavailable)
+    api.fetch_remote = fetch_remote  # the app's ApiError handler (api_server.install) answers it
 
 
 def _patch_usage_length_count() -> None:
@@ -183,6 +164,93 @@ def _patch_usage_length_count() -> None:
     # model_adapter.get_generate_stream_function imports it from this module at call time.
     inference.generate_stream = generate_stream
 
+BRIDGE_DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0,
+                   "presence_penalty": 0.0, "frequency_penalty": 0.0, "echo": False}
+BRIDGE_MAX_NEW_TOKENS = 512
+
+
+class _BridgeError(ValueError):
+    pass
+
+
+def _decode_ids(tokenizer, ids, where: str) -> str:
+    vocab = len(tokenizer)
+    for j, t in enumerate(ids):
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+            raise _BridgeError(f"{where}[{j}]: token id {t!r} is not in this model's vocabulary (0..{vocab - 1})")
+    return tokenizer.decode(ids)
+
+
+def _bridge_params(worker, params: dict) -> dict:
+    p = dict(params)
+    p.pop("messages", None)
+    ids = p.pop("prompt_token_ids", None)
+    if ids is not None:
+        p["prompt"] = _decode_ids(worker.tokenizer, ids, "prompt")
+    if not isinstance(p.get("prompt"), str):
+        raise _BridgeError("the request has no prompt")
+    conv = worker.conv
+    conv_stops = conv.stop_str if isinstance(conv.stop_str, list) else [conv.stop_str] if conv.stop_str else []
+    p["stop"] = list(dict.fromkeys(list(p.get("stop") or []) + conv_stops))
+    p["stop_token_ids"] = list(dict.fromkeys(list(p.get("stop_token_ids") or []) + list(conv.stop_token_ids or [])))
+    for key, default in BRIDGE_DEFAULTS.items():
+        if p.get(key) is None:
+            p[key] = default
+    if p.get("max_new_tokens") is None:
+        used = len(worker.tokenizer(p["prompt"]).input_ids)
+        p["max_new_tokens"] = max(1, min(BRIDGE_MAX_NEW_TOKENS, worker.context_len - used))
+    return p
+
+
+def _install_bridge(cls) -> None:
+    import json
+
+    from fastchat.constants import ErrorCode
+
+    if getattr(cls.generate_stream_gate, "_bundle_bridge", False):
+        return
+    original_gate, original_embeddings = cls.generate_stream_gate, cls.get_embeddings
+
+    def generate_stream_gate(self, params):
+        try:
+            params = _bridge_params(self, params)
+        except _BridgeError as exc:
+            yield json.dumps({"text": str(exc), "error_code": int(ErrorCode.VALIDATION_TYPE_ERROR)}).encode() + b"\0"
+            return
+        yield from original_gate(self, params)
+
+    def get_embeddings(self, params):
+        inputs = params.get("input")
+        if isinstance(inputs, list) and any(isinstance(x, list) for x in inputs):
+            try:
+                inputs = [_decode_ids(self.tokenizer, x, f"input[{i}]") if isinstance(x, list) else x
+                          for i, x in enumerate(inputs)]
+            except _BridgeError as exc:
+                return {"text": str(exc), "error_code": int(ErrorCode.VALIDATION_TYPE_ERROR)}
+            params = {**params, "input": inputs}
+        return original_embeddings(self, params)
+
+    generate_stream_gate._bundle_bridge = True
+    cls.generate_stream_gate, cls.get_embeddings = generate_stream_gate, get_embeddings
+
+
+def _patch_worker_contract_bridge() -> None:
+    from fastchat.serve import base_model_worker
+
+    base = base_model_worker.BaseModelWorker
+    if getattr(base.__init__, "_bundle_bridge", False):
+        return
+    original_init = base.__init__
+
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        cls = type(self)
+        if cls.__module__ == "fastchat.serve.model_worker" and cls.__name__ == "ModelWorker":
+            _install_bridge(cls)
+
+    __init__._bundle_bridge = True
+    base.__init__ = __init__
+
 
 def apply() -> None:
     global _applied
@@ -191,6 +259,12 @@ def apply() -> None:
     _patch_stream_json_pydantic2()
     _register_smollm2_template()
     _patch_register_retry()
-    _patch_worker_unavailable()
     _patch_usage_length_count()
+    _patch_worker_contract_bridge()
     _applied = True
+
+
+def apply_api() -> None:
+    """The API server's patches (imports FastChat's openai_api_server)."""
+    apply()
+    _patch_worker_unavailable()
