@@ -193,13 +193,22 @@ def test_chat_payload_follows_the_contract(api):
 
 def test_given_fields_and_token_id_prompts_reach_the_worker(api):
     r = post(api, "/v1/completions", {"model": FAKE, "prompt": [[1, 2, 3], "words here"], "temperature": 0, "top_k": 5,
-                                      "presence_penalty": 0.5, "frequency_penalty": -0.5, "stop": "END", "echo": True})
+                                      "presence_penalty": 0.5, "frequency_penalty": -0.5, "stop": "END"})
     assert r.status_code == 200, r.text
     ids, text = api["fake"].payloads[-2:]
     assert ids["prompt_token_ids"] == [1, 2, 3] and "prompt" not in ids and text["prompt"] == "words here"
     assert (ids["temperature"], ids["top_k"], ids["presence_penalty"], ids["frequency_penalty"], ids["stop"],
-            ids["echo"], ids["max_new_tokens"]) == (0, 5, 0.5, -0.5, ["END"], True, 16)
+            ids["echo"], ids["max_new_tokens"]) == (0, 5, 0.5, -0.5, ["END"], False, 16)
     assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+
+
+def test_echo_is_done_by_the_api(api):
+    r = post(api, "/v1/completions", {"model": FAKE, "prompt": ["Say: ", "Or: "], "echo": True, "n": 2})
+    assert [c["text"] for c in r.json()["choices"]] == ["Say: Hello 你好"] * 2 + ["Or: Hello 你好"] * 2
+    assert all(p["echo"] is False for p in api["fake"].payloads[-4:])
+    r = post(api, "/v1/completions", {"model": FAKE, "prompt": "Say: ", "echo": True, "stream": True}, stream=True)
+    texts = [c["choices"][0]["text"] for c in sse_events(r)[:-1]]
+    assert texts[0] == "Say: " and "".join(texts) == "Say: Hello 你好"
 
 
 def test_max_completion_tokens_reaches_the_worker_as_max_new_tokens(api):

@@ -68,7 +68,7 @@ def test_worker_unavailable_and_busy_have_distinct_wording():
 
 @pytest.mark.parametrize("status,body,headers,kind,message", [
     (400, {"error": {"message": "prompt too long", "type": "invalid_request_error", "code": "context_length_exceeded"}},
-     {}, errors.INVALID_VALUE, "prompt too long"),
+     {}, errors.CONTEXT_LENGTH_EXCEEDED, "prompt too long"),
     (429, {"error": {"message": "queue full (16 waiting)", "type": "rate_limit_error", "code": "queue_full"}},
      {"retry-after": "5"}, errors.QUEUE_FULL, "queue full (16 waiting)"),
     (503, {"error": {"message": "model m is busy: waited 300 s for a slot", "type": "worker_busy", "code": "worker_busy"}},
@@ -76,15 +76,28 @@ def test_worker_unavailable_and_busy_have_distinct_wording():
     (503, {"error": {"message": "shutting down", "type": "worker_unavailable", "code": "worker_unavailable"}},
      {}, errors.WORKER_UNAVAILABLE, "shutting down"),
     (500, b"Internal Server Error", {}, errors.WORKER_ERROR, "answered HTTP 500"),
+    (500, {"error": {"message": "the worker failed: IndexError: x", "type": "internal_error", "code": 500}},
+     {}, errors.WORKER_ERROR, "the worker failed: IndexError"),
+    # the bundle's worker (workers/serving/worker.py): code = the status, plus FastChat's text/error_code
+    (429, {"error": {"message": "model m is overloaded: 16 requests are already waiting; retry after 3 s",
+                     "type": "rate_limit_exceeded", "param": None, "code": 429}, "text": "x", "error_code": 429},
+     {"Retry-After": "3"}, errors.QUEUE_FULL, "overloaded"),
+    (503, {"error": {"message": "model m is busy: waited 300 s for a slot (all 4 slots stayed taken)",
+                     "type": "worker_busy", "param": None, "code": 503}}, {}, errors.WORKER_BUSY, "is busy"),
+    (400, {"error": {"message": "top_p=0.0 is out of range", "type": "invalid_request_error", "param": "top_p",
+                     "code": 400}}, {}, errors.INVALID_VALUE, "top_p=0.0"),
 ])
 def test_worker_http_errors_keep_their_status_and_words(status, body, headers, kind, message):
     raw = json.dumps(body).encode() if isinstance(body, dict) else body
     err = errors.from_worker_http(status, raw, headers, "http://w:1/worker_generate_stream")
     assert err.kind is kind and message in err.message
+    assert err.status == kind.status and err.type == kind.type  # type and code: from the one table
     if status == 429:
-        assert err.headers["Retry-After"] == "5"
-    if isinstance(body, dict):
-        assert err.code == body["error"]["code"]
+        assert err.headers["Retry-After"] in ("5", "3")
+    code = body["error"]["code"] if isinstance(body, dict) else None
+    assert err.code == (code if code in errors.TABLE and errors.TABLE[code].status == status else kind.code)
+    if isinstance(body, dict) and body["error"].get("param"):
+        assert err.param == body["error"]["param"]
 
 
 def test_fastchat_in_band_error_codes_map_to_the_table():
@@ -203,7 +216,7 @@ def test_parameters_that_ask_for_nothing_are_accepted(body):
 
 
 @pytest.mark.parametrize("name,value", [("suffix", "end"), ("best_of", 3), ("use_beam_search", True),
-                                        ("logit_bias", {"1": 5}), ("seed", 1)])
+                                        ("logit_bias", {"1": 5}), ("seed", 1), ("logprobs", 2), ("logprobs", 0)])
 def test_unsupported_completion_parameters(name, value):
     err = refused(completion, **{name: value})
     assert err.kind is errors.UNSUPPORTED_PARAMETER and err.param == name
@@ -233,6 +246,7 @@ def test_unsupported_embedding_parameters():
     ({"presence_penalty": 2.5}, "presence_penalty", "maximum of 2"),
     ({"frequency_penalty": -3}, "frequency_penalty", "minimum of -2"),
     ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+    ({"repetition_penalty": 11}, "repetition_penalty", "maximum of 10"),
     ({"stop": 5}, "stop", "stop"),
     ({"stop": [""]}, "stop[0]", "must not be an empty string"),
     ({"stop": ["a"] * 17}, "stop", "at most 16"),
@@ -305,11 +319,12 @@ def test_missing_prompt_and_too_many_completions():
     assert "at most 16" in err.message
 
 
-def test_completion_defaults():
+def test_completion_defaults_and_echo():
     plan = completion()
-    assert plan.sampling.max_tokens is None and not plan.echo and plan.n == 1 and plan.logprobs is None
-    assert completion(echo=True, logprobs=2).logprobs == 2
-    assert refused(completion, logprobs=9).param == "logprobs"
+    assert plan.sampling.max_tokens is None and not plan.echo and plan.n == 1
+    assert completion(echo=True).echo
+    err = refused(completion, echo=True, prompt=[1, 2])  # the API echoes text; it cannot decode ids
+    assert err.param == "echo" and "token-id" in err.message
 
 
 @pytest.mark.parametrize("value,expected", [
@@ -354,8 +369,8 @@ def test_worker_payload_follows_the_contract():
     assert p == {"model": "m", "temperature": 0, "top_p": None, "top_k": None, "repetition_penalty": None,
                  "presence_penalty": None, "frequency_penalty": None, "max_new_tokens": None, "stop": ["x"],
                  "stop_token_ids": [], "echo": False, "request_id": "r-0", "messages": USER, "prompt": "<p>"}
-    p = policy.worker_payload("m", s, max_new_tokens=4, request_id="r", prompt_token_ids=[1, 2], echo=True, logprobs=1)
-    assert p["prompt_token_ids"] == [1, 2] and "prompt" not in p and p["echo"] and p["logprobs"] == 1
+    p = policy.worker_payload("m", s, max_new_tokens=4, request_id="r", prompt_token_ids=[1, 2])
+    assert p["prompt_token_ids"] == [1, 2] and "prompt" not in p and p["echo"] is False
 
 
 def test_fastchat_prompt_from_a_template():

@@ -60,6 +60,7 @@ UNSUPPORTED: dict[str, dict[str, tuple[tuple, str]]] = {
         "suffix": ((None, ""), "insertion (suffix) is not implemented"),
         "best_of": ((None, 1), "best_of is not implemented"),
         "use_beam_search": ((None, False), "beam search is not implemented"),
+        "logprobs": ((None,), "completion logprobs are not implemented"),
     },
     EMBEDDINGS: {
         "dimensions": ((None,), "the embedding size is the model's hidden size"),
@@ -100,8 +101,7 @@ class CompletionPlan:
     n: int
     stream: bool
     include_usage: bool
-    echo: bool
-    logprobs: Optional[int]
+    echo: bool  # done by the API: the prompt text is put before the answer
     protocol: CompletionRequest
 
 
@@ -327,7 +327,7 @@ def sampling(body: dict, protocol, extras: Extras) -> Sampling:
         raise _invalid(f"top_k must be -1 (off) or at least 1 (got {s.top_k}) - 'top_k'", "top_k")
     check_range("presence_penalty", s.presence_penalty, -2, 2)
     check_range("frequency_penalty", s.frequency_penalty, -2, 2)
-    check_range("repetition_penalty", s.repetition_penalty, 0, 2, lo_open=True)
+    check_range("repetition_penalty", s.repetition_penalty, 0, 10, lo_open=True)
     check_range("max_tokens", s.max_tokens, 1)
     return s
 
@@ -379,11 +379,12 @@ def completion_request(body: dict) -> CompletionPlan:
     if len(prompts) * n > MAX_CHOICES:
         raise _invalid(f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} completions; "
                        f"at most {MAX_CHOICES} per request", "prompt")
-    logprobs = _given(body, protocol, "logprobs")
-    check_range("logprobs", logprobs, 0, 5)
+    echo = bool(protocol.echo)
+    if echo and any(isinstance(p, list) for p in prompts):
+        raise ApiError(errors.UNSUPPORTED_PARAMETER, "echo is not supported with token-id prompts: send the prompt "
+                       "as text to have it echoed", "echo")
     stream = bool(protocol.stream)
-    return CompletionPlan(model, prompts, s, n, stream, _include_usage(extras, stream), bool(protocol.echo),
-                          logprobs, protocol)
+    return CompletionPlan(model, prompts, s, n, stream, _include_usage(extras, stream), echo, protocol)
 
 
 def embeddings_request(body: dict, model_from_path: str | None = None) -> EmbeddingPlan:
@@ -450,15 +451,16 @@ def fastchat_prompt(conv: dict, messages: list[dict]) -> str:
     return c.get_prompt()
 
 
-def worker_payload(model: str, s: Sampling, *, max_new_tokens: Optional[int], request_id: str, echo: bool = False,
+def worker_payload(model: str, s: Sampling, *, max_new_tokens: Optional[int], request_id: str,
                    messages: list[dict] | None = None, prompt: str | None = None,
-                   prompt_token_ids: list[int] | None = None, logprobs: Optional[int] = None) -> dict:
-    """The JSON for /worker_generate_stream (see the contract in workers/serving/api_server.py)."""
+                   prompt_token_ids: list[int] | None = None) -> dict:
+    """The JSON for /worker_generate_stream (see the contract in workers/serving/api_server.py). `echo` is
+    always false: the API echoes the prompt itself."""
     payload = {
         "model": model, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
         "repetition_penalty": s.repetition_penalty, "presence_penalty": s.presence_penalty,
         "frequency_penalty": s.frequency_penalty, "max_new_tokens": max_new_tokens, "stop": list(s.stop),
-        "stop_token_ids": [], "echo": echo, "request_id": request_id,
+        "stop_token_ids": [], "echo": False, "request_id": request_id,
     }
     if messages is not None:
         payload["messages"] = messages
@@ -466,8 +468,6 @@ def worker_payload(model: str, s: Sampling, *, max_new_tokens: Optional[int], re
         payload["prompt"] = prompt
     if prompt_token_ids is not None:
         payload["prompt_token_ids"] = prompt_token_ids
-    if logprobs is not None:
-        payload["logprobs"] = logprobs
     return payload
 
 
@@ -530,9 +530,9 @@ def chat_chunk(id_: str, created: int, model: str, index: int, delta: dict, fini
 
 
 def completion_chunk(id_: str, created: int, model: str, index: int, text: str, finish: Optional[str] = None,
-                     logprobs: dict | None = None, include_usage: bool = False) -> dict:
+                     include_usage: bool = False) -> dict:
     chunk = {"id": id_, "object": "text_completion", "created": created, "model": model,
-             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+             "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
     if include_usage:
         chunk["usage"] = None
     return chunk

@@ -22,7 +22,7 @@ non-streaming requests alike, so a client that goes away always closes the worke
               null = the model's default,
      "max_new_tokens": null = the model's default (capped by the context),
      "stop": [str] (the user's; the worker adds the model's own), "stop_token_ids": [int],
-     "echo": bool, "request_id": str, and for /v1/completions "logprobs": int when asked}
+     "echo": false (the API echoes a completion prompt itself), "request_id": str}
 
 Chat requests also carry FastChat's `prompt`, built from the worker's /worker_get_conv_template, for FastChat's
 own worker; a worker that reads `messages` ignores it. The worker answers HTTP 400/429/503 with
@@ -49,7 +49,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from fastchat.protocol.openai_api_protocol import (ChatCompletionRequest, ChatCompletionResponse,
                                                    ChatCompletionResponseChoice, ChatMessage, CompletionRequest,
                                                    CompletionResponse, CompletionResponseChoice, EmbeddingsRequest,
-                                                   EmbeddingsResponse, LogProbs, UsageInfo)
+                                                   EmbeddingsResponse, UsageInfo)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workers.config import secrets
@@ -72,15 +72,6 @@ async def _next_or_none(chunks):
     try:
         return await chunks.__anext__()
     except StopAsyncIteration:
-        return None
-
-
-def _logprobs(value) -> Optional[LogProbs]:
-    if not isinstance(value, dict):
-        return None
-    try:
-        return LogProbs.model_validate(value)
-    except ValueError:
         return None
 
 
@@ -196,7 +187,7 @@ class BundleApi:
                 yield c
 
         try:
-            for index, (prompt_key, payload) in enumerate(jobs):
+            for index, (prompt_key, payload, echoed) in enumerate(jobs):
                 if index == 0:
                     chunks, first = chunks0, first0
                 else:
@@ -206,6 +197,9 @@ class BundleApi:
                 if kind == "chat":
                     yield sse(api_policy.chat_chunk(id_, created, model, index, {"role": "assistant", "content": ""},
                                                     include_usage=include_usage))
+                if echoed:
+                    yield sse(api_policy.completion_chunk(id_, created, model, index, echoed,
+                                                          include_usage=include_usage))
                 deltas, last, first_text_at = TextDeltas(), None, None
                 async for chunk in with_first(first, chunks):
                     last = chunk
@@ -232,7 +226,7 @@ class BundleApi:
                     yield sse(api_policy.chat_chunk(id_, created, model, index, {}, finish, include_usage=include_usage))
                 else:
                     yield sse(api_policy.completion_chunk(id_, created, model, index, tail, finish,
-                                                          logprobs=last.get("logprobs"), include_usage=include_usage))
+                                                          include_usage=include_usage))
                 usage.add(prompt_key, last.get("usage"))
                 if first_text_at is not None:
                     self.metrics.decode.labels(model).observe(time.monotonic() - first_text_at)
@@ -257,15 +251,15 @@ class BundleApi:
         conv = await self.upstream.conv_template(addr, plan.model)
         prompt = api_policy.fastchat_prompt(conv, plan.messages)
         context_len = await self.upstream.context_length(addr, plan.model)
-        prompt_tokens = await self.upstream.count_tokens(addr, plan.model, prompt)
+        prompt_tokens = await self.upstream.count_tokens(addr, plan.model, prompt, plan.messages)
         max_new = api_policy.max_new_tokens(plan.sampling.max_tokens, context_len, prompt_tokens, plan.model)
         id_ = f"chatcmpl-{shortuuid.random()}"
         jobs = [(0, api_policy.worker_payload(plan.model, plan.sampling, max_new_tokens=max_new,
-                                              request_id=f"{id_}-{i}", messages=plan.messages, prompt=prompt))
+                                              request_id=f"{id_}-{i}", messages=plan.messages, prompt=prompt), "")
                 for i in range(plan.n)]
         if plan.stream:
             return await self.stream(request, plan.model, addr, jobs, id_, "chat", plan.include_usage)
-        results = await self.generate_all(request, plan.model, addr, [p for _, p in jobs])
+        results = await self.generate_all(request, plan.model, addr, [job[1] for job in jobs])
         usage = Usage()
         choices = []
         for i, r in enumerate(results):
@@ -293,19 +287,18 @@ class BundleApi:
                 used, text = await self.upstream.count_tokens(addr, plan.model, prompt), {"prompt": prompt}
             max_new = api_policy.max_new_tokens(plan.sampling.max_tokens, context_len, used, plan.model,
                                                 default=api_policy.COMPLETIONS_DEFAULT_MAX_TOKENS)
+            echoed = prompt if plan.echo else ""  # token-id prompts cannot be echoed (api_policy refuses it)
             for i in range(plan.n):
                 jobs.append((p, api_policy.worker_payload(plan.model, plan.sampling, max_new_tokens=max_new,
-                                                          request_id=f"{id_}-{p * plan.n + i}", echo=plan.echo,
-                                                          logprobs=plan.logprobs, **text)))
+                                                          request_id=f"{id_}-{p * plan.n + i}", **text), echoed))
         if plan.stream:
             return await self.stream(request, plan.model, addr, jobs, id_, "completions", plan.include_usage)
-        results = await self.generate_all(request, plan.model, addr, [payload for _, payload in jobs])
+        results = await self.generate_all(request, plan.model, addr, [job[1] for job in jobs])
         usage = Usage()
         choices = []
-        for k, ((p, _), r) in enumerate(zip(jobs, results)):
+        for k, ((p, _, echoed), r) in enumerate(zip(jobs, results)):
             usage.add(p, r.get("usage"))
-            choices.append(CompletionResponseChoice(index=k, text=str(r.get("text") or ""),
-                                                    logprobs=_logprobs(r.get("logprobs")),
+            choices.append(CompletionResponseChoice(index=k, text=echoed + str(r.get("text") or ""),
                                                     finish_reason=finish_reason(r.get("finish_reason"))))
         self.metrics.tokens(plan.model, usage.prompt_tokens, usage.completion)
         return JSONResponse(CompletionResponse(id=id_, model=plan.model, choices=choices,

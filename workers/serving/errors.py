@@ -180,7 +180,9 @@ def _status_kind(status: int) -> Kind:
 
 
 def from_worker_http(status: int, body: bytes, headers: Mapping[str, str], url: str) -> ApiError:
-    """A non-200 answer of a worker (or the controller) before any chunk: the same status, its own words."""
+    """A non-200 answer of a worker (or the controller) before any chunk: the same status and the worker's own
+    message and `param`; `type` and `code` from this table (a worker's code is kept when it names an entry of
+    the same status, e.g. context_length_exceeded); Retry-After passed on."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -191,20 +193,19 @@ def from_worker_http(status: int, body: bytes, headers: Mapping[str, str], url: 
     if not isinstance(err, dict):
         err = {"message": data.get("message") or data.get("text")} if isinstance(data, dict) else {}
     message = err.get("message") or f"the model worker at {base_url(url)} answered HTTP {status}"
-    type_, code = err.get("type"), err.get("code")
-    code = str(code) if code is not None else None
+    named = TABLE.get(str(err.get("code")))
     if status == 503:
-        busy_ = "busy" in f"{type_} {code}"
-        kind = WORKER_BUSY if busy_ else WORKER_UNAVAILABLE
+        kind = WORKER_BUSY if "busy" in f"{err.get('type')} {err.get('code')}" else WORKER_UNAVAILABLE
+    elif named is not None and named.status == status:
+        kind = named
     else:
         kind = _status_kind(status)
-    if kind.status >= 500 and kind not in (WORKER_BUSY, WORKER_UNAVAILABLE):
-        kind, type_, code = WORKER_ERROR, None, None
+    param = err.get("param") if isinstance(err.get("param"), str) else None
     extra = {}
     retry_after = headers.get("retry-after") or headers.get("Retry-After")
     if retry_after:
         extra["Retry-After"] = retry_after
-    return ApiError(kind, str(message), err.get("param"), extra, type_=type_, code=code)
+    return ApiError(kind, str(message), param, extra)
 
 
 def from_worker_chunk(error_code: int, text: str) -> ApiError:

@@ -17,12 +17,6 @@ server also calls apply_api().
    503 before a stream starts, and end a stream under way with an `error` event clients raise.
 5. usage_length_count: inference.generate_stream reports `completion_tokens = i`, the last loop
    index, so an answer cut off at max_tokens=N reports N-1 tokens. Count the last token too.
-6. worker_contract_bridge: FastChat's own ModelWorker made to accept the API's generation contract (see
-   api_server.py): null sampling fields -> FastChat's defaults, null max_new_tokens -> min(512, room left),
-   `prompt_token_ids` and token-id embedding inputs decoded with the model's own tokenizer, the conversation
-   template's stop strings and ids added (FastChat's API added them itself), `messages` ignored (the API
-   also sends FastChat's `prompt`). Installed on FastChat's ModelWorker class only, when one is created, so
-   the bundle's own worker class is untouched. Delete this patch with FastChat's worker.
 """
 from __future__ import annotations
 
@@ -164,93 +158,6 @@ def _patch_usage_length_count() -> None:
     # model_adapter.get_generate_stream_function imports it from this module at call time.
     inference.generate_stream = generate_stream
 
-BRIDGE_DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0,
-                   "presence_penalty": 0.0, "frequency_penalty": 0.0, "echo": False}
-BRIDGE_MAX_NEW_TOKENS = 512
-
-
-class _BridgeError(ValueError):
-    pass
-
-
-def _decode_ids(tokenizer, ids, where: str) -> str:
-    vocab = len(tokenizer)
-    for j, t in enumerate(ids):
-        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-            raise _BridgeError(f"{where}[{j}]: token id {t!r} is not in this model's vocabulary (0..{vocab - 1})")
-    return tokenizer.decode(ids)
-
-
-def _bridge_params(worker, params: dict) -> dict:
-    p = dict(params)
-    p.pop("messages", None)
-    ids = p.pop("prompt_token_ids", None)
-    if ids is not None:
-        p["prompt"] = _decode_ids(worker.tokenizer, ids, "prompt")
-    if not isinstance(p.get("prompt"), str):
-        raise _BridgeError("the request has no prompt")
-    conv = worker.conv
-    conv_stops = conv.stop_str if isinstance(conv.stop_str, list) else [conv.stop_str] if conv.stop_str else []
-    p["stop"] = list(dict.fromkeys(list(p.get("stop") or []) + conv_stops))
-    p["stop_token_ids"] = list(dict.fromkeys(list(p.get("stop_token_ids") or []) + list(conv.stop_token_ids or [])))
-    for key, default in BRIDGE_DEFAULTS.items():
-        if p.get(key) is None:
-            p[key] = default
-    if p.get("max_new_tokens") is None:
-        used = len(worker.tokenizer(p["prompt"]).input_ids)
-        p["max_new_tokens"] = max(1, min(BRIDGE_MAX_NEW_TOKENS, worker.context_len - used))
-    return p
-
-
-def _install_bridge(cls) -> None:
-    import json
-
-    from fastchat.constants import ErrorCode
-
-    if getattr(cls.generate_stream_gate, "_bundle_bridge", False):
-        return
-    original_gate, original_embeddings = cls.generate_stream_gate, cls.get_embeddings
-
-    def generate_stream_gate(self, params):
-        try:
-            params = _bridge_params(self, params)
-        except _BridgeError as exc:
-            yield json.dumps({"text": str(exc), "error_code": int(ErrorCode.VALIDATION_TYPE_ERROR)}).encode() + b"\0"
-            return
-        yield from original_gate(self, params)
-
-    def get_embeddings(self, params):
-        inputs = params.get("input")
-        if isinstance(inputs, list) and any(isinstance(x, list) for x in inputs):
-            try:
-                inputs = [_decode_ids(self.tokenizer, x, f"input[{i}]") if isinstance(x, list) else x
-                          for i, x in enumerate(inputs)]
-            except _BridgeError as exc:
-                return {"text": str(exc), "error_code": int(ErrorCode.VALIDATION_TYPE_ERROR)}
-            params = {**params, "input": inputs}
-        return original_embeddings(self, params)
-
-    generate_stream_gate._bundle_bridge = True
-    cls.generate_stream_gate, cls.get_embeddings = generate_stream_gate, get_embeddings
-
-
-def _patch_worker_contract_bridge() -> None:
-    from fastchat.serve import base_model_worker
-
-    base = base_model_worker.BaseModelWorker
-    if getattr(base.__init__, "_bundle_bridge", False):
-        return
-    original_init = base.__init__
-
-    def __init__(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        cls = type(self)
-        if cls.__module__ == "fastchat.serve.model_worker" and cls.__name__ == "ModelWorker":
-            _install_bridge(cls)
-
-    __init__._bundle_bridge = True
-    base.__init__ = __init__
-
 
 def apply() -> None:
     global _applied
@@ -260,7 +167,6 @@ def apply() -> None:
     _register_smollm2_template()
     _patch_register_retry()
     _patch_usage_length_count()
-    _patch_worker_contract_bridge()
     _applied = True
 
 

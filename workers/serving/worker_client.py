@@ -107,8 +107,13 @@ class Upstream:
             self._conv[key] = data["conv"]
         return self._conv[key]
 
-    async def count_tokens(self, addr: str, model: str, prompt: str) -> int:
-        data = await self._worker_call(addr, "/count_token", {"model": model, "prompt": prompt}, COUNT_TIMEOUT_S)
+    async def count_tokens(self, addr: str, model: str, prompt: str, messages: list[dict] | None = None) -> int:
+        """The prompt's tokens, as the worker counts them: from `messages` in the model's own format when given
+        (the bundle's worker), else from FastChat's `prompt`."""
+        payload = {"model": model, "prompt": prompt}
+        if messages is not None:
+            payload["messages"] = messages
+        data = await self._worker_call(addr, "/count_token", payload, COUNT_TIMEOUT_S)
         return int(data["count"])
 
     async def status(self, addr: str, model: str, timeout: float = 3.0) -> dict:
