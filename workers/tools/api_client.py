@@ -31,14 +31,15 @@ def openai_client(api: str, key: str, max_retries: int, timeout: float):
 
 
 def ask(client, model: str, text: str, max_tokens: int, temperature: float) -> dict:
-    """One streamed answer with its timings."""
+    """One streamed answer with its timings, and its token count when the API sends the usage."""
     t0 = time.perf_counter()
     first = None
     parts: list[str] = []
-    finish = None
+    finish = tokens = None
     try:
         stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
-                                                max_tokens=max_tokens, temperature=temperature, stream=True)
+                                                max_tokens=max_tokens, temperature=temperature, stream=True,
+                                                stream_options={"include_usage": True})
         for chunk in stream:
             delta = chunk.choices[0].delta.content if chunk.choices else None
             if delta:
@@ -46,16 +47,25 @@ def ask(client, model: str, text: str, max_tokens: int, temperature: float) -> d
                 parts.append(delta)
             if chunk.choices and chunk.choices[0].finish_reason:
                 finish = chunk.choices[0].finish_reason
+            if getattr(chunk, "usage", None):  # the last chunk, where the API supports include_usage
+                tokens = chunk.usage.completion_tokens
         error = None
     except Exception as exc:  # recorded per answer; the run goes on
         error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
     total = time.perf_counter() - t0
     return {"answer": "".join(parts), "ttft_s": (first - t0) if first else None, "total_s": total,
-            "finish_reason": finish, "error": error}
+            "finish_reason": finish, "error": error, "tokens": tokens}
+
+
+def answer_tokens(api: str, key: str, model: str, answer: dict) -> int | None:
+    """Tokens of an answer from ask(): the API's usage, else counted by the model's tokenizer."""
+    if answer["tokens"] is not None:
+        return answer["tokens"]
+    return count_tokens(api, key, model, answer["answer"])
 
 
 def count_tokens(api: str, key: str, model: str, text: str) -> int | None:
-    """Tokens of the answer, counted by the model's own tokenizer (FastChat's token_check endpoint)."""
+    """Tokens of `text`, counted by the model's own tokenizer (FastChat's /api/v1/token_check, where served)."""
     if not text:
         return 0
     try:

@@ -25,7 +25,7 @@ from workers.config import cpu, deployment, secrets
 from workers.config.paths import reports_dir
 from workers.config.schema import ModelSpec
 from workers.models.sources import model_dir
-from workers.tools.api_client import api_settings, ask, count_tokens, openai_client
+from workers.tools.api_client import answer_tokens, api_settings, ask, openai_client
 
 PROMPT = "Write a short story about a robot who learns to paint."
 MAX_TOKENS = 64
@@ -47,7 +47,7 @@ def run_level(api: str, key: str, model: str, concurrency: int, requests_per_cli
         results = [r for rs in pool.map(one_client, range(concurrency)) for r in rs]
     wall = time.perf_counter() - t0
     ok = [r for r in results if not r["error"]]
-    tokens = [count_tokens(api, key, model, r["answer"]) or 0 for r in ok]
+    tokens = [answer_tokens(api, key, model, r) or 0 for r in ok]
     decode = [t / (r["total_s"] - r["ttft_s"]) for t, r in zip(tokens, ok) if r["ttft_s"] and r["total_s"] > r["ttft_s"] and t > 1]
     return {
         "requests": len(results), "errors": len(results) - len(ok), "wall_s": wall,

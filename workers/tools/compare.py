@@ -22,7 +22,7 @@ from tqdm import tqdm
 from workers.config import deployment, secrets
 from workers.config.paths import reports_dir
 from workers.tools import questions
-from workers.tools.api_client import api_key, ask, base_url, count_tokens, openai_client
+from workers.tools.api_client import answer_tokens, api_key, ask, base_url, openai_client
 from workers.tools.checks import runner as checks
 
 RESULTS = "results.jsonl"
@@ -55,7 +55,7 @@ def run(api: str, key: str, models: list[str], sets: list[questions.QuestionSet]
     def one(task):
         qset, q, model = task
         r = ask(client, model, q.text, max_tokens, temperature)
-        tokens = count_tokens(api, key, model, r["answer"])
+        tokens = answer_tokens(api, key, model, r)
         gen_s = r["total_s"] - (r["ttft_s"] or 0)
         check = checks.run(q.check, r["answer"]) if q.check and not r["error"] else None
         record = {
@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the API at {api} does not answer ({exc}); start the bundle with scripts/start_all.sh", file=sys.stderr)
         return 1
     served = [m["id"] for m in listed.json()["data"]]
+    if not served:
+        print(f"error: the API at {api} serves no model yet (scripts/status.sh shows the workers)", file=sys.stderr)
+        return 1
     models = args.models.split(",") if args.models else sorted(served)
     missing = [m for m in models if m not in served]
     if missing:
