@@ -49,7 +49,8 @@ def random_llama(name: str, shape: dict, dtype: str = "float32", max_shard_size:
     print(f"bench: {sum(p.numel() for p in model.parameters()):,} parameters; saving", flush=True)
     with publish_dir(out) as staging:
         model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
-        AutoTokenizer.from_pretrained(prepare_embedded()).save_pretrained(staging)  # ids fit the vocab
+        # ids < 49152: they fit every vocabulary here but llama-1.1b's 32000 (a measured prompt may index past it)
+        AutoTokenizer.from_pretrained(prepare_embedded()).save_pretrained(staging)
     del model
     release_freed_memory()  # a child process measured next needs this memory back
     return out
