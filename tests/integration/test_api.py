@@ -4,6 +4,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import pathlib
+import time
 
 import openai
 import pytest
@@ -11,6 +12,7 @@ import requests
 from openai import OpenAI
 
 from tests.conftest import API_KEYS, SERVED_FP32, SERVED_INT8
+from tests.helpers import rpc, wait_for
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -116,7 +118,24 @@ def test_every_configured_key_works_and_keys_never_reach_logs(served_bundle, cli
 # --- bad input: 4xx JSON naming the problem, never 5xx, and the server keeps serving ------------
 
 BAD = {
-    "unknown model": ("/chat/completions", {"model": "gpt-9", "messages": QUESTION}, 400, "available models: smol-fp32, smol-int8"),
+    "unknown model": ("/chat/completions", {"model": "gpt-9", "messages": QUESTION}, 404, "available models: smol-fp32, smol-int8"),
+    "unknown embedding model": ("/embeddings", {"model": "text-embedding-3-small", "input": "x"}, 404, "available models"),
+    "string messages": ("/chat/completions", {"model": SERVED_INT8, "messages": "What is the capital of France?"}, 400, "not a string"),
+    "image content part": ("/chat/completions", {"model": SERVED_INT8, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}]}]},
+        400, "image_url content is not supported"),
+    "content not text": ("/chat/completions", {"model": SERVED_INT8, "messages": [{"role": "user", "content": {"a": 1}}]}, 400, "messages[0].content"),
+    "completion prompt [{}]": ("/completions", {"model": SERVED_FP32, "prompt": [{}]}, 400, "prompt[0]"),
+    "completion prompt [null]": ("/completions", {"model": SERVED_FP32, "prompt": [None]}, 400, "prompt[0]"),
+    "completion prompt empty list": ("/completions", {"model": SERVED_FP32, "prompt": []}, 400, "prompt must not be empty"),
+    "completion prompt empty string": ("/completions", {"model": SERVED_FP32, "prompt": ""}, 400, "prompt must not be empty"),
+    "completion token id out of vocabulary": ("/completions", {"model": SERVED_FP32, "prompt": [1, 10**7]}, 400, "prompt"),
+    "embedding input [null]": ("/embeddings", {"model": SERVED_FP32, "input": [None]}, 400, "input[0]"),
+    "embedding input [{}]": ("/embeddings", {"model": SERVED_FP32, "input": [{}]}, 400, "input[0]"),
+    "presence_penalty out of range": ("/chat/completions", {"model": SERVED_INT8, "messages": QUESTION, "presence_penalty": 3}, 400, "'presence_penalty'"),
+    "frequency_penalty out of range": ("/chat/completions", {"model": SERVED_INT8, "messages": QUESTION, "frequency_penalty": -2.5}, 400, "'frequency_penalty'"),
+    "stream_options without stream": ("/chat/completions", {"model": SERVED_INT8, "messages": QUESTION, "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    "echo of token ids": ("/completions", {"model": SERVED_FP32, "prompt": [1, 2, 3], "echo": True}, 400, "echo"),
     "empty messages": ("/chat/completions", {"model": SERVED_INT8, "messages": []}, 400, "at least one message"),
     "messages wrong type": ("/chat/completions", {"model": SERVED_INT8, "messages": 123}, 400, "messages"),
     "message without content": ("/chat/completions", {"model": SERVED_INT8, "messages": [{"role": "user"}]}, 400, "messages[0] has no 'content'"),
@@ -139,17 +158,31 @@ def test_bad_input_gets_4xx_naming_the_problem(post, case):
     r = post(path, body)
     assert r.status_code == status, (r.status_code, r.text[:300])
     assert fragment in r.json()["message"], r.text[:300]
+    assert_envelope(r.json(), status)
+
+
+def assert_envelope(body: dict, status: int) -> None:
+    """OpenAI's error envelope, plus FastChat's top-level fields."""
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str) and err["code"]
+    assert body["object"] == "error" and body["message"] == err["message"] and body["code"] == err["code"]
+    if status == 400:
+        assert err["type"] == "invalid_request_error"
 
 
 def test_malformed_json_gets_400(post):
     r = post("/chat/completions", data=b'{"model": "x", "messages": [', headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.text
+    assert_envelope(r.json(), 400)
+    assert r.json()["error"]["code"] == "invalid_json"
 
 
 def test_oversized_body_gets_413(post):
     r = post("/chat/completions", data=json.dumps({"model": SERVED_INT8, "messages": [{"role": "user", "content": "x" * (2 << 20)}]}),
              headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and "exceeds the limit" in r.json()["message"]
+    assert_envelope(r.json(), 413)
 
 
 def test_server_still_serves_after_bad_input(client, served_bundle):
@@ -179,3 +212,216 @@ def test_eight_concurrent_clients_all_get_complete_answers(served_bundle):
         all_results = [r for rs in pool.map(one_client, range(8)) for r in rs]
     assert len(all_results) == 24
     assert all(reason in ("stop", "length") and "Paris" in text for reason, text in all_results), all_results
+
+
+# --- every OpenAI input shape: 200 with the right result, or a 4xx naming the problem ----------------------------
+
+def test_content_as_a_list_of_text_parts(client):
+    as_string = client.chat.completions.create(model=SERVED_INT8, messages=QUESTION, temperature=0, max_tokens=16)
+    as_parts = client.chat.completions.create(
+        model=SERVED_INT8, temperature=0, max_tokens=16,
+        messages=[{"role": "user", "content": [{"type": "text", "text": QUESTION[0]["content"]}]}])
+    assert as_parts.choices[0].message.content == as_string.choices[0].message.content
+    assert "Paris" in as_parts.choices[0].message.content
+    two = client.chat.completions.create(
+        model=SERVED_INT8, temperature=0, max_tokens=8,
+        messages=[{"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+                  {"role": "user", "content": [{"type": "text", "text": "Name a colour."}, {"type": "text", "text": "Just one."}]}])
+    assert two.choices[0].message.content
+
+
+def test_image_parts_are_refused_as_not_supported(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=SERVED_INT8, max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What is in this picture?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
+    assert info.value.status_code == 400 and "not supported" in info.value.message
+    assert info.value.param == "messages[0].content[1]" and info.value.code == "unsupported_content"
+
+
+def test_unknown_model_is_404_listing_the_served_ones(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=QUESTION, max_tokens=4)
+    assert "available models: smol-fp32, smol-int8" in info.value.message and info.value.code == "model_not_found"
+
+
+@pytest.mark.parametrize("name,value", [
+    ("tools", [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]),
+    ("functions", [{"name": "get_weather", "parameters": {"type": "object"}}]),
+    ("tool_choice", "required"),
+    ("response_format", {"type": "json_object"}),
+    ("logit_bias", {"1": 10}),
+    ("seed", 7),
+    ("logprobs", True),
+    ("top_logprobs", 2),
+    ("n", 9),
+])
+def test_unsupported_parameters_are_400_naming_them(client, name, value):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=SERVED_INT8, messages=QUESTION, max_tokens=4, **{name: value})
+    assert info.value.param == name and name in info.value.message, info.value.message
+
+
+def test_parameters_that_ask_for_nothing_are_accepted(client):
+    r = client.chat.completions.create(model=SERVED_INT8, messages=QUESTION, max_tokens=4, temperature=0,
+                                       response_format={"type": "text"}, tool_choice="none", user="u-1")
+    assert r.choices[0].message.content
+
+
+def test_presence_and_frequency_penalties_in_range_are_served(client):
+    r = client.chat.completions.create(model=SERVED_FP32, messages=QUESTION, max_tokens=8, temperature=0,
+                                       presence_penalty=1.5, frequency_penalty=-1.0)
+    assert r.choices[0].message.content and r.usage.completion_tokens > 0
+
+
+def test_max_completion_tokens_is_honoured(client):
+    r = client.chat.completions.create(model=SERVED_FP32, messages=QUESTION, temperature=0, max_completion_tokens=3)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+
+
+def test_usage_is_not_multiplied_by_n(client):
+    one = client.chat.completions.create(model=SERVED_FP32, messages=QUESTION, max_tokens=3, temperature=0)
+    two = client.chat.completions.create(model=SERVED_FP32, messages=QUESTION, max_tokens=3, temperature=0, n=2)
+    assert two.usage.prompt_tokens == one.usage.prompt_tokens
+    assert two.usage.completion_tokens == 6 and two.usage.total_tokens == one.usage.prompt_tokens + 6
+
+
+def test_stream_chunks_carry_object_and_created(served_bundle):
+    r = requests.post(served_bundle["api"] + "/chat/completions", stream=True, timeout=120,
+                      headers={"Authorization": f"Bearer {API_KEYS[0]}"},
+                      json={"model": SERVED_INT8, "messages": QUESTION, "max_tokens": 8, "temperature": 0, "stream": True})
+    assert r.status_code == 200
+    data = [line[6:] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert len(chunks) >= 3
+    assert all(c["object"] == "chat.completion.chunk" and isinstance(c["created"], int) and c["created"] > 0
+               and c["id"] == chunks[0]["id"] and c["model"] == SERVED_INT8 for c in chunks)
+    r = requests.post(served_bundle["api"] + "/completions", stream=True, timeout=120,
+                      headers={"Authorization": f"Bearer {API_KEYS[0]}"},
+                      json={"model": SERVED_FP32, "prompt": "One, two,", "max_tokens": 4, "stream": True})
+    chunks = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True)
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert chunks and all(c["object"] == "text_completion" and c["created"] > 0 for c in chunks)
+
+
+def test_stream_include_usage(client):
+    chunks = list(client.chat.completions.create(model=SERVED_INT8, messages=QUESTION, max_tokens=6, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert all(c.usage is None for c in chunks[:-1])
+    text = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
+    plain = client.chat.completions.create(model=SERVED_INT8, messages=QUESTION, max_tokens=6, temperature=0)
+    assert text == plain.choices[0].message.content
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (plain.usage.prompt_tokens,
+                                                                       plain.usage.completion_tokens)
+    completion_chunks = list(client.completions.create(model=SERVED_FP32, prompt="One, two,", max_tokens=3, stream=True,
+                                                       stream_options={"include_usage": True}))
+    assert completion_chunks[-1].usage.completion_tokens == 3 and completion_chunks[-1].choices == []
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_model)
+
+
+def test_token_id_prompts_use_the_models_own_tokenizer(client, tokenizer):
+    text = "The capital of France is"
+    ids = tokenizer.encode(text)
+    by_text = client.completions.create(model=SERVED_FP32, prompt=text, max_tokens=5, temperature=0)
+    by_ids = client.completions.create(model=SERVED_FP32, prompt=ids, max_tokens=5, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text and by_ids.choices[0].text.strip()
+    assert by_ids.usage.prompt_tokens == len(ids)
+    batch = client.completions.create(model=SERVED_FP32, prompt=[ids, tokenizer.encode("One, two,")], max_tokens=3,
+                                      temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1] and batch.choices[0].text == by_text.choices[0].text[:len(batch.choices[0].text)]
+    assert batch.usage.prompt_tokens == len(ids) + len(tokenizer.encode("One, two,"))
+
+
+def test_token_id_embedding_inputs_use_the_models_own_tokenizer(client, tokenizer):
+    import numpy as np
+
+    by_text = client.embeddings.create(model=SERVED_FP32, input=["hello world"]).data[0].embedding
+    by_ids = client.embeddings.create(model=SERVED_FP32, input=[tokenizer.encode("hello world")]).data[0].embedding
+    flat = client.embeddings.create(model=SERVED_FP32, input=tokenizer.encode("hello world")).data[0].embedding
+    assert np.allclose(by_text, by_ids, atol=1e-5) and np.allclose(by_ids, flat, atol=1e-5)
+
+
+def test_fastchat_api_v1_routes_are_gone(served_bundle):
+    base = served_bundle["api"].removesuffix("/v1")
+    for path in ("/api/v1/chat/completions", "/api/v1/token_check"):
+        r = requests.post(base + path, json={"model": SERVED_INT8, "messages": [{"role": "user"}]}, timeout=10,
+                          headers={"Authorization": f"Bearer {API_KEYS[0]}"})
+        assert r.status_code == 404, (path, r.status_code, r.text[:200])
+
+
+def test_every_route_in_the_schema_needs_the_key(served_bundle):
+    base = served_bundle["api"].removesuffix("/v1")
+    paths = requests.get(base + "/openapi.json", timeout=10).json()["paths"]
+    assert not [p for p in paths if p.startswith("/api/")]
+    for path, methods in paths.items():
+        if path in ("/health", "/metrics"):
+            continue
+        for method in methods:
+            r = requests.request(method.upper(), base + path.replace("{model_name}", SERVED_FP32), json={}, timeout=10)
+            assert r.status_code == 401, (method, path, r.status_code)
+
+
+# --- a client that goes away stops its generation -----------------------------------------------------------------
+
+def worker_of(served_bundle, model: str) -> str:
+    r = requests.post(served_bundle["controller"] + "/get_worker_address", json={"model": model}, timeout=5)
+    return r.json()["address"]
+
+
+def queue_length(addr: str) -> int:
+    return requests.post(addr + "/worker_get_status", json={}, timeout=5).json()["queue_length"]
+
+
+def idle_after_drop(served_bundle, model: str, drop) -> float:
+    """Start a long answer with `drop`, which leaves mid-answer; return how long until the worker's queue is 0
+    and its process is idle."""
+    import psutil
+
+    addr = worker_of(served_bundle, model)
+    proc = psutil.Process(rpc(served_bundle["env"]).supervisor.getProcessInfo(f"workers:{model}")["pid"])
+    assert queue_length(addr) == 0
+    dropped_at = drop()
+    wait_for(lambda: queue_length(addr) == 0, 10, "the worker's queue to empty after the client left")
+    freed = time.monotonic() - dropped_at
+    proc.cpu_percent(None)
+    time.sleep(1.0)
+    cpu = proc.cpu_percent(None)
+    assert cpu < 30, f"the worker still computes ({cpu:.0f}% CPU) after its client left"
+    return freed
+
+
+LONG = [{"role": "user", "content": "Write a very long story about a dragon and a knight."}]
+
+
+def test_a_non_streaming_client_that_gives_up_stops_its_generation(served_bundle):
+    def drop():
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(served_bundle["api"] + "/chat/completions", timeout=(5, 3),
+                          headers={"Authorization": f"Bearer {API_KEYS[0]}"},
+                          json={"model": SERVED_FP32, "messages": LONG, "max_tokens": 400, "temperature": 1})
+        return time.monotonic()
+
+    assert idle_after_drop(served_bundle, SERVED_FP32, drop) < 2.0
+
+
+def test_a_streaming_client_that_leaves_stops_its_generation(served_bundle):
+    def drop():
+        r = requests.post(served_bundle["api"] + "/chat/completions", stream=True, timeout=60,
+                          headers={"Authorization": f"Bearer {API_KEYS[0]}"},
+                          json={"model": SERVED_INT8, "messages": LONG, "max_tokens": 400, "temperature": 1, "stream": True})
+        lines = (line for line in r.iter_lines() if line)
+        for _ in range(4):
+            next(lines)
+        r.close()
+        return time.monotonic()
+
+    assert idle_after_drop(served_bundle, SERVED_INT8, drop) < 2.0

@@ -131,6 +131,7 @@ def test_short_repr_is_bounded_even_for_deep_input():
     (b"", "empty"), (b"   ", "empty"), (b'{"model": "x", "messages": [', "not valid JSON"), (b"[1, 2]", "JSON object"),
     (b'"text"', "JSON object"), (b'{"temperature": NaN}', "NaN"), (b'{"t": Infinity}', "Infinity"),
     (b"\xff\xfe{", "JSON"), (b"[" * 100000 + b"]" * 100000, "nested"),
+    (b'{"messages": [{"content": "a\\ud800b"}]}', "surrogate"), (b'{"\\udfff": 1}', "surrogate"),
 ])
 def test_bodies_that_are_not_a_json_object(raw, fragment):
     err = refused(policy.parse_json, raw)
@@ -139,6 +140,7 @@ def test_bodies_that_are_not_a_json_object(raw, fragment):
 
 def test_a_json_object_parses():
     assert policy.parse_json(b'{"model": "m"}') == {"model": "m"}
+    assert policy.parse_json(b'{"c": "\\ud83d\\ude00"}') == {"c": "\U0001F600"}  # an escaped pair is fine
 
 
 # --- messages ---------------------------------------------------------------------------------------------------

@@ -147,7 +147,26 @@ def parse_json(raw: bytes) -> dict:
         raise ApiError(errors.INVALID_JSON, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(errors.INVALID_JSON, f"the request body must be a JSON object (got {type(body).__name__})")
+    _check_unicode(body)
     return body
+
+
+def _check_unicode(body: dict) -> None:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"), which is no character: tokenizers fail on it."""
+    stack = [body]
+    while stack:
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            for s in (key, value):
+                if isinstance(s, str):
+                    try:
+                        s.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise ApiError(errors.INVALID_JSON, "the request body has a string with a lone UTF-16 "
+                                       "surrogate (an escape like \\ud800 without its pair): not valid Unicode") from None
+            if isinstance(value, (dict, list)):
+                stack.append(value)
 
 
 def validate(model_cls, data: dict):
