@@ -250,7 +250,11 @@ def test_real_parameter_counts():
 
 
 def test_both_seed_models_in_int8_fit_in_24_gib():
-    needs = [Need("chatglm3-6b", "itrex-int8", CHATGLM3, 2), Need("qwen-7b-chat", "itrex-int8", QWEN, 1)]
+    # As conf/seed.yaml configures them: concurrency and prefix cache included.
+    shapes = {"chatglm3-6b": CHATGLM3, "qwen-7b-chat": QWEN}
+    needs = [Need(m.program, m.backend, shapes[m.program], m.limit_concurrency, m.int8.group_size,
+                  m.prefix_cache_tokens) for m in deployment.load("seed", cpu_count=2).models]
+    assert [n.prefix_cache_tokens for n in needs] == [4096, 512]
     assert memory_budget.check(needs, 24 * GIB) is None
     assert 7 * GIB < needs[0].bytes < 10 * GIB and 11 * GIB < needs[1].bytes < 14 * GIB
 

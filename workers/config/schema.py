@@ -97,6 +97,9 @@ class ModelSpec(Strict):
     # Answer length when a request gives no max_tokens (default: generation_config's max_new_tokens, else 512).
     max_tokens_default: int | None = Field(default=None, ge=1)
     sampling: Sampling = Sampling()
+    # KV cache kept for recent conversations (prefix reuse), in tokens; 0 turns it off. Counted in
+    # the memory budget: KV bytes per token x this (Qwen-7B: 1 MiB/token, SmolLM2: 45 KiB/token).
+    prefix_cache_tokens: int = Field(default=2048, ge=0)
     trust_remote_code: bool = False
     int8: Int8Settings = Int8Settings()
 

@@ -8,6 +8,7 @@ start of a stop string. So the concatenated stream always equals the final, non-
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -45,6 +46,27 @@ class Result:
     finish_reason: str  # "stop" | "length" | "cancelled"
     first_token_s: float | None = None
     decode_s: float = 0.0
+    cached_ids: list[int] | None = None  # the tokens `past` covers (prompt + answer but its last token)
+    past: object = None
+    reused_tokens: int = 0
+
+
+def _accepts(fn, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+def prefill(model, ids: list[int], past, start: int, batched: bool = True):
+    """Extend `past` (the cache of ids[:start]) over ids[start:]: one forward pass, or one per token
+    for model code that cannot mask a multi-token continuation (Family.batched_continuation)."""
+    step = len(ids) if batched else 1
+    with torch.inference_mode():
+        for begin in range(start, len(ids), step):
+            end = min(begin + step, len(ids))
+            x = torch.tensor([ids[begin:end]], dtype=torch.long)
+            positions = torch.arange(begin, end, dtype=torch.long)[None]
+            past = model(input_ids=x, past_key_values=past, position_ids=positions, use_cache=True,
+                         return_dict=True).past_key_values
+    return past
 
 
 class _Cancelled(StoppingCriteria):
@@ -140,17 +162,25 @@ def _sampling_kwargs(job: Job) -> dict:
 
 
 def run(model, tokenizer_decode: Callable[[list[int]], str], postprocess: Callable[[str], str], job: Job,
-        on_text: Callable[[str, int], None] | None = None, pad_token_id: int | None = None) -> Result:
-    """Generate for `job` with the model's own generate(); on_text(cumulative_text, tokens) while it grows."""
+        on_text: Callable[[str, int], None] | None = None, pad_token_id: int | None = None,
+        past=None, keep_cache: bool = False) -> Result:
+    """Generate for `job` with the model's own generate(); on_text(cumulative_text, tokens) while it grows.
+
+    `past`: the KV cache of every prompt token but the last (prefix reuse); generate() then
+    processes only the last one. `keep_cache`: return the final cache in the Result.
+    """
     assembler = TextAssembler(tokenizer_decode, postprocess, job.stop_strings)
     t0 = time.monotonic()
     first: list[float] = []
     last_token: list[int] = []
 
+    generated: list[int] = []
+
     def on_token(token: int) -> None:
         if not first:
             first.append(time.monotonic())
         last_token[:] = [token]
+        generated.append(token)
         if token in job.stop_token_ids:
             return
         text = assembler.add(token)
@@ -161,8 +191,13 @@ def run(model, tokenizer_decode: Callable[[list[int]], str], postprocess: Callab
     if job.presence_penalty or job.frequency_penalty:
         processors.append(PresenceFrequencyPenalty(len(job.prompt_ids), job.presence_penalty, job.frequency_penalty))
     input_ids = torch.tensor([job.prompt_ids], dtype=torch.long)
+    extra = {}
+    if past is not None:
+        extra["past_key_values"] = past
+        if _accepts(model.prepare_inputs_for_generation, "is_first_forward"):
+            extra["is_first_forward"] = False  # ChatGLM3: feed only the last token on the first step
     with torch.inference_mode():
-        model.generate(
+        out = model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=job.max_new_tokens,
@@ -172,6 +207,8 @@ def run(model, tokenizer_decode: Callable[[list[int]], str], postprocess: Callab
             logits_processor=processors,
             stopping_criteria=StoppingCriteriaList([_Cancelled(job, lambda: assembler.stopped_by_string)]),
             streamer=_TokenStreamer(on_token),
+            return_dict_in_generate=keep_cache,
+            **extra,
             **_sampling_kwargs(job),
         )
     end = time.monotonic()
@@ -189,4 +226,6 @@ def run(model, tokenizer_decode: Callable[[list[int]], str], postprocess: Callab
         finish_reason=reason,
         first_token_s=(first[0] - t0) if first else None,
         decode_s=(end - first[0]) if first else 0.0,
+        cached_ids=(job.prompt_ids + generated[:-1]) if keep_cache else None,
+        past=getattr(out, "past_key_values", None) if keep_cache else None,
     )

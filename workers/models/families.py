@@ -63,6 +63,9 @@ class Family:
     tokenizer_files: tuple[str, ...] = ()        # files its tokenizer code loads (completeness check)
     # Sampling values its own chat() passes to generate() itself (they win over generation_config).
     chat_sampling: tuple[tuple[str, float], ...] = ()
+    # Can its forward pass extend a KV cache by several tokens at once (prefix reuse)? Qwen-7B's code
+    # applies no causal mask when a cache is given, so a cache is extended one token at a time there.
+    batched_continuation: bool = True
     notes: str = field(default="", compare=False)
 
     def postprocess_text(self, text: str) -> str:
@@ -107,6 +110,7 @@ QWEN = Family(
     # fails on CPU ("addmm_impl_cpu_ not implemented for 'Half'"); flash-attn does not exist on CPU.
     cpu_config=(("use_flash_attn", False),),
     tokenizer_files=("qwen.tiktoken", "tokenizer_config.json"),
+    batched_continuation=False,  # attention: causal_mask only "if query.size(1) == key_size"
     notes="chat(): stop words <|im_end|>/<|im_start|> then a forced <|endoftext|>; decode(errors='replace').strip()",
 )
 

@@ -4,7 +4,8 @@ Per worker, from the model's config.json and weight index:
 - INT8 (ITREX weight-only): 1 byte per linear weight plus one fp32 scale per group; the embedding
   and the output layer stay fp32 (ITREX skips lm_head / output_layer), 4 bytes each;
 - fp32: 4 bytes per parameter; bf16: 2;
-- KV cache in fp32 for `limit_concurrency` requests of KV_TOKENS_PER_REQUEST tokens;
+- KV cache in fp32 for `limit_concurrency` requests of KV_TOKENS_PER_REQUEST tokens, plus the
+  prefix cache of recent conversations (`prefix_cache_tokens`);
 - RUNTIME_GIB for the Python process itself (torch, ITREX, FastChat: measured ~0.9 GiB).
 Plus SERVICES_GIB once, for the controller, the API server and the web UI.
 """
@@ -82,8 +83,9 @@ def weight_bytes(shape: ModelShape, backend: str, group_size: int = -1) -> int:
     return int(linear * per_weight) + (shape.embedding + shape.output) * 4
 
 
-def worker_bytes(shape: ModelShape, backend: str, limit_concurrency: int, group_size: int = -1) -> int:
-    kv = shape.kv_bytes_per_token * KV_TOKENS_PER_REQUEST * limit_concurrency
+def worker_bytes(shape: ModelShape, backend: str, limit_concurrency: int, group_size: int = -1,
+                 prefix_cache_tokens: int = 0) -> int:
+    kv = shape.kv_bytes_per_token * (KV_TOKENS_PER_REQUEST * limit_concurrency + prefix_cache_tokens)
     return weight_bytes(shape, backend, group_size) + kv + int(RUNTIME_GIB * GIB)
 
 
@@ -105,10 +107,14 @@ class Need:
     shape: ModelShape
     limit_concurrency: int
     group_size: int = -1
+    prefix_cache_tokens: int = 0
 
     @property
     def bytes(self) -> int:
-        return worker_bytes(self.shape, self.backend, self.limit_concurrency, self.group_size)
+        return worker_bytes(self.shape, self.backend, self.limit_concurrency, self.group_size, self.prefix_cache_tokens)
+
+    def bytes_as(self, backend: str) -> int:
+        return worker_bytes(self.shape, backend, self.limit_concurrency, self.group_size, self.prefix_cache_tokens)
 
 
 def check(needs: list[Need], available_bytes: int) -> str | None:
@@ -121,16 +127,16 @@ def check(needs: list[Need], available_bytes: int) -> str | None:
     for n in sorted(needs, key=lambda n: -n.bytes):
         line = f"  - {n.name} ({n.backend}): about {n.bytes / GIB:.1f} GiB"
         if n.backend != "itrex-int8":
-            int8 = worker_bytes(n.shape, "itrex-int8", n.limit_concurrency, n.group_size)
+            int8 = n.bytes_as("itrex-int8")
             line += f"; with backend itrex-int8 about {int8 / GIB:.1f} GiB"
         lines.append(line)
-    all_int8 = sum(worker_bytes(n.shape, "itrex-int8", n.limit_concurrency, n.group_size) for n in needs) + int(SERVICES_GIB * GIB)
+    all_int8 = sum(n.bytes_as("itrex-int8") for n in needs) + int(SERVICES_GIB * GIB)
     if all_int8 <= available_bytes:
         lines.append(f"Everything in itrex-int8 would fit (about {all_int8 / GIB:.1f} GiB): set backend: itrex-int8.")
     else:
         fitting, used = [], int(SERVICES_GIB * GIB)
-        for n in sorted(needs, key=lambda n: worker_bytes(n.shape, "itrex-int8", n.limit_concurrency, n.group_size)):
-            b = worker_bytes(n.shape, "itrex-int8", n.limit_concurrency, n.group_size)
+        for n in sorted(needs, key=lambda n: n.bytes_as("itrex-int8")):
+            b = n.bytes_as("itrex-int8")
             if used + b <= available_bytes:
                 fitting.append(n.name)
                 used += b

@@ -137,7 +137,8 @@ def memory_problem(dep: Deployment) -> str | None:
         except (memory_budget.UnknownShape, OSError, ValueError) as exc:
             _say(f"  {m.program}: cannot estimate its memory ({exc}); not counted")
             continue
-        needs.append(memory_budget.Need(m.program, m.backend, shape, m.limit_concurrency, m.int8.group_size))
+        needs.append(memory_budget.Need(m.program, m.backend, shape, m.limit_concurrency, m.int8.group_size,
+                                        m.prefix_cache_tokens))
     return memory_budget.check(needs, psutil.virtual_memory().available)
 
 

@@ -236,9 +236,9 @@ def make_worker_class():
             finally:
                 self.jobs.pop(rid, None)
             speed = result.completion_tokens / result.decode_s if result.decode_s > 0 else 0.0
-            log.info("request %s: %d prompt + %d new tokens, %s, first token %.2f s, %.1f tok/s", rid,
-                     len(job.prompt_ids), result.completion_tokens, result.finish_reason, result.first_token_s or 0.0,
-                     speed)
+            log.info("request %s: %d prompt (%d reused) + %d new tokens, %s, first token %.2f s, %.1f tok/s", rid,
+                     len(job.prompt_ids), result.reused_tokens, result.completion_tokens, result.finish_reason,
+                     result.first_token_s or 0.0, speed)
             return result
 
         @staticmethod
