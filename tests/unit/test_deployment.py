@@ -75,6 +75,17 @@ def test_total_threads_oversubscribe(tmp_path):
     assert "models: 4 threads in all on 2 cores oversubscribes" in err
 
 
+def test_shared_threads_need_free_cores_and_no_pinning(tmp_path):
+    assert "threads: shared uses whichever cores are free; remove cpu_cores" in load_error(
+        tmp_path, {"models": [model(threads="shared", cpu_cores=[0])]})
+    assert "none is left for the workers with threads: shared" in load_error(
+        tmp_path, {"models": [model("a", 22002, threads=2), model("b", 22003, threads="shared")]})
+    assert "threads must be at least 1 or 'shared'" in load_error(tmp_path, {"models": [model(threads=0)]})
+    dep = deployment.load(write(tmp_path, {"models": [model("a", 22002, threads="shared"),
+                                                      model("b", 22003, threads="shared")]}), cpu_count=2)
+    assert rules.shared_cores(dep, cpu_count=2) == 2
+
+
 def test_threads_exceed_pinned_cores_and_shared_cores(tmp_path):
     assert "models[0]: threads (2) exceeds the 1 pinned cpu_cores [0]" in load_error(
         tmp_path, {"models": [model(threads=2, cpu_cores=[0])]})

@@ -31,7 +31,7 @@ def semantic_problems(dep: Deployment, cpu_count: int | None = None, base_dir: P
         if m.port in seen_ports:
             problems.append(f"{where}.port: port {m.port} is already used by {seen_ports[m.port]}")
         seen_ports.setdefault(m.port, f"{where}.port")
-        if m.threads > cpu_count:
+        if not m.shared and m.threads > cpu_count:
             problems.append(f"{where}.threads: {m.threads} threads but this machine has {cpu_count} cores")
         for c in m.cpu_cores or []:
             if c >= cpu_count:
@@ -45,13 +45,25 @@ def semantic_problems(dep: Deployment, cpu_count: int | None = None, base_dir: P
                 problems.append(f"{where}.int8: {problem}")
         if m.source.path is not None and not resolve_path(m.source.path, base_dir).is_dir():
             problems.append(f"{where}.source.path: {resolve_path(m.source.path, base_dir)} does not exist")
-    total = sum(m.threads for m in dep.models)
+    total = fixed_threads(dep)
     if total > cpu_count:
         problems.append(
             f"models: {total} threads in all on {cpu_count} cores oversubscribes the CPU "
             f"(measured 10-20x slower requests); lower models[*].threads"
         )
+    elif any(m.shared for m in dep.models) and total >= cpu_count:
+        problems.append(f"models: the fixed-thread workers take all {cpu_count} cores, none is left for "
+                        f"the workers with threads: shared")
     return problems
+
+
+def fixed_threads(dep: Deployment) -> int:
+    return sum(m.threads for m in dep.models if not m.shared)
+
+
+def shared_cores(dep: Deployment, cpu_count: int | None = None) -> int:
+    """Cores that the `threads: shared` workers split between them by demand."""
+    return max(1, (cpu_count or os.cpu_count() or 1) - fixed_threads(dep))
 
 
 def resolve_path(path: Path, base_dir: Path = ROOT) -> Path:

@@ -86,7 +86,9 @@ class ModelSpec(Strict):
     source: Source
     backend: Literal[BACKENDS] = "itrex-int8"  # type: ignore[valid-type]
     port: int = Field(ge=1, le=65535)
-    threads: int = Field(default=1, ge=1)
+    # A number: that many threads, always (optionally pinned to cpu_cores). "shared": all cores left
+    # by fixed-thread workers, split by demand between the shared workers generating at the moment.
+    threads: int | Literal["shared"] = 1
     cpu_cores: list[int] | None = None
     conv_template: str | None = None
     limit_concurrency: int = Field(default=4, ge=1)
@@ -116,8 +118,21 @@ class ModelSpec(Strict):
         """The supervisord program name (in group `workers`)."""
         return self.names[0]
 
+    @property
+    def shared(self) -> bool:
+        return self.threads == "shared"
+
+    @field_validator("threads")
+    @classmethod
+    def _positive(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"threads must be at least 1 or 'shared', got {v}")
+        return v
+
     @model_validator(mode="after")
     def _cores_vs_threads(self):
+        if self.shared and self.cpu_cores is not None:
+            raise ValueError("threads: shared uses whichever cores are free; remove cpu_cores, or give a number of threads")
         if self.cpu_cores is not None:
             if len(set(self.cpu_cores)) != len(self.cpu_cores):
                 raise ValueError(f"cpu_cores {self.cpu_cores} lists a core twice")

@@ -16,6 +16,7 @@ import torch
 from workers.config.schema import ModelSpec
 from workers.engine import generate, prompt
 from workers.engine.generate import Job
+from workers.engine.core_share import CoreShare, share_forward
 from workers.engine.prefix_cache import PrefixCache, crop
 
 log = logging.getLogger("served_model")
@@ -73,9 +74,10 @@ class ServedModel:
     max_tokens_default: int
     context_len: int
     prefixes: PrefixCache
+    share: CoreShare | None = None
 
     @classmethod
-    def build(cls, spec: ModelSpec, folder: Path, model, tokenizer) -> "ServedModel":
+    def build(cls, spec: ModelSpec, folder: Path, model, tokenizer, share: CoreShare | None = None) -> "ServedModel":
         config = json.loads((folder / "config.json").read_text())
         chat = prompt.ChatFormat(folder, tokenizer, config, spec.conv_template)
         served = cls(
@@ -84,7 +86,10 @@ class ServedModel:
             max_tokens_default=prompt.max_new_tokens_default(folder, spec.max_tokens_default),
             context_len=prompt.context_length(config),
             prefixes=PrefixCache(spec.prefix_cache_tokens),
+            share=share,
         )
+        if share is not None:
+            share_forward(model, share)
         log.info("%s: context %d, default answer %d tokens, sampling %s, stop ids %s", spec.program,
                  served.context_len, served.max_tokens_default, served.sampling, sorted(chat.stop_token_ids))
         return served
@@ -157,6 +162,16 @@ class ServedModel:
         return self.chat.decode(ids)
 
     def generate(self, job: Job, on_text=None) -> generate.Result:
+        """Generate, counted as demand on the shared cores while it runs."""
+        if self.share is None:
+            return self._generate(job, on_text)
+        self.share.begin()
+        try:
+            return self._generate(job, on_text)
+        finally:
+            self.share.end()
+
+    def _generate(self, job: Job, on_text=None) -> generate.Result:
         """Generate, reusing the cache of the longest earlier conversation this prompt continues."""
         pad = getattr(self.tokenizer, "pad_token_id", None)
         keep = self.prefixes.max_tokens > 0

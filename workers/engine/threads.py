@@ -12,13 +12,17 @@ import sys
 _THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
-def configure(threads: int, cores: list[int] | None = None) -> None:
+def configure(threads: int, cores: list[int] | None = None, shared: bool = False) -> None:
+    """`shared`: the thread count is only the most this worker uses (cores shared by demand); its
+    idle OpenMP threads then sleep instead of spinning, so they cost the other workers nothing."""
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     if "torch" in sys.modules:
         raise RuntimeError("threads.configure() must run before torch is imported")
     for name in _THREAD_ENV:
         os.environ[name] = str(threads)
+    if shared:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     if cores:
         available = os.sched_getaffinity(0)
         unknown = sorted(set(cores) - available)

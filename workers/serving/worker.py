@@ -256,7 +256,10 @@ def make_worker_class():
 def main(argv: list[str] | None = None) -> int:
     args = launch.parser(__doc__, with_model=True).parse_args(argv)
     dep, spec = launch.settings(args)
-    threads.configure(spec.threads, spec.cpu_cores)  # before torch is imported
+    from workers.config import deployment, rules
+
+    n_threads = rules.shared_cores(dep) if spec.shared else spec.threads
+    threads.configure(n_threads, spec.cpu_cores, shared=spec.shared)  # before torch is imported
 
     from workers.models import check as model_check
     from workers.models.sources import model_dir
@@ -276,12 +279,18 @@ def main(argv: list[str] | None = None) -> int:
     from workers.engine.prompt import PromptError
     from workers.engine.served_model import ServedModel
 
-    log.info("starting worker %s: backend=%s threads=%d cores=%s", spec.names, spec.backend,
-             spec.threads, spec.cpu_cores or "all")
+    log.info("starting worker %s: backend=%s threads=%s cores=%s", spec.names, spec.backend,
+             f"shared, up to {n_threads}" if spec.shared else spec.threads, spec.cpu_cores or "all")
     try:
         model, tokenizer = load_model(folder, spec.backend, int8=spec.int8, trust_remote_code=spec.trust_remote_code)
-        threads.apply_to_torch(spec.threads)  # after loading: ITREX resets the thread count
-        served = ServedModel.build(spec, folder, model, tokenizer)
+        threads.apply_to_torch(n_threads)  # after loading: ITREX resets the thread count
+        share = None
+        if spec.shared:  # next to the snapshot: one folder per running deployment
+            from workers.engine.core_share import CoreShare
+
+            snapshot = args.deployment or deployment.snapshot_path()
+            share = CoreShare(snapshot.parent / "demand", spec.program, n_threads)
+        served = ServedModel.build(spec, folder, model, tokenizer, share)
     except (UnsupportedBackend, PromptError) as exc:
         log.error("cannot serve %s: %s", folder, exc)
         return 2

@@ -63,7 +63,7 @@ def in_process_decode(spec: ModelSpec) -> float | None:
     from workers.tools.bench_engine import Variant, run_child
     from workers.config.paths import int8_cache_dir
 
-    variant = Variant(spec.backend, threads=spec.threads, compute_dtype=spec.int8.compute_dtype, group_size=spec.int8.group_size)
+    variant = Variant(spec.backend, threads=(os.cpu_count() or 1) if spec.shared else spec.threads, compute_dtype=spec.int8.compute_dtype, group_size=spec.int8.group_size)
     result = run_child(model_dir(spec.source), variant, int8_cache_dir())
     return result.get("decode_tok_s")
 

@@ -1,0 +1,52 @@
+"""INT8 answers stay exact while the thread count changes between decode steps (cores shared by
+demand): qbits' thread count and the OpenMP team move together, under the worker's step lock."""
+from __future__ import annotations
+
+import threading
+
+from workers.config.schema import ModelSpec
+from workers.engine import core_share
+from workers.engine.core_share import CoreShare
+from workers.engine.loader import load_model
+from workers.engine.served_model import ServedModel
+
+QUESTION = [{"role": "user", "content": "Name three rivers of Europe and say one thing about each."}]
+
+
+def answer(served: ServedModel):
+    job, _ = served.job({"messages": QUESTION, "temperature": 0, "max_new_tokens": 40})
+    return served.generate(job)
+
+
+def test_int8_greedy_answer_is_unchanged_while_the_share_flips(embedded_model, int8_entry, int8_cache_root,
+                                                              tmp_path, monkeypatch):
+    monkeypatch.setenv("BUNDLE_INT8_CACHE_DIR", str(int8_cache_root))
+    spec = ModelSpec(names=["m"], source={"path": str(embedded_model)}, port=1, prefix_cache_tokens=0)
+    model, tokenizer = load_model(embedded_model, "itrex-int8", cache_root=int8_cache_root)
+    core_share.set_threads(1)
+    fixed = answer(ServedModel.build(spec, embedded_model, model, tokenizer))
+
+    share = CoreShare(tmp_path, "m", cores=2)
+    other = CoreShare(tmp_path, "other-worker", cores=2)
+    seen = set()
+    original_apply = share.apply
+    share.apply = lambda: seen.add(original_apply()) or max(seen)
+    served = ServedModel.build(spec, embedded_model, model, tokenizer, share)
+    stop = threading.Event()
+
+    def flip():  # another worker starts and stops generating, again and again
+        while not stop.is_set():
+            other.begin()
+            stop.wait(0.05)
+            other.end()
+            stop.wait(0.05)
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    try:
+        shared = answer(served)
+    finally:
+        stop.set()
+        flipper.join()
+    assert seen == {1, 2}, "the share should have changed during the answer"
+    assert (shared.text, shared.completion_tokens) == (fixed.text, fixed.completion_tokens)
