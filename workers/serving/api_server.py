@@ -236,8 +236,12 @@ class BundleApi:
             self.metrics.tokens(model, usage.prompt_tokens, usage.completion)
             yield api_policy.DONE
             state["completed"] = True
-        except ApiError as err:
-            log.warning("stream %s for %s ended with an error: %s", id_, model, err.message)
+        except Exception as exc:  # noqa: BLE001 - a stream under way can only end with an error event
+            err = exc if isinstance(exc, ApiError) else ApiError(errors.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            if isinstance(exc, ApiError):
+                log.warning("stream %s for %s ended with an error: %s", id_, model, err.message)
+            else:
+                log.exception("stream %s for %s failed", id_, model)
             yield err.sse()
             yield api_policy.DONE
             state["completed"] = True
