@@ -26,41 +26,62 @@ scalar = st.one_of(st.none(), st.booleans(), st.integers(-3, 70000), st.floats(a
                    st.text(max_size=12))
 anything = st.recursive(scalar, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
                                                                                            max_size=3), max_leaves=6)
-model = st.one_of(st.sampled_from([SERVED_INT8, SERVED_FP32]), st.sampled_from([SERVED_INT8, SERVED_FP32]), anything)
-text_part = st.fixed_dictionaries({"type": st.just("text"), "text": st.one_of(st.text(max_size=20), anything)})
+served = st.sampled_from([SERVED_INT8, SERVED_FP32])
+words = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=30)
+
+# --- valid bodies of every shape, with valid parameter values ------------------------------------------------
+text_part = st.fixed_dictionaries({"type": st.just("text"), "text": words})
+valid_content = st.one_of(words, st.lists(text_part, min_size=1, max_size=3))
+valid_message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": valid_content},
+                                      optional={"name": st.text(max_size=5)})
+valid_common = {
+    "temperature": st.floats(0, 2), "top_p": st.floats(0.05, 1), "top_k": st.sampled_from([-1, 1, 5, 50]),
+    "n": st.integers(1, 2), "max_tokens": st.integers(1, MAX_TOKENS), "stream": st.booleans(),
+    "stop": st.one_of(words, st.lists(words, max_size=2)), "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2), "repetition_penalty": st.floats(0.5, 2), "user": st.text(max_size=5),
+}
+valid_chat = st.fixed_dictionaries(
+    {"model": served, "messages": st.lists(valid_message, min_size=1, max_size=3)},
+    optional={**valid_common, "max_completion_tokens": st.integers(1, MAX_TOKENS),
+              "response_format": st.just({"type": "text"}), "tool_choice": st.just("none"),
+              "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()})})
+token_ids = st.lists(st.integers(0, 49151), min_size=1, max_size=6)  # SmolLM2's vocabulary
+valid_prompt = st.one_of(words, st.lists(words, min_size=1, max_size=2), token_ids, st.lists(token_ids, min_size=1, max_size=2))
+valid_completion = st.fixed_dictionaries({"model": served, "prompt": valid_prompt},
+                                         optional={**valid_common, "echo": st.booleans()})
+valid_embedding = st.fixed_dictionaries({"model": served, "input": valid_prompt},
+                                        optional={"encoding_format": st.sampled_from(["float", "base64"])})
+VALID = {"/chat/completions": valid_chat, "/completions": valid_completion, "/embeddings": valid_embedding}
+FIELDS = {"/chat/completions": ["model", "messages", *valid_common, "max_completion_tokens", "stream_options", "tools",
+                                "tool_choice", "response_format", "seed", "logit_bias", "logprobs", "top_logprobs"],
+          "/completions": ["model", "prompt", *valid_common, "echo", "suffix", "best_of", "logprobs", "seed"],
+          "/embeddings": ["model", "input", "encoding_format", "dimensions"]}
+
+# --- anything at all in one field of a valid body, or in the message and prompt shapes ---------------------
 other_part = st.fixed_dictionaries({"type": st.sampled_from(["image_url", "input_audio", "file", "video", ""]),
                                     "image_url": anything})
-content = st.one_of(st.text(max_size=40), st.lists(st.one_of(text_part, other_part, anything), max_size=3), anything)
-message = st.one_of(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool", "robot"]),
-                                           "content": content}),
-                    st.fixed_dictionaries({"role": st.just("user")}, optional={"content": content, "name": anything,
-                                                                              "tool_calls": anything}),
-                    anything)
-number = st.one_of(st.floats(-3, 3), st.integers(-3, 12), anything)
-common = {
-    "temperature": number, "top_p": number, "top_k": number, "n": number, "max_tokens": number, "stop": st.one_of(
-        st.text(max_size=4), st.lists(st.text(max_size=4), max_size=3), anything),
-    "stream": st.one_of(st.booleans(), anything), "presence_penalty": number, "frequency_penalty": number,
-    "repetition_penalty": number, "seed": anything, "logit_bias": anything, "user": anything,
-    "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": st.booleans()}), anything),
-}
-chat = st.fixed_dictionaries({"model": model, "messages": st.one_of(st.lists(message, max_size=3), anything)},
-                             optional={**common, "max_completion_tokens": number, "tools": anything,
-                                       "tool_choice": anything, "response_format": st.one_of(
-                                           st.just({"type": "text"}), st.just({"type": "json_object"}), anything),
-                                       "logprobs": anything, "top_logprobs": anything})
-tokens = st.lists(st.integers(-2, 50000), max_size=6)
-prompt = st.one_of(st.text(max_size=30), st.lists(st.text(max_size=10), max_size=2), tokens,
-                   st.lists(tokens, max_size=2), anything)
-completion = st.fixed_dictionaries({"model": model, "prompt": prompt},
-                                   optional={**common, "echo": anything, "suffix": anything, "best_of": anything,
-                                             "logprobs": anything})
-embedding = st.fixed_dictionaries({"model": model, "input": prompt},
-                                  optional={"encoding_format": st.one_of(st.sampled_from(["float", "base64"]), anything),
-                                            "dimensions": anything, "user": anything})
-request = st.one_of(st.tuples(st.just("/chat/completions"), chat), st.tuples(st.just("/completions"), completion),
-                    st.tuples(st.just("/embeddings"), embedding),
-                    st.tuples(st.sampled_from(["/chat/completions", "/completions", "/embeddings"]), anything))
+odd_message = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "tool", "robot", ""]), "content": st.one_of(
+        st.lists(st.one_of(text_part, other_part, anything), max_size=3), anything)}),
+    st.fixed_dictionaries({"role": st.just("user")}, optional={"content": anything, "tool_calls": anything}), anything)
+
+
+@st.composite
+def mutated(draw):
+    path = draw(st.sampled_from(sorted(VALID)))
+    body = dict(draw(VALID[path]))
+    key = draw(st.sampled_from(FIELDS[path]))
+    body[key] = draw(anything)
+    if path == "/chat/completions" and draw(st.booleans()):
+        body["messages"] = draw(st.lists(st.one_of(valid_message, odd_message), min_size=1, max_size=3))
+    return path, body
+
+
+request = st.one_of(
+    *(st.tuples(st.just(path), strategy) for path, strategy in VALID.items()),
+    mutated(), mutated(),
+    st.tuples(st.sampled_from(sorted(VALID)), anything),
+)
 
 
 def capped(path: str, body):
