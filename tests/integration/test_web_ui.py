@@ -72,11 +72,11 @@ def wait_for_answers(page, chatbots, count: int, timeout_s: float = 120) -> list
     return [bot_messages(c)[-1] for c in chatbots]
 
 
-def greedy_short_answers(page) -> None:
+def greedy_short_answers(page, max_tokens: int = 64) -> None:
     """Temperature 0 and 64 tokens in the visible tab's Parameters, so answers are short and repeatable."""
     page.locator("text=Parameters >> visible=true").first.click()
     page.wait_for_timeout(300)
-    for label, value in (("Temperature", "0"), ("Max output tokens", "64")):
+    for label, value in (("Temperature", "0"), ("Max output tokens", str(max_tokens))):
         box = visible(page, f"input[aria-label='number input for {label}']").first
         box.fill(value)
         box.press("Enter")
@@ -106,6 +106,7 @@ def test_single_chat_streams_english_and_chinese(page, served_bundle):
     send(page, "What is the capital of France?")
     [answer] = wait_for_answers(page, [chatbot], 1)
     assert "Paris" in answer
+    assert re.search(r"⏱ \d+ tokens, [\d.]+ tok/s$", answer), answer  # each answer shows its tokens and speed
     send(page, "用中文回答：你好吗？")
     [answer] = wait_for_answers(page, [chatbot], 2)
     assert answer and "\ufffd" not in answer
@@ -184,3 +185,36 @@ def test_optional_login(browser, served_bundle, tmp_path):
         context.close()
     finally:
         stop(proc)
+
+
+def worker_queue(served_bundle, model: str) -> int:
+    controller = served_bundle["controller"]
+    address = requests.post(f"{controller}/get_worker_address", json={"model": model}, timeout=5).json()["address"]
+    return requests.post(f"{address}/worker_get_status", timeout=5).json()["queue_length"]
+
+
+@pytest.mark.parametrize("tab", ["Chat", "Side by side"])
+def test_stop_button_ends_the_generation_on_the_worker(page, served_bundle, tab):
+    open_ui(page, served_bundle["web"])
+    page.get_by_role("tab", name=tab).click()
+    page.wait_for_timeout(500)
+    if tab == "Chat":
+        pick(page, visible(page, "#model_selector_row input").first, SERVED_INT8)
+        chatbots = [visible(page, "#chatbot").first]
+        models = [SERVED_INT8]
+    else:
+        dropdowns = visible(page, "input[role='listbox']")
+        pick(page, dropdowns.nth(0), SERVED_INT8)
+        pick(page, dropdowns.nth(1), SERVED_FP32)
+        chatbots = [visible(page, "#chatbot").nth(0), visible(page, "#chatbot").nth(1)]
+        models = [SERVED_INT8, SERVED_FP32]
+    greedy_short_answers(page, max_tokens=2048)
+    send(page, "Write a very long story about a lighthouse keeper, with many chapters.")
+    wait_for(lambda: all(len(" ".join(bot_messages(c))) > 40 for c in chatbots), 120, "the answers to stream")
+    assert all(worker_queue(served_bundle, m) == 1 for m in models)
+    visible(page, "button:text-is('⏹  Stop')").first.click()
+    wait_for(lambda: all(worker_queue(served_bundle, m) == 0 for m in models), 10, "the workers to stop generating")
+    answers = wait_for_answers(page, chatbots, 1, timeout_s=30)
+    for a in answers:  # a partial answer, shown as finished, far short of 2048 tokens
+        n = int(re.search(r"⏱ (\d+) tokens", a).group(1))
+        assert 0 < n < 1000, a

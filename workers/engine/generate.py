@@ -220,8 +220,11 @@ def run(model, tokenizer_decode: Callable[[list[int]], str], postprocess: Callab
         reason = "length"
     else:
         reason = "stop"
+    text = assembler.finish()
+    if reason == "length":  # cut inside a character: its first bytes decode to U+FFFD, not a character
+        text = text.rstrip("\ufffd")
     return Result(
-        text=assembler.finish(),
+        text=text,
         completion_tokens=len(assembler.ids),
         finish_reason=reason,
         first_token_s=(first[0] - t0) if first else None,

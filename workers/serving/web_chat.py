@@ -29,10 +29,12 @@ _lock = threading.Lock()
 
 def conversation_messages(conv) -> list[dict]:
     """OpenAI-style messages of a FastChat Conversation being answered (its last turn is the
-    assistant's, still empty). Turns alternate user/assistant after the template's examples."""
+    assistant's, still empty). Turns alternate user/assistant after the template's examples.
+
+    The template's own system message is not sent: FastChat picks the template by the model's
+    name, so it is usually another model's; the worker applies the model's own default instead.
+    """
     messages = []
-    if conv.system_message:
-        messages.append({"role": "system", "content": conv.system_message})
     for i, (_, text) in enumerate(conv.messages[conv.offset:]):
         if isinstance(text, tuple):  # (text, images): images are not supported by these models
             text = text[0]
