@@ -26,11 +26,12 @@ TOKEN_BY_TOKEN_COST = 7
 
 
 class BadRequest(ValueError):
-    """The request cannot be served as asked; the message names the problem (HTTP 400)."""
+    """The request cannot be served as asked; the message names the problem (HTTP 400).
+    `code`: the error table's code (workers/serving/errors.py)."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
 
 
 # Accepted ranges of the sampling parameters (OpenAI's where it has them); outside: 400.
@@ -128,7 +129,7 @@ class ServedModel:
         room = self.context_len - len(ids)
         if room <= 0:
             raise BadRequest(f"the prompt has {len(ids)} tokens, which does not fit in the {self.context_len}-token "
-                             f"context of model {self.name}; shorten it", "messages")
+                             f"context of model {self.name}; shorten it", "messages", "context_length_exceeded")
         asked = params.get("max_new_tokens")
         if asked is not None:
             asked = _number(params, "max_new_tokens", None, int)
@@ -136,7 +137,8 @@ class ServedModel:
                 raise BadRequest(f"max_tokens must be at least 1, got {asked}", "max_tokens")
             if asked > room:
                 raise BadRequest(f"max_tokens={asked} is too large for model {self.name}: after this prompt of "
-                                 f"{len(ids)} tokens, at most {room} tokens fit in its context window", "max_tokens")
+                                 f"{len(ids)} tokens, at most {room} tokens fit in its context window", "max_tokens",
+                                 "context_length_exceeded")
         max_new = asked if asked is not None else min(self.max_tokens_default, room)
         extra_ids = params.get("stop_token_ids") or []
         if not (isinstance(extra_ids, list) and all(isinstance(i, int) for i in extra_ids)):
@@ -214,7 +216,7 @@ class ServedModel:
                     raise BadRequest("each input must be a non-empty string or a list of token ids", "input")
                 if len(ids) > self.context_len:
                     raise BadRequest(f"an input has {len(ids)} tokens; model {self.name} takes at most "
-                                     f"{self.context_len}", "input")
+                                     f"{self.context_len}", "input", "context_length_exceeded")
                 x = torch.tensor([ids])
                 out = self.model(input_ids=x, attention_mask=torch.ones_like(x), output_hidden_states=True,
                                  return_dict=True)

@@ -26,6 +26,7 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the `Request` annotations by name
+from fastapi.responses import JSONResponse
 
 from workers.engine import threads
 from workers.serving import launch
@@ -35,12 +36,14 @@ STREAM_MIN_INTERVAL_S = 0.05  # coalesce tokens that arrive faster than this int
 INTERNAL_ERROR = 50001  # FastChat's ErrorCode.INTERNAL_ERROR, which its API server and web UI understand
 
 
-def error_response(status: int, message: str, type_: str, param: str | None = None, headers: dict | None = None):
-    from fastapi.responses import JSONResponse
+def error_response(kind, message: str, param: str | None = None, headers: dict | None = None):
+    """An error from the one error table (serving/errors.py), in its envelope; FastChat-protocol
+    clients also find `text` and `error_code` there."""
+    from workers.serving.errors import ApiError
 
-    body = {"error": {"message": message, "type": type_, "param": param, "code": status},
-            "text": message, "error_code": status}
-    return JSONResponse(body, status_code=status, headers=headers)
+    error = ApiError(kind, message, param, headers)
+    return JSONResponse({**error.body(), "text": message, "error_code": kind.status}, status_code=kind.status,
+                        headers=error.headers)
 
 
 # Tests of the error paths set BUNDLE_ALLOW_FAULTS=1; a request may then ask to fail mid-generation.
@@ -55,9 +58,10 @@ def _failing(on_text):
 
 def build_app(worker):
     """The worker's HTTP endpoints (FastChat's worker protocol)."""
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from fastapi.responses import Response, StreamingResponse
 
     from workers.engine.served_model import BadRequest
+    from workers.serving import errors
     from workers.serving.admission import Busy, ClientGone, QueueFull
 
     app = FastAPI(title=f"bundle worker {worker.model_names[0]}")
@@ -74,23 +78,22 @@ def build_app(worker):
 
     @app.exception_handler(BadRequest)
     async def on_bad_request(request, exc: BadRequest):
-        return error_response(400, str(exc), "invalid_request_error", exc.param)
+        return error_response(errors.TABLE[exc.code], str(exc), exc.param)
 
     @app.exception_handler(QueueFull)
     async def on_queue_full(request, exc: QueueFull):
-        return error_response(429, f"model {worker.model_names[0]} is overloaded: {exc}; retry after "
-                                   f"{exc.retry_after_s} s", "rate_limit_exceeded",
-                              headers={"Retry-After": str(exc.retry_after_s)})
+        return error_response(errors.QUEUE_FULL, f"model {worker.model_names[0]} is overloaded: {exc}; retry after "
+                                                 f"{exc.retry_after_s} s", headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(Busy)
     async def on_busy(request, exc: Busy):
-        return error_response(503, f"model {worker.model_names[0]} is busy: {exc} (all "
-                                   f"{worker.admission.slots} slots stayed taken)", "worker_busy")
+        return error_response(errors.WORKER_BUSY, f"model {worker.model_names[0]} is busy: {exc} (all "
+                                                  f"{worker.admission.slots} slots stayed taken)")
 
     @app.exception_handler(Exception)
     async def on_failure(request, exc: Exception):
         log.error("%s failed: %s: %s", request.url.path, type(exc).__name__, exc)
-        return error_response(500, f"the worker failed: {type(exc).__name__}: {exc}", "internal_error")
+        return error_response(errors.INTERNAL, f"the worker failed: {type(exc).__name__}: {exc}")
 
     @app.exception_handler(ClientGone)
     async def on_client_gone(request, exc: ClientGone):
