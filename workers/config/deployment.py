@@ -33,13 +33,14 @@ def config_path(profile_or_path: str) -> Path:
     return CONF_DIR / f"{profile_or_path}.yaml"
 
 
-def load(profile_or_path: str = "default", cpu_count: int | None = None) -> Deployment:
+def load(profile_or_path: str = "default", cpu_count: int | None = None, host: str | None = None) -> Deployment:
+    """The validated deployment; machine checks apply to `host`'s models (default: this machine's host)."""
     path = config_path(profile_or_path)
     if not path.is_file():
         profiles = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
         raise DeploymentError(f"{path}: no such deployment file (profiles in conf/: {', '.join(profiles)})")
     dep = load_yaml(path, Deployment, DeploymentError)
-    problems = rules.semantic_problems(dep, cpu_count, base_dir=ROOT)
+    problems = rules.semantic_problems(dep, cpu_count, base_dir=ROOT, host=host)
     if problems:
         raise DeploymentError("\n".join(f"{path}: {p}" for p in problems))
     return dep
@@ -49,10 +50,13 @@ def snapshot_path() -> Path:
     return run_dir() / SNAPSHOT_NAME
 
 
-def write_snapshot(dep: Deployment, profile: str, path: Path | None = None) -> Path:
-    """Record what is about to run: the validated deployment and the profile it came from."""
+def write_snapshot(dep: Deployment, profile: str, path: Path | None = None, host: str | None = None) -> Path:
+    """Record what is about to run: the validated deployment, the profile it came from and the
+    host of the deployment that this machine runs."""
     path = path or snapshot_path()
     data = {"profile": profile, "deployment": dep.model_dump(mode="json")}
+    if host is not None:
+        data["host"] = host
     files.write_atomic(path, json.dumps(data, indent=2) + "\n")
     return path
 
@@ -69,6 +73,14 @@ def read_snapshot(path: Path | None = None) -> tuple[str, Deployment]:
         raise DeploymentError(f"{path}: not a deployment snapshot ({exc})") from None
     except ValidationError as exc:
         raise DeploymentError(format_errors(exc, str(path))) from None
+
+
+def snapshot_host(path: Path | None = None) -> str | None:
+    """The host this machine runs, as `start` recorded it (None in snapshots from before hosts)."""
+    try:
+        return json.loads((path or snapshot_path()).read_text()).get("host")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def model_by_name(dep: Deployment, name: str) -> ModelSpec:

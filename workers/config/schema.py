@@ -16,11 +16,15 @@ from workers.config.loading import Strict
 EMBEDDED_MODELS = ("smollm2-135m-instruct",)
 BACKENDS = ("itrex-int8", "fp32", "bf16")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_HOST_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 
 
 class Endpoint(Strict):
+    # Without a hosts: section, the address to bind. With one, the name of the host it runs on
+    # (default: the first host), and `bind` may override that host's address (e.g. 0.0.0.0).
     host: str = "127.0.0.1"
     port: int = Field(ge=1, le=65535)
+    bind: str | None = None
 
 
 class ApiEndpoint(Endpoint):
@@ -83,6 +87,8 @@ class Sampling(Strict):
 
 class ModelSpec(Strict):
     names: list[str] = Field(min_length=1)
+    # The host (a name from hosts:) whose worker serves this model; default: the first host.
+    host: str | None = None
     source: Source
     backend: Literal[BACKENDS] = "itrex-int8"  # type: ignore[valid-type]
     port: int = Field(ge=1, le=65535)
@@ -143,9 +149,62 @@ class ModelSpec(Strict):
         return self
 
 
+class Host(Strict):
+    """One machine of a deployment: where its programs bind and are reached, and its budget."""
+
+    address: str  # an IP address or DNS name of this machine that the other hosts can reach
+    cores: int = Field(ge=1)
+    memory_gib: float | None = Field(default=None, gt=0)
+
+    @field_validator("address")
+    @classmethod
+    def _reachable(cls, v):
+        if v.strip() in ("", "0.0.0.0", "::", "[::]", "*"):
+            raise ValueError(f"{v!r} is not an address other hosts can reach; give this host's own IP or name")
+        return v.strip()
+
+
+class WorkerSecret(Strict):
+    """The secret every call between controller, workers, API and web UI carries (header
+    X-Bundle-Worker-Secret). Read at run time, like API keys; never written anywhere."""
+
+    env: str | None = "BUNDLE_WORKER_SECRET"
+    file: Path | None = None
+
+
 class Deployment(Strict):
+    hosts: dict[str, Host] = {}
     controller: Endpoint = Endpoint(port=21001)
     api: ApiEndpoint = ApiEndpoint(port=8000)
     web: WebEndpoint = WebEndpoint(port=7860)
     heartbeat: Heartbeat = Heartbeat()
+    worker_secret: WorkerSecret = WorkerSecret()
     models: list[ModelSpec] = Field(min_length=1)
+
+    @field_validator("hosts")
+    @classmethod
+    def _host_names(cls, hosts):
+        for name in hosts:
+            if not _HOST_NAME.match(name):
+                raise ValueError(f"{name!r}: a host name uses lowercase letters, digits, '_' or '-', starting with a letter")
+        return hosts
+
+    @model_validator(mode="before")
+    @classmethod
+    def _place_on_first_host(cls, data):
+        """With a hosts: section, what names no host runs on the first one."""
+        if not isinstance(data, dict) or not isinstance(data.get("hosts"), dict) or not data["hosts"]:
+            return data
+        first = next(iter(data["hosts"]))
+        data = dict(data)
+        for section in ("controller", "api", "web"):
+            value = data.get(section)
+            if value is None:
+                default = cls.model_fields[section].default
+                data[section] = {"port": default.port, "host": first}
+            elif isinstance(value, dict) and "host" not in value:
+                data[section] = {**value, "host": first}
+        if isinstance(data.get("models"), list):
+            data["models"] = [{**m, "host": first} if isinstance(m, dict) and m.get("host") is None else m
+                              for m in data["models"]]
+        return data

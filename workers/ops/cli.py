@@ -1,8 +1,12 @@
 """Operate the bundle under supervisord: start, stop, status, restart a worker.
 
-    bundle start [--profile default]
+    bundle start [--profile default] [--host NAME]
     bundle stop | status | restart MODEL [--profile P]
     bundle download [--profile seed]
+
+With a hosts: section, `start` starts the programs placed on one host (--host, default: the host
+whose address is on this machine, or the only one) under that host's own supervisord; stop,
+status and restart act on the host this machine started. `status` lists the models of every host.
 """
 from __future__ import annotations
 
@@ -17,9 +21,10 @@ import psutil
 import requests
 from supervisor.states import ProcessStates
 
-from workers.config import deployment, rules
+from workers.config import deployment, hosts, rules, secrets
 from workers.models import sources as model_sources
 from workers.ops import download, supervisor_client, supervisor_conf
+from workers.serving import auth
 from workers.config.deployment import DeploymentError
 from workers.config.schema import Deployment
 from workers.config.paths import ROOT, logs_dir
@@ -32,7 +37,12 @@ def _say(msg: str) -> None:
 
 
 def _controller(dep: Deployment) -> str:
-    return f"http://{dep.controller.host}:{dep.controller.port}"
+    return hosts.controller_url(dep)
+
+
+def _http(dep: Deployment) -> auth.RequestsShim:
+    """requests-like client whose calls to the bundle's programs carry the worker secret."""
+    return auth.client(dep)
 
 
 def _scripts(name: str) -> str:
@@ -48,18 +58,23 @@ def log_tail(program: str, lines: int = 25) -> str:
 
 
 def registered_models(dep: Deployment) -> set[str]:
-    r = requests.post(f"{_controller(dep)}/list_models", timeout=5)
+    r = _http(dep).post(f"{_controller(dep)}/list_models", timeout=5)
     r.raise_for_status()
     return set(r.json()["models"])
 
 
 def _api_answers(dep: Deployment) -> bool:
-    r = requests.get(f"http://{dep.api.host}:{dep.api.port}/v1/models", timeout=5)
+    r = requests.get(f"{hosts.url(dep, 'api')}/v1/models", timeout=(auth.CONNECT_TIMEOUT_S, 5))
     return r.status_code in (200, 401)  # 401: up, and keys are required
 
 
 def _web_answers(dep: Deployment) -> bool:
-    return requests.get(f"http://{dep.web.host}:{dep.web.port}/", timeout=5).status_code == 200
+    return requests.get(f"{hosts.url(dep, 'web')}/", timeout=(auth.CONNECT_TIMEOUT_S, 5)).status_code == 200
+
+
+def _controller_answers(dep: Deployment) -> bool:
+    registered_models(dep)
+    return True
 
 
 def running(args) -> tuple[str, Deployment]:
@@ -71,23 +86,58 @@ def running(args) -> tuple[str, Deployment]:
     return profile, dep
 
 
-def print_urls(dep: Deployment) -> None:
+def running_host(dep: Deployment) -> str:
+    """The host of the deployment this machine's supervisord runs."""
+    return deployment.snapshot_host() or hosts.this_host(dep)
+
+
+def print_urls(dep: Deployment, host: str = hosts.LOCAL) -> None:
     names = ", ".join(n for m in dep.models for n in m.names)
-    _say(f"""
-  Web chat (single and side by side):  http://{dep.web.host}:{dep.web.port}/
-  OpenAI-style API:                    http://{dep.api.host}:{dep.api.port}/v1   (models: {names})
-  Status:             {_scripts('status.sh')}
-  Restart one worker: {_scripts('restart_worker.sh')} {dep.models[0].names[0]}
-  Stop everything:    {_scripts('stop_all.sh')}
-  Logs:               {logs_dir()}""")
+    lines = [""]
+    if hosts.has_hosts(dep):
+        lines.append(f"  This is host {hosts.label(dep, host)} of {len(dep.hosts)}: "
+                     f"{', '.join(hosts.services_on(dep, host) + [m.program for m in hosts.models_on(dep, host)])}")
+    lines.append(f"  Web chat (single and side by side):  {hosts.url(dep, 'web')}/")
+    lines.append(f"  OpenAI-style API:                    {hosts.url(dep, 'api')}/v1   (models: {names})")
+    if hosts.has_hosts(dep) and hosts.host_of(dep, "controller") != host:
+        lines.append(f"  Controller:                          {_controller(dep)} (host {hosts.host_of(dep, 'controller')})")
+    local = hosts.models_on(dep, host)
+    lines.append(f"  Status:             {_scripts('status.sh')}")
+    if local:
+        lines.append(f"  Restart one worker: {_scripts('restart_worker.sh')} {local[0].names[0]}")
+    stop = "Stop this host:     " if hosts.several(dep) else "Stop everything:    "
+    lines.append(f"  {stop}{_scripts('stop_all.sh')}")
+    lines.append(f"  Logs:               {logs_dir()}")
+    _say("\n".join(lines))
 
 
-def wait_ready(dep: Deployment, timeout: float) -> str | None:
-    """Wait for every worker to register and the API and web UI to answer.
+def _log_sizes(programs) -> dict[str, int]:
+    sizes = {}
+    for program in programs:
+        path = logs_dir() / f"{program}.log"
+        sizes[program] = path.stat().st_size if path.is_file() else 0
+    return sizes
+
+
+def _refused_registration(program: str, offset: int) -> bool:
+    """Whether the worker logged, since `offset`, that the controller refused its secret."""
+    path = logs_dir() / f"{program}.log"
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return b"refused registration" in f.read()
+    except OSError:
+        return False
+
+
+def wait_ready(dep: Deployment, timeout: float, host: str = hosts.LOCAL,
+               log_offsets: dict[str, int] | None = None) -> str | None:
+    """Wait for `host`'s workers to register and its API, web UI and controller to answer.
 
     Returns None when ready, or the name of the program that failed.
     """
-    wanted = {m.program: set(m.names) for m in dep.models}
+    wanted = {m.program: set(m.names) for m in hosts.models_on(dep, host)}
+    log_offsets = log_offsets or {}
     first_pids: dict[str, int] = {}
     ready: set[str] = set()
     deadline = time.monotonic() + timeout
@@ -107,8 +157,11 @@ def wait_ready(dep: Deployment, timeout: float) -> str | None:
         for program, names in wanted.items():
             if program not in ready and names <= registered:
                 ready.add(program)
-                _say(f"  worker {program}: registered")
-        checks = {"api": _api_answers, "web": _web_answers}
+                _say(f"  worker {program}: registered with the controller at {_controller(dep)}")
+            elif program not in ready and _refused_registration(program, log_offsets.get(program, 0)):
+                return program
+        available = {"api": _api_answers, "web": _web_answers, "controller": _controller_answers}
+        checks = {name: available[name] for name in hosts.services_on(dep, host)}
         for name, check in checks.items():
             if name not in ready:
                 try:
@@ -127,11 +180,13 @@ def wait_ready(dep: Deployment, timeout: float) -> str | None:
     return "timeout"
 
 
-def memory_problem(dep: Deployment) -> str | None:
+def memory_problem(dep: Deployment, host: str = hosts.LOCAL) -> str | None:
+    """Whether `host`'s workers fit in this machine's free RAM (and in the host's memory_gib)."""
+    from workers.config.files import GIB
     from workers.models import memory_budget
 
     needs = []
-    for m in dep.models:
+    for m in hosts.models_on(dep, host):
         try:
             shape = memory_budget.shape_of_folder(model_sources.model_dir(m.source))
         except (memory_budget.UnknownShape, OSError, ValueError) as exc:
@@ -139,10 +194,16 @@ def memory_problem(dep: Deployment) -> str | None:
             continue
         needs.append(memory_budget.Need(m.program, m.backend, shape, m.limit_concurrency, m.int8.group_size,
                                         m.prefix_cache_tokens))
-    return memory_budget.check(needs, psutil.virtual_memory().available)
+    available = psutil.virtual_memory().available
+    budget = dep.hosts[host].memory_gib if host in dep.hosts else None
+    problem = memory_budget.check(needs, min(available, int(budget * GIB)) if budget else available)
+    if problem and budget:
+        problem = (f"host {host!r} (memory_gib {budget:g}, {available / GIB:.1f} GiB free on this machine): "
+                   f"{problem}")
+    return problem
 
 
-def prepare_int8_weights(dep: Deployment, folders: dict[str, Path]) -> str | None:
+def prepare_int8_weights(dep: Deployment, folders: dict[str, Path], host: str = hosts.LOCAL) -> str | None:
     """Build missing INT8 cache entries now, one model at a time, before any worker runs.
 
     Quantizing is the memory peak of a first start; done here, no serving worker shares RAM with
@@ -151,7 +212,7 @@ def prepare_int8_weights(dep: Deployment, folders: dict[str, Path]) -> str | Non
     from workers.engine import int8_cache
     from workers.config.paths import int8_cache_dir
 
-    int8_models = [m for m in dep.models if m.backend == "itrex-int8"]
+    int8_models = [m for m in hosts.models_on(dep, host) if m.backend == "itrex-int8"]
     _say(f"[2/4] INT8 weights for {len(int8_models)} model(s) (quantized once, then loaded from {int8_cache_dir()})")
     for m in int8_models:
         try:
@@ -163,20 +224,31 @@ def prepare_int8_weights(dep: Deployment, folders: dict[str, Path]) -> str | Non
 
 
 def cmd_start(args) -> int:
-    dep = deployment.load(args.profile)
+    dep = deployment.load(args.profile, host=args.host)
     running = supervisor_client.pid()
     if running:
         profile, current = deployment.read_snapshot()
         _say(f"The bundle is already running (supervisord pid {running}, profile '{profile}'); nothing changed.")
-        print_urls(current)
+        print_urls(current, running_host(current))
         return 0
-    busy = rules.ports_in_use(dep)
+    try:
+        host = hosts.this_host(dep, args.host)
+        secrets.worker_secret(dep)  # required with several hosts; read again by every program
+    except (hosts.HostError, secrets.SecretError) as exc:
+        _say(f"Cannot start: {exc}")
+        return 2
+    local = hosts.models_on(dep, host)
+    if not local and not hosts.services_on(dep, host):
+        _say(f"Cannot start: nothing of this deployment is placed on host {hosts.label(dep, host)}")
+        return 2
+    busy = rules.ports_in_use(dep, host)
     if busy:
         _say("Cannot start: " + "; ".join(busy))
         return 2
-    _say(f"[1/4] preparing {len(dep.models)} model(s)")
+    on = f" on host {hosts.label(dep, host)}" if hosts.has_hosts(dep) else ""
+    _say(f"[1/4] preparing {len(local)} model(s){on}")
     folders = {}
-    for m in dep.models:
+    for m in local:
         try:
             folders[m.program] = model_sources.prepare(m.source)
         except model_sources.SourceNotReady as exc:
@@ -184,33 +256,43 @@ def cmd_start(args) -> int:
             return 2
         _say(f"  {m.program}: {folders[m.program]} ({m.backend}, {m.threads} thread(s))")
     if not args.skip_memory_check:
-        problem = memory_problem(dep)
+        problem = memory_problem(dep, host)
         if problem:
             _say(f"Cannot start: {problem}\n(--skip-memory-check starts anyway.)")
             return 2
-    problem = prepare_int8_weights(dep, folders)
+    problem = prepare_int8_weights(dep, folders, host)
     if problem:
         _say(f"Cannot start: {problem}")
         return 2
-    snapshot = deployment.write_snapshot(dep, args.profile)
-    conf = supervisor_conf.write(dep, snapshot)
+    snapshot = deployment.write_snapshot(dep, args.profile, host=host if hosts.has_hosts(dep) else None)
+    conf = supervisor_conf.write(dep, snapshot, host)
+    offsets = _log_sizes(m.program for m in local)
     _say(f"[3/4] starting supervisord ({conf})")
     supervisor_client.start_daemon(conf)
-    _say("[4/4] waiting for workers to register and the API and web UI to answer")
-    failed = wait_ready(dep, args.timeout)
+    services = {"controller": "controller", "api": "API", "web": "web UI"}
+    what = ["workers to register"] if local else []
+    if hosts.services_on(dep, host):
+        what.append("the " + " and ".join(services[x] for x in hosts.services_on(dep, host)) + " to answer")
+    what = " and ".join(what)
+    _say(f"[4/4] waiting for {what}")
+    failed = wait_ready(dep, args.timeout, host, offsets)
     if failed:
         if failed == "timeout":
             _say(f"Not ready after {args.timeout:.0f} s. Last lines of each worker log:")
-            for m in dep.models:
+            for m in local:
                 _say(f"--- {m.program}\n{log_tail(m.program)}")
+        elif failed in offsets and _refused_registration(failed, offsets[failed]):
+            _say(f"Worker '{failed}': the controller at {_controller(dep)} refused its registration: {auth.REFUSED}. "
+                 f"Every host needs the same worker secret. Last lines of {logs_dir() / (failed + '.log')}:\n"
+                 f"{log_tail(failed, 8)}")
         else:
             _say(f"Program '{failed}' failed to start. Last lines of {logs_dir() / (failed + '.log')}:\n"
                  f"{log_tail(failed)}")
         _say("Stopping the bundle so nothing is left half-started.")
         supervisor_client.shutdown()
         return 1
-    _say("The bundle is up.")
-    print_urls(dep)
+    _say(f"The bundle is up{on}.")
+    print_urls(dep, host)
     return 0
 
 
@@ -242,28 +324,41 @@ def cmd_status(args) -> int:
         _say("The bundle is not running. Start it with scripts/start_all.sh")
         return 3
     _, dep = running(args)
+    host = running_host(dep)
     procs = supervisor_client.processes()
+    if hosts.has_hosts(dep):
+        _say(f"Host {hosts.label(dep, host)}: programs of its supervisord")
     _say(f"{'PROGRAM':<28} {'STATE':<10} {'PID':>7} {'RSS MiB':>8}  UPTIME")
     for name, p in sorted(procs.items()):
         uptime = p["description"].split("uptime ")[-1] if "uptime" in p["description"] else p["description"]
         _say(f"{name:<28} {p['statename']:<10} {p['pid'] or '-':>7} {_rss_mib(p['pid']) if p['pid'] else '-':>8}  {uptime}")
     _say("")
-    _say(f"{'MODEL':<28} {'WORKER':<26} {'QUEUE':>5}  REGISTERED")
+    http = _http(dep)
     try:
         registered = registered_models(dep)
     except requests.RequestException as exc:
-        _say(f"(controller not answering: {type(exc).__name__})")
+        _say(f"(controller at {_controller(dep)} not answering: {type(exc).__name__}: {exc})"[:300])
         return 1
+    if hosts.has_hosts(dep):
+        _say(f"Models of every host, as the controller at {_controller(dep)} sees them:")
+        _say(f"{'MODEL':<28} {'HOST':<12} {'WORKER':<28} {'QUEUE':>5}  REGISTERED")
+    else:
+        _say(f"{'MODEL':<28} {'WORKER':<26} {'QUEUE':>5}  REGISTERED")
     for m in dep.models:
         for n in m.names:
             address, queue = "-", "-"
             if n in registered:
-                address = requests.post(f"{_controller(dep)}/get_worker_address", json={"model": n}, timeout=5).json()["address"]
+                address = http.post(f"{_controller(dep)}/get_worker_address", json={"model": n}, timeout=5).json()["address"]
                 try:
-                    queue = requests.post(f"{address}/worker_get_status", timeout=5).json()["queue_length"]
-                except requests.RequestException:
+                    queue = http.post(f"{address}/worker_get_status", timeout=5).json()["queue_length"]
+                except (requests.RequestException, ValueError, KeyError):
                     queue = "?"
-            _say(f"{n:<28} {address:<26} {queue:>5}  {'yes' if n in registered else 'NO'}")
+            state = "yes" if n in registered else "NO"
+            if hosts.has_hosts(dep):
+                address = address if address != "-" else f"({hosts.worker_url(dep, m)})"
+                _say(f"{n:<28} {hosts.host_of(dep, m):<12} {address:<28} {queue:>5}  {state}")
+            else:
+                _say(f"{n:<28} {address:<26} {queue:>5}  {state}")
     return 0
 
 
@@ -273,15 +368,21 @@ def cmd_restart(args) -> int:
         return 3
     _, dep = running(args)
     m = deployment.model_by_name(dep, args.model)
+    host = running_host(dep)
+    if hosts.host_of(dep, m) != host:
+        _say(f"{m.program} runs on host {hosts.label(dep, hosts.host_of(dep, m))}, not on this one ({host}): "
+             f"run the restart there.")
+        return 2
+    http = _http(dep)
     rpc = supervisor_client.proxy()
     _say(f"restarting workers:{m.program} ...")
     rpc.supervisor.stopProcess(f"workers:{m.program}")
     rpc.supervisor.startProcess(f"workers:{m.program}")
-    worker = f"http://127.0.0.1:{m.port}"
+    worker = hosts.worker_url(dep, m)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         try:
-            status = requests.post(f"{worker}/worker_get_status", timeout=5).json()
+            status = http.post(f"{worker}/worker_get_status", timeout=5).json()
             if set(m.names) <= registered_models(dep) and status["model_names"] == m.names:
                 _say(f"{m.program} is registered again and serving.")
                 return 0
@@ -304,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="conf/<profile>.yaml or a path to a deployment file")
     s.add_argument("--timeout", type=float, default=float(os.environ.get("BUNDLE_START_TIMEOUT", 1800)))
     s.add_argument("--skip-memory-check", action="store_true", help="start even if the estimate exceeds free RAM")
+    s.add_argument("--host", default=None,
+                   help="with a hosts: section, the host to start (default: $BUNDLE_HOST, else the host whose "
+                        "address is on this machine, else the only host)")
     stop = sub.add_parser("stop", help="stop every bundle process")
     status = sub.add_parser("status", help="programs, registered models, queues and memory")
     r = sub.add_parser("restart", help="restart one model's worker and wait until it is registered again")
@@ -323,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except DeploymentError as exc:
         print(f"Invalid deployment:\n{exc}", file=sys.stderr)
+        return 2
+    except (hosts.HostError, secrets.SecretError) as exc:
+        print(f"Cannot {args.command}: {exc}", file=sys.stderr)
         return 2
 
 

@@ -1,6 +1,6 @@
 """Download a profile's ModelScope models, then check that every folder is complete.
 
-    bundle download --profile seed [--cache-dir DIR]
+    bundle download --profile seed [--cache-dir DIR] [--host NAME]
 """
 from __future__ import annotations
 
@@ -8,22 +8,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from workers.config import deployment
+from workers.config import deployment, hosts
 from workers.config.schema import Deployment
 from workers.models import check as model_check
 from workers.models.download import DownloadError, check_reachable, download
 from workers.models.sources import model_dir
 
 
-def ensure_profile_models(dep: Deployment, cache_dir: Path | None = None) -> list[Path]:
-    """Download what is missing or incomplete; return the checked folders."""
-    todo = [m for m in dep.models if m.source.modelscope and model_check.problems(model_dir(m.source))]
+def ensure_profile_models(dep: Deployment, cache_dir: Path | None = None, host: str | None = None) -> list[Path]:
+    """Download what is missing or incomplete (of `host`'s models only, when given); return the checked folders."""
+    models = dep.models if host is None else hosts.models_on(dep, host)
+    todo = [m for m in models if m.source.modelscope and model_check.problems(model_dir(m.source))]
     if todo:
         check_reachable()
     for m in todo:
         download(m.source.modelscope, m.source.revision, model_dir(m.source), cache_dir)
     folders = []
-    for m in dep.models:
+    for m in models:
         if m.source.modelscope:
             model_check.require_complete(model_dir(m.source))
             folders.append(model_dir(m.source))
@@ -34,17 +35,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="seed")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="ModelScope's download cache (default: its own, ~/.cache/modelscope)")
+    p.add_argument("--host", default=None, help="with a hosts: section, only the models placed on this host")
 
 
 def run(args) -> int:
     try:
-        dep = deployment.load(args.profile)
-        for m in dep.models:
+        dep = deployment.load(args.profile, host=args.host)
+        host = hosts.this_host(dep, args.host) if args.host else None
+        for m in dep.models if host is None else hosts.models_on(dep, host):
             if m.source.modelscope:
                 print(f"{m.program}: {m.source.modelscope} -> {model_dir(m.source)}")
-        for folder in ensure_profile_models(dep, args.cache_dir):
+        for folder in ensure_profile_models(dep, args.cache_dir, host):
             print(f"complete: {folder}")
-    except (deployment.DeploymentError, DownloadError, model_check.IncompleteModel) as exc:
+    except (deployment.DeploymentError, DownloadError, model_check.IncompleteModel, hosts.HostError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

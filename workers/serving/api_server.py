@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start the API server: %s", exc)
         return 2
 
-    from workers.serving import fastchat_compat
+    from workers.serving import auth, fastchat_compat, placement
 
     fastchat_compat.apply_api()
     import uvicorn
@@ -490,9 +490,11 @@ def main(argv: list[str] | None = None) -> int:
     fastchat_api.app_settings.controller_address = controller
     fastchat_api.app_settings.api_keys = keys or None
     install(fastchat_api, dep)
+    auth.install_api(fastchat_api, dep)  # calls to the controller and workers carry the worker secret
+    placement.install_api(dep)  # with hosts: errors for a model whose host is away name model and host
     log.info("API on http://%s:%d/v1, controller %s, %s", dep.api.host, dep.api.port, controller,
              f"{len(keys)} API key(s) required" if keys else "no API key required")
-    uvicorn.run(fastchat_api.app, host=dep.api.host, port=dep.api.port, log_level="info")
+    uvicorn.run(fastchat_api.app, host=launch.bind_address(dep, "api"), port=dep.api.port, log_level="info")
     return 0
 
 

@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from workers.config import deployment
+from workers.config import deployment, hosts
 from workers.config.paths import logs_dir
 from workers.config.schema import Deployment, ModelSpec
 
@@ -36,5 +36,16 @@ def settings(args) -> tuple[Deployment, ModelSpec | None]:
     return dep, spec
 
 
+def bind_address(dep: Deployment, component) -> str:
+    """The address a program listens on: its `host:` without hosts:, else its host's address or `bind:`."""
+    return hosts.bind_address(dep, component)
+
+
+def worker_url(dep: Deployment, spec: ModelSpec) -> str:
+    """The URL a worker registers under, which the controller, API and web UI call."""
+    return hosts.worker_url(dep, spec)
+
+
 def controller_url(dep: Deployment) -> str:
-    return f"http://{dep.controller.host}:{dep.controller.port}"
+    """Where the other programs reach the controller (its host's address with hosts:)."""
+    return hosts.controller_url(dep)

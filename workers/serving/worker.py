@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot serve %s: %s", folder, "; ".join(incomplete))
         return 2
 
-    from workers.serving import fastchat_compat
+    from workers.serving import auth, fastchat_compat
 
     fastchat_compat.apply()
     import uvicorn
@@ -297,10 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     except (UnsupportedBackend, PromptError) as exc:
         log.error("cannot serve %s: %s", folder, exc)
         return 2
-    host = "127.0.0.1"
-    worker = make_worker_class()(launch.controller_url(dep), f"http://{host}:{spec.port}", spec, served,
+    host = launch.bind_address(dep, spec)  # its host's address (127.0.0.1 without hosts:), never all interfaces
+    worker = make_worker_class()(launch.controller_url(dep), launch.worker_url(dep, spec), spec, served,
                                  spec.conv_template)
     app = build_app(worker)
+    auth.install_worker(dep, app)  # registration and heartbeats carry the worker secret; the app requires it
 
     # Registration retries until the controller answers (compat patch), so not on the event loop.
     threading.Thread(target=worker.init_heart_beat, name="register", daemon=True).start()

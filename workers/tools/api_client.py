@@ -6,12 +6,12 @@ import time
 
 import requests
 
-from workers.config import secrets
+from workers.config import hosts, secrets
 from workers.config.schema import Deployment
 
 
 def base_url(dep: Deployment) -> str:
-    return f"http://{dep.api.host}:{dep.api.port}/v1"
+    return f"{hosts.url(dep, 'api')}/v1"  # with hosts: the API's host's address
 
 
 def api_key(dep: Deployment) -> str:
