@@ -328,6 +328,8 @@ def test_api_servers_httpx_client_carries_the_secret(monkeypatch, tmp_path):
 
     def handler(request):
         seen.append(request.headers.get(auth.HEADER))
+        assert request.extensions["timeout"]["connect"] == auth.CONNECT_TIMEOUT_S  # bounded, whatever the call says
+        assert request.headers["Connection"] == "close"  # several hosts: no pooled connection to a vanished host
         return httpx.Response(401 if request.url.path == "/count_token" else 200, json={"models": ["qwen"]})
 
     async def main():

@@ -8,18 +8,18 @@ answer 401 to a call without it. Without a secret (allowed on one host only) not
 
 One hook per process, each called before its server starts:
 
-    install_controller(fastchat.serve.controller, dep)       controller -> worker status calls
-    install_worker(dep)                                       worker -> register, heartbeat
-    install_api(fastchat.serve.openai_api_server, dep)        API -> controller, worker
-    install_web(fastchat.serve.gradio_web_server, dep)        web -> controller, worker
-    client(dep)                                               the bundle CLI, tests
+    install_controller(fastchat.serve.controller, dep)   controller -> worker status calls; its app
+    install_worker(dep, app)                             worker -> register, heartbeat; its app
+    install_api(fastchat.serve.openai_api_server, dep)   API -> controller, worker (worker_client, fetch_remote)
+    install_web(fastchat.serve.gradio_web_server, dep)   web -> controller, worker (and web_chat)
+    client(dep)                                          the bundle CLI, tests
 
 The clients also get a connect timeout (CONNECT_TIMEOUT_S): FastChat's own calls have none or
 a long one, so a call to a host whose link is down waited for the kernel's SYN retries (about 2
 minutes) instead of failing over to a clear 503.
 
-Calls are patched per module (the module's own `requests`/`aiohttp` global), never process-wide,
-so the secret goes only where FastChat's components send their internal calls.
+Calls are patched per module (the module's own `requests`/`aiohttp` global, the API's httpx
+client), never process-wide, so the secret goes only where the bundle's programs call each other.
 """
 from __future__ import annotations
 
@@ -183,14 +183,21 @@ def install_api(api_module, dep) -> str | None:
     key is not what was refused).
 
     - the bundle's handlers: the pooled httpx client of workers/serving/worker_client.Upstream
-      (secret header and a response hook on the client when it is created);
+      (secret header, a connect timeout and a response hook on the client when it is created; with several hosts,
+      `Connection: close`, so every call opens a connection and a vanished host fails its connect);
     - FastChat's own /v1/models handler: `fetch_remote`'s aiohttp session (the module's `aiohttp`
       global is replaced; its connect timeout bounded)."""
     import aiohttp
 
     from workers.serving import worker_client
 
+    from workers.config import hosts
+
     value = secret(dep)
+    # Across hosts, no pooled keep-alive connections: a call reusing one to a host whose link is
+    # down waits for its read timeout (60 s for a token count, minutes for a first chunk), while
+    # a new connection fails after CONNECT_TIMEOUT_S, so the client gets its 503 in seconds.
+    fresh_connections = hosts.several(dep)
     original = worker_client.Upstream.http.fget
     if getattr(original, "_bundle_auth", False):  # installed before (tests): only the secret changes
         original = original._bundle_original
@@ -201,7 +208,10 @@ def install_api(api_module, dep) -> str | None:
             client.headers.pop(HEADER, None)
             client.headers.update(headers(value))
             if _httpx_refused not in client.event_hooks.get("response", []):
-                client.event_hooks["response"] = [*client.event_hooks.get("response", []), _httpx_refused]
+                client.event_hooks = {"request": [*client.event_hooks.get("request", []), _bounded_connect],
+                                      "response": [*client.event_hooks.get("response", []), _httpx_refused]}
+            if fresh_connections:
+                client.headers["Connection"] = "close"
             client._bundle_secret = value
         return client
 
@@ -220,6 +230,14 @@ def _refused_error(url, who: str = "API server"):
     return errors.ApiError(errors.WORKER_UNAVAILABLE,
                            f"{parts.scheme}://{parts.netloc} refused the {who}'s call to {parts.path}: {REFUSED} "
                            f"(every host of the deployment needs the same worker secret)", code="worker_secret")
+
+
+async def _bounded_connect(request) -> None:
+    """A per-call timeout (`post(..., timeout=60)`) sets httpx's connect timeout too: bound it."""
+    timeout = dict(request.extensions.get("timeout") or {})
+    connect = timeout.get("connect")
+    timeout["connect"] = CONNECT_TIMEOUT_S if connect is None else min(connect, CONNECT_TIMEOUT_S)
+    request.extensions["timeout"] = timeout
 
 
 async def _httpx_refused(response) -> None:
