@@ -349,3 +349,12 @@ def test_api_servers_httpx_client_carries_the_secret(monkeypatch, tmp_path):
     assert models == ["qwen"] and seen == [SECRET, SECRET]
     assert refused.status == 503 and "http://10.9.0.2:21002 refused the API server's call to /count_token" in refused.message
     assert api.fetch_timeout.sock_connect == auth.CONNECT_TIMEOUT_S
+
+
+def test_shared_threads_split_each_hosts_own_cores(tmp_path):
+    dep = load(tmp_path, two_hosts(models=[model("glm", "main", threads="shared"), model("qwen", "second", threads=3),
+                                           model("q2", "second", port=21003, threads="shared")]))
+    assert rules.shared_cores(dep, host="main") == 2 and rules.shared_cores(dep, host="second") == 1
+    err = load_error(tmp_path, two_hosts(models=[model("glm", "main", threads="shared"), model("qwen", "second", threads=4),
+                                                 model("q2", "second", port=21003, threads="shared")]))
+    assert "models: the fixed-thread workers on host 'second' take all 4 cores, none is left" in err
