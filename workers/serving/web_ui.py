@@ -53,6 +53,27 @@ def hide_upstream_notices(demo) -> int:
 CONCURRENCY = 8  # answers the page streams at once (gradio queue)
 
 
+CONTROLLER_WAIT_S = 300  # supervisord starts every program at once; the controller may take a while
+
+
+def first_model_list(model_list) -> list[str]:
+    """The model list at start, waiting for the controller (it may still be importing) instead of
+    exiting, which supervisord would count as a failed start."""
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + CONTROLLER_WAIT_S
+    while True:
+        try:
+            return model_list()
+        except requests.RequestException as exc:
+            if time.monotonic() > deadline:
+                raise
+            print(f"controller not reachable yet ({type(exc).__name__}); retrying", flush=True)
+            time.sleep(2)
+
+
 def stop_button(elem_id: str) -> None:
     """Stops the answers this browser session is waiting for, on their workers."""
     def stop(request: gr.Request):
@@ -83,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         models, _ = single.get_model_list(controller, None, False)
         return models
 
-    models = model_list()
+    models = first_model_list(model_list)
     with gr.Blocks(title=web.title, theme=gr.themes.Default(**THEME), css=single.block_css) as demo:
         header = gr.Markdown(notice(web.title, models), elem_id="bundle_notice")
         with gr.Tabs() as tabs:
