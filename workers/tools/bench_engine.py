@@ -1,20 +1,34 @@
-"""In-process engine benchmark: fp32 vs ITREX INT8 variants, side by side in one run.
+"""In-process engine benchmark: fp32 vs ITREX INT8 variants vs llama.cpp, side by side in one run.
 
 Each measurement runs in a fresh child process (so load time and RSS are clean), variants are
 interleaved round by round (so machine noise hits all of them alike), and the report gives
-medians and ratios to fp32. Prints figures; asserts nothing.
+medians and ratios to fp32 and to llama.cpp Q8_0. Every variant decodes the same prompt (the same
+token ids, from the model's HF tokenizer) greedily, timed from the first new token to the last.
+Each also gets an effective read bandwidth, weight bytes read per decode step x tok/s, shown next
+to the machine's read bandwidth measured with numpy in each round. Prints figures; asserts nothing.
 
     python -m workers.tools.bench_engine                      # embedded model + random 1 B Llama
     python -m workers.tools.bench_engine --explore            # also group sizes, compute dtypes, threads
+    python -m workers.tools.bench_engine --llama-cpp          # also llama.cpp F16 and Q8_0 (.venv-bench)
+
+llama.cpp runs in .venv-bench (scripts/setup_bench.sh, llama-cpp-python built from source with
+native flags), through workers/tools/bench_llama_cpp.py: this environment never imports llama_cpp.
+The models are converted with llama.cpp's own converter and cached under var/bench/gguf.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
+import resource
 import statistics
+import struct
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,22 +37,31 @@ from tqdm import tqdm
 
 from workers.config import cpu
 from workers.config.files import GIB
-from workers.config.paths import ROOT, reports_dir
+from workers.config.paths import ROOT, reports_dir, var_dir
 from workers.tools import random_model
 
 PROMPT_TOKENS = 128
 DECODE_TOKENS = 64
 
 
+BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"  # scripts/setup_bench.sh
+LLAMA_CPP_CHILD = Path(__file__).with_name("bench_llama_cpp.py")
+GGUF_TYPES = ("f16", "q8_0")
+MEMBW_BYTES = 1 << 30  # the numpy array of the read-bandwidth measurement
+
+
 @dataclass(frozen=True)
 class Variant:
-    backend: str  # fp32 | bf16 | itrex-int8
+    backend: str  # fp32 | bf16 | itrex-int8 | llama-cpp
     threads: int = 2
     compute_dtype: str = "fp32"
     group_size: int = -1
+    gguf: str = ""  # llama-cpp: f16 | q8_0
 
     @property
     def label(self) -> str:
+        if self.backend == "llama-cpp":
+            return f"llama.cpp {self.gguf.upper()} t{self.threads}"
         if self.backend != "itrex-int8":
             return f"{self.backend} t{self.threads}"
         return f"int8 {self.compute_dtype} g{self.group_size} t{self.threads}"
@@ -49,15 +72,26 @@ def random_llama_1b() -> Path:
     return random_model.random_llama("random-llama-1.1b", random_model.TINYLLAMA_EMBEDDED_VOCAB, "float32")
 
 
-def measure(model_path: Path, variant: Variant, cache_root: Path) -> dict:
+def bench_job(model_path: Path) -> dict:
+    """The token ids every variant of `model_path` runs: the perplexity paragraph and the prompt (the
+    paragraph repeated to PROMPT_TOKENS), from the model's HF tokenizer, plus the lengths."""
+    from transformers import AutoTokenizer
+
+    text = (ROOT / "tests" / "data" / "perplexity_paragraph.txt").read_text()
+    ids = AutoTokenizer.from_pretrained(model_path)(text).input_ids
+    prompt = (ids * (PROMPT_TOKENS // len(ids) + 1))[:PROMPT_TOKENS]
+    return {"ppl_ids": ids, "prompt_ids": prompt, "decode_tokens": DECODE_TOKENS}
+
+
+def measure(model_path: Path, variant: Variant, cache_root: Path, job: dict | None) -> dict:
     """Runs in the child process."""
     from workers.engine import threads
 
     threads.configure(variant.threads)
+    job = job or bench_job(model_path)
     import psutil
-    import resource
-
     import torch
+    from transformers import StoppingCriteria
 
     from workers.config.int8 import Int8Settings
     from workers.engine.loader import load_model
@@ -69,45 +103,218 @@ def measure(model_path: Path, variant: Variant, cache_root: Path) -> dict:
     )
     load_s = time.perf_counter() - t0
     threads.apply_to_torch(variant.threads)
-    text = (ROOT / "tests" / "data" / "perplexity_paragraph.txt").read_text()
-    ids = tokenizer(text, return_tensors="pt").input_ids
+
+    class TokenTimes(StoppingCriteria):  # generate() calls it once per new token, right after it
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    ids = torch.tensor([job["ppl_ids"]])
+    prompt = torch.tensor([job["prompt_ids"]])
+    n_new = job["decode_tokens"]
     with torch.no_grad():
         ppl = torch.exp(model(ids, labels=ids).loss).item()
-        prompt = ids.repeat(1, PROMPT_TOKENS // ids.shape[1] + 1)[:, :PROMPT_TOKENS]
         model(prompt)  # warm-up
         t0 = time.perf_counter()
         model(prompt)
         prefill_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        model.generate(prompt[:, :16], max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, do_sample=False)
-        decode_s = time.perf_counter() - t0
+        # Greedy, n_new tokens after the prompt, end-of-text ignored; timed from the first new token.
+        times = TokenTimes()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
+                       min_new_tokens=n_new, do_sample=False, stopping_criteria=[times],
+                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return {
         "load_s": load_s,
-        "prompt_tok_s": PROMPT_TOKENS / prefill_s,
-        "decode_tok_s": DECODE_TOKENS / decode_s,
+        "prompt_tok_s": prompt.shape[1] / prefill_s,
+        "decode_tok_s": (len(times.times) - 1) / (times.times[-1] - times.times[0]),
         "steady_rss_gib": psutil.Process().memory_info().rss / GIB,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,  # ru_maxrss is KiB
         "ppl": ppl,
     }
 
 
-def run_child(model_path: Path, variant: Variant, cache_root: Path) -> dict:
-    cmd = [sys.executable, "-m", "workers.tools.bench_engine", "--child", str(model_path),
-           json.dumps(asdict(variant)), str(cache_root)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cache_root)  # the package is installed: no PYTHONPATH
+def measure_read_bandwidth(repeats: int = 5) -> dict:
+    """This machine's memory read bandwidth as numpy sees it (a child process, like the variants):
+    summing a 1 GiB array of 64-bit integers (bytes read; integer adds keep up with memory, numpy's
+    pairwise float sum barely does) and copying it (bytes read + written), on 1 thread and on 2
+    threads (each half of the array; numpy releases the GIL in these loops). GB/s: medians of
+    `repeats`, and the best sum (the least disturbed by other processes)."""
+    import numpy as np
+
+    src = np.ones(MEMBW_BYTES // 8, dtype=np.uint64)
+    dst = np.empty_like(src)
+    halves = [slice(0, len(src) // 2), slice(len(src) // 2, None)]
+
+    def timed(work, n_threads: int, best: bool = False) -> float:
+        parts = halves if n_threads == 2 else [slice(None)]
+        runs = []
+        for _ in range(repeats):
+            pool = [threading.Thread(target=work, args=(part,)) for part in parts]
+            t0 = time.perf_counter()
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join()
+            runs.append(time.perf_counter() - t0)
+        return min(runs) if best else statistics.median(runs)
+
+    def sum_part(part):
+        src[part].sum()
+
+    def copy_part(part):
+        np.copyto(dst[part], src[part])
+
+    copy_part(slice(None))  # touch every page of both arrays first
+    return {
+        "sum_t1_gb_s": MEMBW_BYTES / timed(sum_part, 1) / 1e9,
+        "sum_t2_gb_s": MEMBW_BYTES / timed(sum_part, 2) / 1e9,
+        "sum_t1_best_gb_s": MEMBW_BYTES / timed(sum_part, 1, best=True) / 1e9,
+        "sum_t2_best_gb_s": MEMBW_BYTES / timed(sum_part, 2, best=True) / 1e9,
+        "copy_t1_gb_s": 2 * MEMBW_BYTES / timed(copy_part, 1) / 1e9,
+        "copy_t2_gb_s": 2 * MEMBW_BYTES / timed(copy_part, 2) / 1e9,
+    }
+
+
+CHILD_TIMEOUT_S = 1800
+
+
+def _result(proc: subprocess.CompletedProcess) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def int8_weight_bytes(cache_root: Path, model_path: Path) -> int:
-    sizes = [f.stat().st_size for d in cache_root.glob(f"{model_path.name}-*") for f in d.glob("*.safetensors")]
-    return min(sizes) if sizes else 0
+def _machine_busy_s() -> float:
+    """CPU seconds all processes of the machine have used since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def variants_for(explore: bool, bf16_backend: bool = False) -> list[Variant]:
-    variants = [Variant("fp32"), Variant("itrex-int8")]
+def _run_measured(cmd: list[str], **kwargs) -> dict:
+    """Run one child; add `others_cores`: how many cores other processes kept busy meanwhile (the
+    machine's busy time minus the child's own, over the wall time), to judge the noise of a figure."""
+    busy0, own0, t0 = _machine_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, check=False, **kwargs)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {CHILD_TIMEOUT_S} s"}
+    own1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic() - t0
+    own = (own1.ru_utime + own1.ru_stime) - (own0.ru_utime + own0.ru_stime)
+    result = _result(proc)
+    if "error" not in result:
+        result["others_cores"] = max(0.0, (_machine_busy_s() - busy0 - own) / wall)
+    return result
+
+
+def run_child(model_path: Path, variant: Variant, cache_root: Path, job_file: Path | None = None,
+              gguf_files: dict | None = None, bench_python: Path = BENCH_PYTHON) -> dict:
+    """One measurement in a fresh process. Without `job_file` (bench_quantize, bench_api) an HF child
+    makes the job itself from the model's tokenizer."""
+    env = dict(os.environ)
+    if variant.backend == "llama-cpp":
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[name] = str(variant.threads)
+        job = dict(json.loads(job_file.read_text()), threads=variant.threads)
+        with tempfile.NamedTemporaryFile("w", suffix=".json", dir=job_file.parent, delete=False) as f:
+            json.dump(job, f)
+        try:
+            cmd = [str(bench_python), str(LLAMA_CPP_CHILD), "measure", gguf_files[variant.gguf], f.name]
+            return _run_measured(cmd, cwd=cache_root, env=env)
+        finally:
+            os.unlink(f.name)
+    cmd = [sys.executable, "-m", "workers.tools.bench_engine", "--child", str(model_path),
+           json.dumps(asdict(variant)), str(cache_root)] + ([str(job_file)] if job_file else [])
+    return _run_measured(cmd, cwd=cache_root, env=env)  # the package is installed: no PYTHONPATH
+
+
+def run_membw_child() -> dict:
+    return _run_measured([sys.executable, "-m", "workers.tools.bench_engine", "--child-membw"], cwd=ROOT)
+
+
+_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                   "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "transformer.embedding.word_embeddings.weight")
+OUTPUT_NAMES = ("lm_head.weight", "transformer.output_layer.weight")
+
+
+def safetensors_tensors(folder: Path) -> dict[str, tuple[str, int, int]]:
+    """name -> (dtype, elements, bytes) of every tensor in the folder's safetensors files (headers only)."""
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = meta["data_offsets"]
+            tensors[name] = (meta["dtype"], math.prod(meta["shape"]), end - start)
+    return tensors
+
+
+def read_bytes_per_token(tensors: dict[str, tuple[str, int, int]], bytes_per_element: float | None = None) -> int:
+    """Weight bytes one decode step reads: every tensor (in its stored size, or at `bytes_per_element`
+    for a model loaded in another dtype), except the input embedding table when a separate output
+    matrix exists: a step reads one row of it. With tied embeddings the table is the output matrix."""
+    def size(meta):
+        return meta[1] * bytes_per_element if bytes_per_element else meta[2]
+
+    total = sum(size(m) for m in tensors.values())
+    if any(name in tensors for name in OUTPUT_NAMES):
+        total -= sum(size(tensors[name]) for name in EMBEDDING_NAMES if name in tensors)
+    return int(total)
+
+
+def weight_read_bytes(model_path: Path, variant: Variant, int8_entries: dict) -> int | None:
+    """For the HF variants (llama.cpp children report their own, from the GGUF file)."""
+    if variant.backend in ("fp32", "bf16"):
+        return read_bytes_per_token(safetensors_tensors(model_path), 4 if variant.backend == "fp32" else 2)
+    entry = int8_entries.get((model_path.name, variant.compute_dtype, variant.group_size))
+    if variant.backend == "itrex-int8" and entry:
+        # ITREX's checkpoint as stored: INT8 weights + scales, the embedding and lm_head kept in fp32.
+        return read_bytes_per_token(safetensors_tensors(entry))
+    return None
+
+
+def llama_cpp_version() -> str:
+    for line in (ROOT / "requirements-bench.txt").read_text().splitlines():
+        if line.startswith("llama-cpp-python=="):
+            return line.split("==", 1)[1].strip()
+    return "unknown"
+
+
+def ensure_gguf(model_path: Path, bench_python: Path) -> dict:
+    """var/bench/gguf/<model folder>-<key>/model-{f16,q8_0}.gguf, converted once by llama.cpp's own
+    converter; the key covers the source folder's content and the llama-cpp-python version."""
+    from workers.engine.int8_cache import source_fingerprint
+
+    root = var_dir() / "bench" / "gguf"
+    root.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(f"{source_fingerprint(model_path, root)}\0{llama_cpp_version()}".encode()).hexdigest()[:16]
+    out = root / f"{model_path.name}-{key}"
+    files = {t: out / f"model-{t}.gguf" for t in GGUF_TYPES}
+    if all(f.is_file() for f in files.values()):
+        return {t: str(f) for t, f in files.items()}
+    print(f"bench: converting {model_path.name} to GGUF F16 and Q8_0 (once) in {out}", flush=True)
+    proc = subprocess.run([str(bench_python), str(LLAMA_CPP_CHILD), "convert", str(model_path), str(out)],
+                          stdout=subprocess.PIPE, text=True, check=False)  # the converter's progress: stderr
+    result = _result(proc)
+    if "error" in result:
+        raise SystemExit(f"GGUF conversion of {model_path} failed (rc {proc.returncode}); see the output above")
+    return result
+
+
+def variants_for(explore: bool, bf16_backend: bool = False, llama_cpp: bool = False,
+                 threads: tuple[int, ...] = (2,)) -> list[Variant]:
+    variants = []
+    for t in threads:
+        variants += [Variant("fp32", threads=t), Variant("itrex-int8", threads=t)]
+        if llama_cpp:
+            variants += [Variant("llama-cpp", threads=t, gguf=g) for g in GGUF_TYPES]
     if explore:
         variants += [
             Variant("itrex-int8", group_size=128), Variant("itrex-int8", group_size=32),
@@ -116,35 +323,78 @@ def variants_for(explore: bool, bf16_backend: bool = False) -> list[Variant]:
         ]
     if bf16_backend:  # opt-in: without AVX512-BF16/AMX, torch computes bf16 slowly (minutes per 1 B run)
         variants.append(Variant("bf16"))
-    return variants
+    return list(dict.fromkeys(variants))
 
 
-def summarize(results: dict, models: list[Path], variants: list[Variant], cache_root: Path) -> str:
-    lines = [f"Engine benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "
-             f"medians over rounds; prompt {PROMPT_TOKENS} tokens, decode {DECODE_TOKENS} tokens)",
-             f"CPU: {cpu.describe()}", ""]
-    header = "| model | variant | decode tok/s | x fp32 | prompt tok/s | x fp32 | load s | steady RSS GiB | peak RSS GiB | ppl |"
+def _median(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+
+
+def summarize(results: dict, models: list[Path], variants: list[Variant], membw: list[dict],
+              read_bytes: dict, int8_entries: dict) -> str:
+    lines = [f"CPU: {cpu.describe()}", "",
+             (f"Engine benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "
+              f"medians over {len(membw)} interleaved rounds; prompt {PROMPT_TOKENS} tokens, {DECODE_TOKENS} new "
+              f"tokens greedy, decode timed after the first new token, each run in a fresh process)"),
+             "The machine is shared: absolute figures are noisy, the ratios within one run are what counts.", ""]
+    bw = _median([m for m in membw if "error" not in m]) if any("error" not in m for m in membw) else {}
+    if bw:
+        lines += [
+            (f"Measured read bandwidth (numpy, 1 GiB array, one measurement per round): sum {bw['sum_t1_gb_s']:.1f} "
+             f"GB/s on 1 thread, {bw['sum_t2_gb_s']:.1f} GB/s on 2 threads (best {bw.get('sum_t1_best_gb_s', 0):.1f} / "
+             f"{bw.get('sum_t2_best_gb_s', 0):.1f}); copy (bytes read + written) {bw['copy_t1_gb_s']:.1f} / "
+             f"{bw['copy_t2_gb_s']:.1f} GB/s (others' load meanwhile {bw.get('others_cores', 0):.1f} cores)."),
+            ("Effective GB/s of a variant = weight bytes read per decode step x decode tok/s; "
+             "% = of the sum bandwidth at the variant's thread count. Ratios compare variants at the same "
+             "thread count. Others' load = cores kept busy by other processes during the run (median)."), ""]
+    else:
+        lines += [f"Read bandwidth measurement failed: {membw[0].get('error', '?') if membw else 'not run'}", ""]
+    header = ("| model | variant | decode tok/s | x fp32 | x llama.cpp Q8_0 | GB read/token | effective GB/s | "
+              "% of read bw | prompt tok/s | x fp32 | load s | steady RSS GiB | peak RSS GiB | ppl | others' load |")
+    ncols = header.count("|") - 1
     for model in models:
-        lines += [header, "|" + "---|" * 10]
-        base = None
+        lines += [header, "|" + "---|" * ncols]
+        med = {}
         for v in variants:
             runs = [r for r in results[(model.name, v.label)] if "error" not in r]
-            if not runs:
+            if runs:
+                med[v] = _median(runs)
+        for v in variants:
+            # ratios against fp32 and llama.cpp Q8_0 at the same thread count
+            base = med.get(Variant("fp32", threads=v.threads))
+            q8 = med.get(Variant("llama-cpp", threads=v.threads, gguf="q8_0"))
+            if v not in med:
                 err = results[(model.name, v.label)][0].get("error", "?")
-                lines.append(f"| {model.name} | {v.label} | failed: {err} |" + " |" * 7)
+                lines.append(f"| {model.name} | {v.label} | failed: {err} |" + " |" * (ncols - 3))
                 continue
-            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            if v == Variant("fp32"):
-                base = med
-            ratio = (lambda k: f"{med[k] / base[k]:.2f}") if base else (lambda k: "-")
+            m = med[v]
+            def ratio(ref, k, m=m):
+                return f"{m[k] / ref[k]:.2f}" if ref else "-"
+
+            read = m.get("read_bytes_per_token") or read_bytes.get((model.name, v.label))
+            if read:
+                eff = read * m["decode_tok_s"] / 1e9
+                ref_bw = bw.get("sum_t2_gb_s" if v.threads >= 2 else "sum_t1_gb_s")
+                read_cols = f"{read / 1e9:.3f} | {eff:.1f} | " + (f"{100 * eff / ref_bw:.0f} %" if ref_bw else "-")
+            else:
+                read_cols = "- | - | -"
             lines.append(
-                f"| {model.name} | {v.label} | {med['decode_tok_s']:.1f} | {ratio('decode_tok_s')} | "
-                f"{med['prompt_tok_s']:.0f} | {ratio('prompt_tok_s')} | {med['load_s']:.1f} | "
-                f"{med['steady_rss_gib']:.2f} | {med['peak_rss_gib']:.2f} | {med['ppl']:.2f} |"
+                f"| {model.name} | {v.label} | {m['decode_tok_s']:.1f} | {ratio(base, 'decode_tok_s')} | "
+                f"{ratio(q8, 'decode_tok_s')} | {read_cols} | {m['prompt_tok_s']:.0f} | {ratio(base, 'prompt_tok_s')} | "
+                f"{m['load_s']:.1f} | {m['steady_rss_gib']:.2f} | {m['peak_rss_gib']:.2f} | {m['ppl']:.2f} | "
+                + (f"{m['others_cores']:.1f} |" if "others_cores" in m else "- |")
             )
-        weight = int8_weight_bytes(cache_root, model)
-        if weight:
-            lines.append(f"\nINT8 checkpoint of {model.name}: {weight / GIB:.2f} GiB on disk.\n")
+        notes = []
+        for (name, _, _), entry in int8_entries.items():
+            if name == model.name:
+                size = sum(f.stat().st_size for f in entry.glob("*.safetensors"))
+                notes.append(f"INT8 checkpoint {size / GIB:.2f} GiB on disk")
+        for gguf in dict.fromkeys(v.gguf for v in variants if v.backend == "llama-cpp"):
+            sizes = [m["tensor_bytes"] for v, m in med.items() if v.gguf == gguf and m.get("tensor_bytes")]
+            if sizes:
+                notes.append(f"GGUF {gguf.upper()} tensors {sizes[0] / GIB:.2f} GiB")
+        if notes:
+            lines.append(f"\n{model.name}: " + "; ".join(notes) + ".\n")
     return "\n".join(lines)
 
 
@@ -152,44 +402,79 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
         model_path, variant, cache_root = Path(argv[1]), Variant(**json.loads(argv[2])), Path(argv[3])
-        print("RESULT " + json.dumps(measure(model_path, variant, cache_root)), flush=True)
+        job = json.loads(Path(argv[4]).read_text()) if len(argv) > 4 else None
+        print("RESULT " + json.dumps(measure(model_path, variant, cache_root, job)), flush=True)
+        return 0
+    if argv and argv[0] == "--child-membw":
+        print("RESULT " + json.dumps(measure_read_bandwidth()), flush=True)
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--explore", action="store_true", help="also other group sizes, compute dtypes, threads")
     p.add_argument("--models", choices=("embedded", "random-1b", "both"), default="both")
     p.add_argument("--bf16-backend", action="store_true", help="also the plain bf16 backend (slow on CPUs without bf16 units)")
+    p.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None,
+                   help="also llama.cpp F16 and Q8_0 (default: when .venv-bench exists; scripts/bench_engine.sh "
+                        "--llama-cpp builds it)")
+    p.add_argument("--bench-python", type=Path, default=BENCH_PYTHON, help="python of the llama.cpp environment")
+    p.add_argument("--threads", type=int, nargs="+", default=[2], help="thread counts to run every variant at")
     args = p.parse_args(argv)
+    # auto: when scripts/setup_bench.sh has finished building the environment (its stamp file)
+    ready = (args.bench_python.parent.parent / ".requirements.sha256").is_file()
+    use_llama_cpp = ready if args.llama_cpp is None else args.llama_cpp
+    if use_llama_cpp and not args.bench_python.is_file():
+        p.error(f"{args.bench_python} is missing: run scripts/setup_bench.sh (or scripts/bench_engine.sh --llama-cpp)")
     print(f"CPU: {cpu.describe()}", flush=True)
 
-    from workers.engine import int8_cache
-    from workers.models.embedded import prepare
     from workers.config.int8 import Int8Settings, unsupported_reason
     from workers.config.paths import int8_cache_dir
+    from workers.engine import int8_cache
+    from workers.models.embedded import prepare
 
     models = ([prepare()] if args.models != "random-1b" else []) + ([random_llama_1b()] if args.models != "embedded" else [])
-    variants = variants_for(args.explore, args.bf16_backend)
+    variants = variants_for(args.explore, args.bf16_backend, use_llama_cpp, tuple(args.threads))
     cache_root = int8_cache_dir()
-    for model in models:  # quantize up front so load times below are cache loads
+    int8_entries, gguf_files = {}, {}
+    for model in models:  # quantize and convert up front so load times below are cache loads
         for v in variants:
             settings = Int8Settings(compute_dtype=v.compute_dtype, group_size=v.group_size)
-            if v.backend == "itrex-int8" and unsupported_reason(settings) is None:
-                int8_cache.ensure(model, settings, cache_root)
+            key = (model.name, v.compute_dtype, v.group_size)
+            if v.backend == "itrex-int8" and unsupported_reason(settings) is None and key not in int8_entries:
+                int8_entries[key] = int8_cache.ensure(model, settings, cache_root)
+        if use_llama_cpp:
+            gguf_files[model.name] = ensure_gguf(model, args.bench_python)
+    read_bytes = {(m.name, v.label): weight_read_bytes(m, v, int8_entries) for m in models for v in variants}
+    job_dir = var_dir() / "bench" / "jobs"
+    job_dir.mkdir(parents=True, exist_ok=True)
+    job_files = {}
+    for model in models:
+        job_files[model.name] = job_dir / f"{model.name}.json"
+        job_files[model.name].write_text(json.dumps(bench_job(model)))
     results = {(m.name, v.label): [] for m in models for v in variants}
-    jobs = [(r, m, v) for r in range(args.rounds) for m in models for v in variants]
+    membw: list[dict] = []
+    # Each round: the machine's read bandwidth, then every model x variant, each in a fresh process.
+    jobs = []
+    for r in range(args.rounds):
+        jobs += [(r, None, None)] + [(r, m, v) for m in models for v in variants]
     for _, model, v in tqdm(jobs, desc="bench (interleaved rounds)", unit="run"):
+        if model is None:
+            membw.append(run_membw_child())
+            continue
         if v.backend == "itrex-int8":
             problem = unsupported_reason(Int8Settings(compute_dtype=v.compute_dtype, group_size=v.group_size))
             if problem:
                 results[(model.name, v.label)].append({"error": problem})
                 continue
-        results[(model.name, v.label)].append(run_child(model, v, cache_root))
-    report = summarize(results, models, variants, cache_root)
+        results[(model.name, v.label)].append(
+            run_child(model, v, cache_root, job_files[model.name], gguf_files.get(model.name), args.bench_python))
+    report = summarize(results, models, variants, membw, read_bytes, int8_entries)
     out = reports_dir() / "bench-engine.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report + "\n")
+    raw = {"membw": membw, "runs": [{"model": m, "variant": label, "results": r} for (m, label), r in results.items()]}
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1))  # every round's figures, for a closer look
     print(report)
-    print(f"\nwritten to {out}")
+    print(f"\nwritten to {out} (every run's figures: {out.with_suffix('.json').name})")
     return 0
 
 

@@ -1,0 +1,83 @@
+"""bench_engine's bookkeeping, without running a model: weight bytes read per token, the report's
+columns, and the split between the bundle's environment and the llama.cpp one."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from workers.tools import bench_engine as be
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _folder(tmp_path: Path, tied: bool) -> Path:
+    tensors = {
+        "model.embed_tokens.weight": np.zeros((10, 4), np.float32),  # 160 bytes
+        "model.layers.0.mlp.qweight": np.zeros((4, 4), np.int8),  # 16 bytes
+        "model.norm.weight": np.zeros(4, np.float32),  # 16 bytes
+    }
+    if not tied:
+        tensors["lm_head.weight"] = np.zeros((10, 4), np.float32)
+    folder = tmp_path / ("tied" if tied else "untied")
+    folder.mkdir()
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_untied_model_reads_the_output_matrix_not_the_embedding_table(tmp_path):
+    tensors = be.safetensors_tensors(_folder(tmp_path, tied=False))
+    assert tensors["model.layers.0.mlp.qweight"] == ("I8", 16, 16)
+    assert be.read_bytes_per_token(tensors) == 160 + 16 + 16
+
+
+def test_tied_model_reads_the_embedding_table_as_its_output_matrix(tmp_path):
+    assert be.read_bytes_per_token(be.safetensors_tensors(_folder(tmp_path, tied=True))) == 160 + 16 + 16
+
+
+def test_a_model_loaded_in_fp32_counts_four_bytes_per_weight(tmp_path):
+    tensors = be.safetensors_tensors(_folder(tmp_path, tied=False))
+    assert be.read_bytes_per_token(tensors, 4) == 4 * (40 + 16 + 4)
+
+
+def test_llama_cpp_variants_are_opt_in_and_labelled():
+    assert all(v.backend != "llama-cpp" for v in be.variants_for(False))
+    labels = [v.label for v in be.variants_for(False, llama_cpp=True)]
+    assert labels == ["fp32 t2", "int8 fp32 g-1 t2", "llama.cpp F16 t2", "llama.cpp Q8_0 t2"]
+
+
+def test_report_starts_with_the_cpu_and_gives_ratios_and_bandwidth():
+    model = Path("m")
+    variants = be.variants_for(False, llama_cpp=True)
+    run = {"load_s": 1.0, "prompt_tok_s": 100.0, "steady_rss_gib": 1.0, "peak_rss_gib": 1.0, "ppl": 10.0}
+    speeds = {"fp32 t2": 10.0, "int8 fp32 g-1 t2": 20.0, "llama.cpp F16 t2": 30.0, "llama.cpp Q8_0 t2": 40.0}
+    results = {("m", label): [dict(run, decode_tok_s=tok_s)] for label, tok_s in speeds.items()}
+    results[("m", "llama.cpp Q8_0 t2")][0].update(read_bytes_per_token=1e9, tensor_bytes=1.1e9)
+    membw = [{"sum_t1_gb_s": 20.0, "sum_t2_gb_s": 40.0, "copy_t1_gb_s": 15.0, "copy_t2_gb_s": 25.0}]
+    read_bytes = {("m", "fp32 t2"): 4e9, ("m", "int8 fp32 g-1 t2"): 1e9}
+    report = be.summarize(results, [model], variants, membw, read_bytes, {})
+    assert report.splitlines()[0].startswith("CPU: ")
+    assert "sum 20.0 GB/s on 1 thread, 40.0 GB/s on 2 threads" in report
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in report.splitlines() if line.startswith("| m |")}
+    # | model | variant | tok/s | x fp32 | x Q8_0 | GB/token | GB/s | % | ...
+    assert rows["fp32 t2"][2:8] == ["10.0", "1.00", "0.25", "4.000", "40.0", "100 %"]
+    assert rows["int8 fp32 g-1 t2"][2:8] == ["20.0", "2.00", "0.50", "1.000", "20.0", "50 %"]
+    assert rows["llama.cpp F16 t2"][5:8] == ["-", "-", "-"]  # no byte count reported: no bandwidth
+    assert rows["llama.cpp Q8_0 t2"][2:8] == ["40.0", "4.00", "1.00", "1.000", "40.0", "100 %"]
+
+
+def test_the_bundle_environment_never_imports_llama_cpp():
+    code = "import sys, workers.tools.bench_engine; print('llama_cpp' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    child = ROOT / "workers" / "tools" / "bench_llama_cpp.py"
+    imported = set()
+    for node in ast.walk(ast.parse(child.read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert "workers" not in imported  # it runs under .venv-bench, where the bundle is not installed
