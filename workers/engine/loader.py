@@ -75,13 +75,16 @@ def cast_parameters(model, dtype: torch.dtype) -> int:
     return len(wrong)
 
 
-def release_freed_memory() -> None:
+def release_freed_memory(collect: bool = True) -> None:
     """Give memory freed while loading back to the OS.
 
     Loading the INT8 checkpoint goes through temporary full-size tensors; glibc keeps their freed
     heap pages. Measured on the 1.1 B model: steady RSS 3.20 -> 2.58 GiB after malloc_trim.
+    `collect=False` after each request: a full gc.collect() holds the GIL for 0.2-0.3 s in a serving
+    worker (measured), which stalls its event loop and every generation; malloc_trim alone takes ~7 ms.
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
