@@ -108,6 +108,9 @@ class ModelSpec(Strict):
     # KV cache kept for recent conversations (prefix reuse), in tokens; 0 turns it off. Counted in
     # the memory budget: KV bytes per token x this (Qwen-7B: 1 MiB/token, SmolLM2: 45 KiB/token).
     prefix_cache_tokens: int = Field(default=2048, ge=0)
+    # Concurrent requests decode together, one forward pass per step for all (continuous batching),
+    # for families whose code allows it (Family.kv_axes); false: one generate() per request.
+    batching: bool = True
     trust_remote_code: bool = False
     int8: Int8Settings = Int8Settings()
 

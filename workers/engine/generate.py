@@ -56,17 +56,19 @@ def _accepts(fn, name: str) -> bool:
 
 
 def prefill(model, ids: list[int], past, start: int, batched: bool = True):
-    """Extend `past` (the cache of ids[:start]) over ids[start:]: one forward pass, or one per token
-    for model code that cannot mask a multi-token continuation (Family.batched_continuation)."""
+    """Extend `past` (the cache of ids[:start], or None) over ids[start:]: one forward pass, or one per
+    token for model code that cannot mask a multi-token continuation (Family.batched_continuation).
+    Returns the new cache and the logits (1, vocab) after the last token."""
     step = len(ids) if batched else 1
+    logits = None
     with torch.inference_mode():
         for begin in range(start, len(ids), step):
             end = min(begin + step, len(ids))
             x = torch.tensor([ids[begin:end]], dtype=torch.long)
             positions = torch.arange(begin, end, dtype=torch.long)[None]
-            past = model(input_ids=x, past_key_values=past, position_ids=positions, use_cache=True,
-                         return_dict=True).past_key_values
-    return past
+            out = model(input_ids=x, past_key_values=past, position_ids=positions, use_cache=True, return_dict=True)
+            past, logits = out.past_key_values, out.logits[:, -1, :]
+    return past, logits
 
 
 class _Cancelled(StoppingCriteria):
@@ -155,8 +157,12 @@ class TextAssembler:
         return self.postprocess(raw)
 
 
+def is_greedy(job: Job) -> bool:
+    return job.temperature <= 1e-5  # as the models' own chat code does with do_sample=False
+
+
 def _sampling_kwargs(job: Job) -> dict:
-    if job.temperature <= 1e-5:  # greedy, as the models' own chat code does with do_sample=False
+    if is_greedy(job):
         return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     return {"do_sample": True, "temperature": job.temperature, "top_p": job.top_p, "top_k": job.top_k}
 

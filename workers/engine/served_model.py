@@ -15,6 +15,7 @@ import torch
 
 from workers.config.schema import ModelSpec
 from workers.engine import generate, prompt
+from workers.engine.batcher import Batcher, batch_axes
 from workers.engine.generate import Job
 from workers.engine.core_share import CoreShare, share_forward
 from workers.engine.prefix_cache import PrefixCache, crop
@@ -76,6 +77,7 @@ class ServedModel:
     context_len: int
     prefixes: PrefixCache
     share: CoreShare | None = None
+    batcher: Batcher | None = None  # None: one generate() per request
 
     @classmethod
     def build(cls, spec: ModelSpec, folder: Path, model, tokenizer, share: CoreShare | None = None) -> "ServedModel":
@@ -91,8 +93,13 @@ class ServedModel:
         )
         if share is not None:
             share_forward(model, share)
-        log.info("%s: context %d, default answer %d tokens, sampling %s, stop ids %s", spec.program,
-                 served.context_len, served.max_tokens_default, served.sampling, sorted(chat.stop_token_ids))
+        axes = batch_axes(chat.family, model) if spec.batching else None
+        if axes is not None:
+            served.batcher = Batcher(model, axes, served.decode, chat.postprocess, served._prefill_reusing,
+                                     served._keep if served.prefixes.max_tokens > 0 else None)
+        log.info("%s: context %d, default answer %d tokens, sampling %s, stop ids %s, %s", spec.program,
+                 served.context_len, served.max_tokens_default, served.sampling, sorted(chat.stop_token_ids),
+                 "continuous batching" if axes else "one generation at a time per request")
         return served
 
     # --- prompts -------------------------------------------------------------------------------
@@ -173,20 +180,39 @@ class ServedModel:
         finally:
             self.share.end()
 
+    def _reusable(self, ids: list[int]) -> tuple[object, int]:
+        """The cropped cache of the longest earlier conversation `ids` continues, and its length."""
+        if self.prefixes.max_tokens <= 0:
+            return None, 0
+        entry, reused = self.prefixes.longest(ids)
+        new = len(ids) - 1 - reused
+        if entry is not None and not self._batched_continuation and new * TOKEN_BY_TOKEN_COST > reused:
+            return None, 0  # one forward per new token would cost more than recomputing all
+        return (crop(entry, reused), reused) if entry is not None else (None, 0)
+
+    @property
+    def _batched_continuation(self) -> bool:
+        return self.chat.family is None or self.chat.family.batched_continuation
+
+    def _prefill_reusing(self, ids: list[int]) -> tuple[object, torch.Tensor, int]:
+        """The batcher's prefill: cache and last logits of `ids`, reusing an earlier conversation's cache."""
+        past, reused = self._reusable(ids)
+        past, logits = generate.prefill(self.model, ids, past, reused, self._batched_continuation or past is None)
+        return past, logits, reused
+
+    def _keep(self, ids: list[int], past) -> None:
+        self.prefixes.store(ids, past)
+
     def _generate(self, job: Job, on_text=None) -> generate.Result:
         """Generate, reusing the cache of the longest earlier conversation this prompt continues."""
+        if self.batcher is not None:
+            return self.batcher.submit(job, on_text)
         pad = getattr(self.tokenizer, "pad_token_id", None)
         keep = self.prefixes.max_tokens > 0
-        past, reused = None, 0
-        if keep:
-            entry, reused = self.prefixes.longest(job.prompt_ids)
-            batched = self.chat.family is None or self.chat.family.batched_continuation
-            new = len(job.prompt_ids) - 1 - reused
-            if entry is not None and not batched and new * TOKEN_BY_TOKEN_COST > reused:
-                entry, reused = None, 0  # one forward per new token would cost more than recomputing all
-            if entry is not None:
-                # Everything but the last prompt token goes into the cache; generate() takes that one.
-                past = generate.prefill(self.model, job.prompt_ids[:-1], crop(entry, reused), reused, batched)
+        past, reused = self._reusable(job.prompt_ids)
+        if past is not None:
+            # Everything but the last prompt token goes into the cache; generate() takes that one.
+            past, _ = generate.prefill(self.model, job.prompt_ids[:-1], past, reused, self._batched_continuation)
         result = generate.run(self.model, self.decode, self.chat.postprocess, job, on_text, pad_token_id=pad,
                               past=past, keep_cache=keep)
         result.reused_tokens = reused

@@ -66,6 +66,9 @@ class Family:
     # Can its forward pass extend a KV cache by several tokens at once (prefix reuse)? Qwen-7B's code
     # applies no causal mask when a cache is given, so a cache is extended one token at a time there.
     batched_continuation: bool = True
+    # (batch axis, sequence axis) of its cached key/value tensors, for continuous batching (the batch
+    # cache is padded and cut along them); None: its sequences are not batched.
+    kv_axes: tuple[int, int] | None = (0, 2)
     notes: str = field(default="", compare=False)
 
     def postprocess_text(self, text: str) -> str:
@@ -91,6 +94,7 @@ CHATGLM3 = Family(
     precision=PRECISION_CONFIG_DTYPE,
     tokenizer_files=("tokenizer.model", "tokenizer_config.json"),
     chat_sampling=(("temperature", 0.8), ("top_p", 0.8)),  # chat(..., do_sample=True, top_p=0.8, temperature=0.8)
+    kv_axes=(1, 0),  # its cache is (seq, batch, groups, dim); it takes position ids and a padding mask
     notes="chat(): eos 2, <|user|> 64795, <|observation|> 64797; decode(out[:-1]) then process_response",
 )
 
@@ -111,6 +115,8 @@ QWEN = Family(
     cpu_config=(("use_flash_attn", False),),
     tokenizer_files=("qwen.tiktoken", "tokenizer_config.json"),
     batched_continuation=False,  # attention: causal_mask only "if query.size(1) == key_size"
+    # Its rotary positions come from the cache length, not position ids: left padding would shift them.
+    kv_axes=None,
     notes="chat(): stop words <|im_end|>/<|im_start|> then a forced <|endoftext|>; decode(errors='replace').strip()",
 )
 

@@ -1,0 +1,131 @@
+"""Continuous batching: requests that arrive while others decode join the batch, and every answer is
+token for token what the same request gets alone (greedy), on transformers' own Llama (SmolLM2, fp32
+and ITREX INT8) and on ChatGLM3's own code (a differently laid out cache). Qwen-7B's code derives
+positions from the cache length, so it is not batched and says so."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests import tiny_models
+from workers.config.schema import ModelSpec
+from workers.engine.batcher import batch_axes
+from workers.engine.loader import load_model
+from workers.engine.served_model import ServedModel
+
+QUESTIONS = ["Hi!", "Tell me about Paris in three sentences, please, with some detail about its history.",
+             "What is 2+2?", "Write a short poem about the sea and the wind, in four lines."]
+
+
+def served(folder, backend="fp32", batching=True, trust=False, cache_root=None, prefix_tokens=2048) -> ServedModel:
+    spec = ModelSpec(names=["m"], source={"path": str(folder)}, port=1, backend=backend, batching=batching,
+                     trust_remote_code=trust, prefix_cache_tokens=prefix_tokens)
+    model, tokenizer = load_model(folder, backend, trust_remote_code=trust, cache_root=cache_root)
+    return ServedModel.build(spec, folder, model, tokenizer)
+
+
+def job_for(sm: ServedModel, i: int, max_tokens: int, **extra):
+    params = {"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], "temperature": 0,
+              "max_new_tokens": max_tokens + 3 * i, **extra}
+    return sm.job(params)[0]
+
+
+def run_together(sm: ServedModel, jobs, stagger_s=0.05) -> list:
+    """Each job from its own thread, started a little apart so later ones join a batch under way."""
+    results = [None] * len(jobs)
+
+    def one(i):
+        time.sleep(i * stagger_s)
+        results[i] = sm.generate(jobs[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    return results
+
+
+def outcome(r):
+    return r.text, r.completion_tokens, r.finish_reason
+
+
+def assert_batched_equals_alone(folder, trust=False, backend="fp32", cache_root=None, extra=None, max_tokens=24):
+    batched = served(folder, backend, trust=trust, cache_root=cache_root, prefix_tokens=0)
+    alone = served(folder, backend, batching=False, trust=trust, cache_root=cache_root, prefix_tokens=0)
+    assert batched.batcher is not None and alone.batcher is None
+    extra = extra or [{}] * 4
+    together = run_together(batched, [job_for(batched, i, max_tokens, **extra[i]) for i in range(4)])
+    expected = [alone.generate(job_for(alone, i, max_tokens, **extra[i])) for i in range(4)]
+    assert [outcome(r) for r in together] == [outcome(r) for r in expected]
+    assert batched.batcher.widest >= 3, "the requests did not decode together"
+    assert batched.batcher.active == 0
+
+
+def test_smollm2_fp32_batched_answers_equal_answers_alone(embedded_model):
+    # Also per-request processors inside one batch: a repetition penalty, presence/frequency penalties, a stop string.
+    extra = [{}, {"repetition_penalty": 1.3}, {"presence_penalty": 1.5, "frequency_penalty": 0.5}, {"stop": [","]}]
+    assert_batched_equals_alone(embedded_model, extra=extra)
+
+
+def test_smollm2_int8_batched_answers_equal_answers_alone(embedded_model, int8_entry, int8_cache_root):
+    assert_batched_equals_alone(embedded_model, backend="itrex-int8", cache_root=int8_cache_root)
+
+
+@pytest.mark.skipif(tiny_models.model_code_missing() is not None, reason=str(tiny_models.model_code_missing()))
+def test_chatglm3_batched_answers_equal_answers_alone(tmp_path):
+    folder = tiny_models.build_chatglm3(tmp_path / "model")
+    assert_batched_equals_alone(folder, trust=True)
+
+
+@pytest.mark.skipif(tiny_models.model_code_missing() is not None, reason=str(tiny_models.model_code_missing()))
+def test_qwen_is_served_one_generation_per_request(tmp_path):
+    folder = tiny_models.build_qwen(tmp_path / "model")
+    sm = served(folder, trust=True)
+    assert sm.batcher is None and batch_axes(sm.chat.family, sm.model) is None
+    assert sm.generate(job_for(sm, 0, 8)).completion_tokens > 0
+
+
+def test_a_cancelled_request_leaves_the_batch_and_the_others_answer_as_alone(embedded_model):
+    batched = served(embedded_model, prefix_tokens=0)
+    alone = served(embedded_model, batching=False, prefix_tokens=0)
+    jobs = [job_for(batched, i, 40) for i in range(3)]
+    threading.Timer(0.8, jobs[1].cancel.set).start()
+    results = run_together(batched, jobs)
+    assert results[1].finish_reason == "cancelled" and results[1].completion_tokens < jobs[1].max_new_tokens
+    for i in (0, 2):
+        assert outcome(results[i]) == outcome(alone.generate(job_for(alone, i, 40)))
+    assert batched.batcher.active == 0
+
+
+def test_batched_chat_reuses_the_previous_turn_and_answers_the_same(embedded_model):
+    """The batcher keeps each finished conversation's cache (prefix reuse) like the single path."""
+    batched, alone = served(embedded_model), served(embedded_model, batching=False, prefix_tokens=0)
+    messages = [{"role": "system", "content": "You are a helpful travel guide. " * 8},
+                {"role": "user", "content": QUESTIONS[1]}]
+    first = batched.generate(batched.job({"messages": messages, "temperature": 0, "max_new_tokens": 16})[0])
+    messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And its museums?"}]
+    params = {"messages": messages, "temperature": 0, "max_new_tokens": 16}
+    second = batched.generate(batched.job(params)[0])
+    assert second.reused_tokens > 50
+    assert outcome(second) == outcome(alone.generate(alone.job(params)[0]))
+
+
+def test_a_failing_step_fails_its_requests_and_the_next_request_is_served(embedded_model):
+    sm = served(embedded_model, prefix_tokens=0)
+    original = sm.model.forward
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure")
+        return original(*args, **kwargs)
+
+    sm.model.forward = flaky
+    with pytest.raises(RuntimeError, match="injected failure"):
+        sm.generate(job_for(sm, 0, 8))
+    assert sm.batcher.active == 0
+    assert sm.generate(job_for(sm, 0, 8)).completion_tokens > 0

@@ -1,0 +1,284 @@
+"""Continuous batching: the concurrent requests of one worker decode together, one forward pass per
+step for all of them. A new request is prefilled on its own and joins at the next step; a finished or
+cancelled one leaves at once. Decode on a CPU is bound by reading the weights, and one pass reads
+them once for every sequence in the batch, so four sequences cost little more than one.
+
+One thread (the batcher's) runs every forward pass of the model; request threads hand their Job to
+`submit()` and wait for its Result, receiving the answer text through `on_text` as it grows.
+
+The batch shares one KV cache: each sequence's cache is left-padded to the longest, an attention mask
+hides the padding, and every sequence gets its own position ids, so a sequence sees exactly its own
+tokens at its own positions, as when it runs alone. Which axes of a cached tensor are batch and
+sequence is family data (`Family.kv_axes`); a family whose code takes no position ids (Qwen-7B derives
+its rotary positions from the cache length, which padding would shift) is not batched.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper)
+
+from workers.engine.generate import Job, PresenceFrequencyPenalty, Result, TextAssembler, is_greedy
+from workers.engine.prefix_cache import legacy
+from workers.models.families import Family
+
+log = logging.getLogger("batcher")
+
+
+def batch_axes(family: Family | None, model) -> tuple[int, int] | None:
+    """The (batch, sequence) axes of the model's cache when its sequences can be batched, else None.
+
+    A family of its own (ChatGLM3, Qwen) says so in its data. Any other model (a chat template, or a
+    conv_template set by hand) is batched only when it runs transformers' own model code, whose
+    decoder models all take position ids and a padding mask over a (batch, heads, seq, dim) cache.
+    """
+    own_code = type(model).__module__.startswith("transformers.")
+    if family is not None and (family.model_types or family.architectures):
+        return family.kv_axes
+    return (0, 2) if own_code else None
+
+
+def logits_processors(job: Job) -> LogitsProcessorList:
+    """What generate() applies for this job, in generate()'s order: penalties, then the sampling warpers."""
+    chain = LogitsProcessorList()
+    if job.repetition_penalty != 1.0:
+        chain.append(RepetitionPenaltyLogitsProcessor(job.repetition_penalty))
+    if job.presence_penalty or job.frequency_penalty:
+        chain.append(PresenceFrequencyPenalty(len(job.prompt_ids), job.presence_penalty, job.frequency_penalty))
+    if not is_greedy(job):
+        chain.append(TemperatureLogitsWarper(job.temperature))
+        if job.top_k and job.top_k > 0:
+            chain.append(TopKLogitsWarper(job.top_k))
+        if job.top_p < 1.0:
+            chain.append(TopPLogitsWarper(job.top_p))
+    return chain
+
+
+@dataclass
+class Sequence:
+    job: Job
+    on_text: Callable[[str, int], None] | None
+    assembler: TextAssembler
+    processors: LogitsProcessorList
+    submitted: float
+    reused: int = 0                # prompt tokens taken from the prefix cache
+    tokens: list[int] = field(default_factory=list)  # prompt + generated so far
+    generated: int = 0
+    first_token: float | None = None
+    pad: int = 0                   # left padding of its row in the batch cache
+    result: Result | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Batcher:
+    """Runs the generations of one model, batched. `prefill(ids)` -> (past, last logits, reused tokens)
+    is the served model's (it owns prefix reuse); `finished(seq, past)` stores a cache when wanted."""
+
+    def __init__(self, model, axes: tuple[int, int], decode: Callable[[list[int]], str],
+                 postprocess: Callable[[str], str], prefill: Callable[[list[int]], tuple],
+                 finished: Callable[[list[int], tuple], None] | None = None):
+        self.model, (self.batch_axis, self.seq_axis) = model, axes
+        self.decode, self.postprocess, self._prefill, self._finished = decode, postprocess, prefill, finished
+        self._intake: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self._active: list[Sequence] = []
+        self._past: tuple | None = None
+        self._mask: torch.Tensor | None = None  # (batch, cache length): 0 over padding
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.steps = 0
+        self.widest = 0  # the most sequences one step has decoded (for tests and logs)
+
+    # --- the request side ------------------------------------------------------------------------
+
+    def submit(self, job: Job, on_text: Callable[[str, int], None] | None = None) -> Result:
+        """Generate for `job` in the batch; blocks until it is done (or raises what failed it)."""
+        seq = Sequence(job, on_text, TextAssembler(self.decode, self.postprocess, job.stop_strings),
+                       logits_processors(job), time.monotonic(), tokens=list(job.prompt_ids))
+        self._ensure_thread()
+        self._intake.put(seq)
+        seq.done.wait()
+        if seq.error is not None:
+            raise seq.error
+        return seq.result
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def _ensure_thread(self) -> None:
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+                self._thread.start()
+
+    # --- the batch thread ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            if not self._active:
+                self._join(self._intake.get())  # idle: wait for work
+            while True:
+                try:
+                    self._join(self._intake.get_nowait())
+                except queue.Empty:
+                    break
+            if self._active:
+                self._step()
+
+    def _join(self, seq: Sequence) -> None:
+        """Prefill a new sequence alone, take its first token, and add its cache to the batch."""
+        if seq.job.cancel.is_set():
+            return self._finish(seq, "cancelled", None)
+        try:
+            with torch.inference_mode():
+                past, logits, seq.reused = self._prefill(seq.tokens)
+            past = legacy(past)
+        except Exception as exc:  # only this request fails; the batch goes on
+            log.exception("prefill failed")
+            seq.error = exc
+            seq.done.set()
+            return
+        if self._emit(seq, logits):
+            return self._finish(seq, None, past)
+        self._add(seq, past)
+
+    def _step(self) -> None:
+        """One forward pass for every active sequence, then one new token each."""
+        rows = self._active
+        last = torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long)
+        positions = torch.tensor([[len(s.tokens) - 1] for s in rows], dtype=torch.long)
+        mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=self._mask.dtype)], dim=1)
+        try:
+            with torch.inference_mode():
+                out = self.model(input_ids=last, attention_mask=mask, position_ids=positions,
+                                 past_key_values=self._past, use_cache=True, return_dict=True)
+        except Exception as exc:  # every sequence of the batch fails with it; the next requests start afresh
+            log.exception("decode step failed for %d sequences", len(rows))
+            for s in rows:
+                s.error = exc
+                s.done.set()
+            self._active, self._past, self._mask = [], None, None
+            return
+        self._past, self._mask = legacy(out.past_key_values), mask
+        self.steps += 1
+        self.widest = max(self.widest, len(rows))
+        logits = out.logits[:, -1, :]
+        leaving = []
+        for i, s in enumerate(rows):
+            if self._emit(s, logits[i:i + 1]):
+                leaving.append(i)
+        if leaving:
+            self._leave(leaving)
+
+    def _emit(self, seq: Sequence, logits: torch.Tensor) -> bool:
+        """Choose the next token of `seq` from its logits (1, vocab); True when the sequence is done."""
+        job = seq.job
+        if job.cancel.is_set():
+            return True
+        ids = torch.tensor([seq.tokens], dtype=torch.long)
+        scores = seq.processors(ids, logits.float())
+        if is_greedy(job):
+            token = int(scores.argmax(dim=-1))
+        else:
+            token = int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1))
+        if seq.first_token is None:
+            seq.first_token = time.monotonic()
+        seq.tokens.append(token)
+        seq.generated += 1
+        if token in job.stop_token_ids:
+            return True
+        text = seq.assembler.add(token)
+        if text is not None and seq.on_text is not None:
+            seq.on_text(text, len(seq.assembler.ids))
+        return seq.assembler.stopped_by_string or seq.generated >= job.max_new_tokens
+
+    # --- the shared cache ------------------------------------------------------------------------
+
+    def _pad(self, past: tuple, length: int) -> tuple:
+        """`past` left-padded with zeros along the sequence axis to `length`."""
+        def pad(t):
+            missing = length - t.shape[self.seq_axis]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[self.seq_axis] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=self.seq_axis)
+        return tuple(tuple(pad(t) for t in layer) for layer in past)
+
+    def _add(self, seq: Sequence, past: tuple) -> None:
+        own = past[0][0].shape[self.seq_axis]
+        if self._past is None:
+            self._past, self._mask, seq.pad = past, torch.ones(1, own, dtype=torch.long), 0
+            self._active = [seq]
+            return
+        width = max(own, self._mask.shape[1])
+        grow = width - self._mask.shape[1]
+        if grow:
+            for s in self._active:
+                s.pad += grow
+        batch = self._pad(self._past, width)
+        mine = self._pad(past, width)
+        self._past = tuple(tuple(torch.cat([a, b], dim=self.batch_axis) for a, b in zip(la, lb))
+                           for la, lb in zip(batch, mine))
+        row = torch.zeros(1, width, dtype=torch.long)
+        row[0, width - own:] = 1
+        self._mask = torch.cat([torch.nn.functional.pad(self._mask, (grow, 0)), row], dim=0)
+        seq.pad = width - own
+        self._active.append(seq)
+
+    def _row(self, index: int, pad: int) -> tuple:
+        """One sequence's own cache, without its padding (new tensors)."""
+        return tuple(tuple(t.narrow(self.batch_axis, index, 1).narrow(self.seq_axis, pad, t.shape[self.seq_axis] - pad)
+                           .clone() for t in layer) for layer in self._past)
+
+    def _leave(self, indices: list[int]) -> None:
+        for i in indices:
+            s = self._active[i]
+            past = self._row(i, s.pad) if self._finished is not None and not s.job.cancel.is_set() else None
+            self._finish(s, None, past)
+        keep = [i for i in range(len(self._active)) if i not in set(indices)]
+        if not keep:
+            self._active, self._past, self._mask = [], None, None
+            return
+        self._active = [self._active[i] for i in keep]
+        index = torch.tensor(keep, dtype=torch.long)
+        cut = min(s.pad for s in self._active)  # columns that are padding in every row left
+        self._past = tuple(tuple(t.index_select(self.batch_axis, index).narrow(self.seq_axis, cut, t.shape[self.seq_axis] - cut)
+                                 for t in layer) for layer in self._past)
+        self._mask = self._mask.index_select(0, index)[:, cut:]
+        for s in self._active:
+            s.pad -= cut
+
+    def _finish(self, seq: Sequence, reason: str | None, past: tuple | None) -> None:
+        job, end = seq.job, time.monotonic()
+        last = seq.tokens[-1] if seq.generated else None
+        if reason is None:
+            if job.cancel.is_set():
+                reason = "cancelled"
+            elif seq.assembler.stopped_by_string or (last is not None and last in job.stop_token_ids):
+                reason = "stop"
+            else:
+                reason = "length"
+        text = seq.assembler.finish()
+        if reason == "length":  # cut inside a character: its first bytes decode to U+FFFD, not a character
+            text = text.rstrip("\ufffd")
+        cached = seq.tokens[:-1]  # the last token was chosen but never fed
+        if past is not None and self._finished is not None and reason != "cancelled":
+            try:
+                self._finished(cached, past)
+            except Exception:  # keeping a cache is an optimisation: the answer stands
+                log.exception("could not keep the prefix cache")
+        seq.result = Result(
+            text=text, completion_tokens=len(seq.assembler.ids), finish_reason=reason,
+            first_token_s=(seq.first_token - seq.submitted) if seq.first_token else None,
+            decode_s=(end - seq.first_token) if seq.first_token else 0.0, reused_tokens=seq.reused,
+        )
+        seq.done.set()
