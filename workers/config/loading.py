@@ -28,17 +28,19 @@ def field_path(loc: tuple) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
 
 
-def format_errors(exc: ValidationError, origin: str) -> str:
+def format_errors(exc: ValidationError, origin: str, keys_listed_in: str = "README, 'Configuration'") -> str:
+    """One line per problem: file, field path, message; an unknown key points to where the keys are listed."""
     lines = []
     for err in exc.errors():
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; the keys are listed in README, 'Configuration')"
+            msg = f"unknown key (check the spelling; the keys are listed in {keys_listed_in})"
         lines.append(f"{origin}: {field_path(err['loc'])}: {msg}")
     return "\n".join(lines)
 
 
-def load_yaml(path: Path, schema: type[T], error: type[ConfigError] = ConfigError) -> T:
+def load_yaml(path: Path, schema: type[T], error: type[ConfigError] = ConfigError,
+              keys_listed_in: str = "README, 'Configuration'") -> T:
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
@@ -51,4 +53,4 @@ def load_yaml(path: Path, schema: type[T], error: type[ConfigError] = ConfigErro
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:
-        raise error(format_errors(exc, str(path))) from None
+        raise error(format_errors(exc, str(path), keys_listed_in)) from None

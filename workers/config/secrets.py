@@ -23,14 +23,14 @@ def read_list(env_name: str | None, file: Path | None, what: str) -> list[str]:
     if file is not None:
         file = file.expanduser()
         if not file.is_file():
-            raise SecretError(f"{what} file {file} does not exist")
+            raise SecretError(f"{what}: {file} does not exist")
         values += [line.strip() for line in file.read_text().splitlines()
                    if line.strip() and not line.lstrip().startswith("#")]
     return values
 
 
 def api_keys(api: ApiEndpoint) -> list[str]:
-    return read_list(api.api_keys_env, api.api_keys_file, "api_keys_file")
+    return read_list(api.api_keys_env, api.api_keys_file, "api.api_keys_file")
 
 
 MIN_WORKER_SECRET = 16

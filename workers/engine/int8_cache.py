@@ -120,8 +120,7 @@ def _build(source: Path, entry: Path, inputs: dict, trust_remote_code: bool) -> 
             "--settings", json.dumps(inputs["settings"]),
         ] + (["--trust-remote-code"] if trust_remote_code else [])
         # cwd=work: neural-compressor writes an nc_workspace/ folder into the current directory.
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        proc = subprocess.run(cmd, cwd=work, env=env)
+        proc = subprocess.run(cmd, cwd=work)  # the project is installed (editable), so no PYTHONPATH
         if proc.returncode != 0:
             raise CacheBuildError(
                 f"quantizing {source} failed (exit code {proc.returncode}); see the quantize lines above"

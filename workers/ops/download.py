@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def ensure_profile_models(dep: Deployment, cache_dir: Path | None = None, host: 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="seed")
+    p.add_argument("--profile", default=os.environ.get("BUNDLE_PROFILE", "seed"),
+                   help="the profile whose ModelScope models to fetch (default: $BUNDLE_PROFILE, else seed)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="ModelScope's download cache (default: its own, ~/.cache/modelscope)")
     p.add_argument("--host", default=None, help="with a hosts: section, only the models placed on this host")

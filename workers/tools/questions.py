@@ -88,7 +88,8 @@ def load(paths: list[Path] | None = None) -> list[QuestionSet]:
         raise QuestionsError(f"no question files in {QUESTIONS_DIR}")
     sets: list[QuestionSet] = []
     for path in paths:
-        sets += load_yaml(Path(path), QuestionFile, QuestionsError).sets
+        sets += load_yaml(Path(path), QuestionFile, QuestionsError,
+                          "README, 'Comparing models: scripts/compare.sh'").sets
     ids = [q.id for s in sets for q in s.questions]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
