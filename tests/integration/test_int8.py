@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,6 @@ from workers.engine import int8_cache, quantize
 from workers.config.int8 import Int8Settings, unsupported_reason
 from workers.engine.loader import UnsupportedBackend, load_model
 from workers.engine.int8_cache import MANIFEST
-from workers.config.paths import ROOT
 
 PROMPTS = ["What is the capital of France?", "Write one sentence about the sea.", "List three primary colors.", "What is 12 times 3?"]
 

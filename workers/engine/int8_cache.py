@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,6 @@ from filelock import FileLock, Timeout
 
 from workers.config.files import publish_dir, sha256_files, write_atomic
 from workers.config.int8 import Int8Settings
-from workers.config.paths import ROOT
 
 log = logging.getLogger("int8_cache")
 
