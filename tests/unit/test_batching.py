@@ -1,7 +1,7 @@
 """Continuous batching: requests that arrive while others decode join the batch, and every answer is
 token for token what the same request gets alone (greedy), on transformers' own Llama (SmolLM2, fp32
-and ITREX INT8) and on ChatGLM3's own code (a differently laid out cache). Qwen-7B's code derives
-positions from the cache length, so it is not batched and says so."""
+and ITREX INT8) and on the own code of ChatGLM3 and Qwen-7B (differently laid out caches; Qwen-7B takes its rotary
+positions from the cache length, which the batch shifts back per row)."""
 from __future__ import annotations
 
 import threading
@@ -81,11 +81,18 @@ def test_chatglm3_batched_answers_equal_answers_alone(tmp_path):
 
 
 @pytest.mark.skipif(tiny_models.model_code_missing() is not None, reason=str(tiny_models.model_code_missing()))
-def test_qwen_is_served_one_generation_per_request(tmp_path):
+def test_qwen_batched_answers_equal_answers_alone(tmp_path):
+    """Qwen-7B's code takes rotary positions from the cache length: the batch shifts them back per row."""
     folder = tiny_models.build_qwen(tmp_path / "model")
-    sm = served(folder, trust=True)
-    assert sm.batcher is None and batch_axes(sm.chat.family, sm.model) is None
-    assert sm.generate(job_for(sm, 0, 8)).completion_tokens > 0
+    assert_batched_equals_alone(folder, trust=True)
+
+
+def test_remote_code_without_a_family_of_its_own_is_not_batched():
+    class RemoteModel:  # a model class from a folder's own code (module "transformers_modules....")
+        pass
+
+    RemoteModel.__module__ = "transformers_modules.some_model.modeling_some"
+    assert batch_axes(None, RemoteModel()) is None
 
 
 def test_a_cancelled_request_leaves_the_batch_and_the_others_answer_as_alone(embedded_model):

@@ -9,13 +9,16 @@ One thread (the batcher's) runs every forward pass of the model; request threads
 The batch shares one KV cache: each sequence's cache is left-padded to the longest, an attention mask
 hides the padding, and every sequence gets its own position ids, so a sequence sees exactly its own
 tokens at its own positions, as when it runs alone. Which axes of a cached tensor are batch and
-sequence is family data (`Family.kv_axes`); a family whose code takes no position ids (Qwen-7B derives
-its rotary positions from the cache length, which padding would shift) is not batched.
+sequence is family data (`Family.kv_axes`). Qwen-7B's code takes no position ids: it derives rotary
+positions from the cache length, which padding shifts, so its rotary tables are shifted back per row
+(`Family.pad_shifted_rotary`, `shift_rotary_by_padding`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,6 +46,42 @@ def batch_axes(family: Family | None, model) -> tuple[int, int] | None:
     if family is not None and (family.model_types or family.architectures):
         return family.kv_axes
     return (0, 2) if own_code else None
+
+
+class RowPads(threading.local):
+    """Left padding of each row in the decode step under way on this thread (None: no padded batch)."""
+
+    pads: torch.Tensor | None = None
+
+
+def shift_rotary_by_padding(module) -> RowPads:
+    """Make `module(length)` -> [cos, sin] of shape (1, length, 1, dim) give each row of a padded batch
+    the tables of its own positions (column minus its padding), while `RowPads.pads` is set."""
+    original, state = module.forward, RowPads()
+
+    def forward(max_seq_len, *args, **kwargs):
+        tables = original(max_seq_len, *args, **kwargs)
+        if state.pads is None:
+            return tables
+        positions = (torch.arange(max_seq_len)[None, :] - state.pads[:, None]).clamp_(min=0)
+        return [t[0, :, 0, :][positions].unsqueeze(2) for t in tables]
+
+    module.forward = forward
+    return state
+
+
+@contextlib.contextmanager
+def module_globals(module, values: tuple[tuple[str, object], ...]):
+    """Set globals of a model's code module for the duration (Family.padded_decode_globals). Another
+    thread's forward pass meanwhile (an embedding) takes the same, equally correct, code path."""
+    saved = {name: getattr(module, name) for name, _ in values}
+    try:
+        for name, value in values:
+            setattr(module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
 
 
 def logits_processors(job: Job) -> LogitsProcessorList:
@@ -84,8 +123,12 @@ class Batcher:
 
     def __init__(self, model, axes: tuple[int, int], decode: Callable[[list[int]], str],
                  postprocess: Callable[[str], str], prefill: Callable[[list[int]], tuple],
-                 finished: Callable[[list[int], tuple], None] | None = None):
+                 finished: Callable[[list[int], tuple], None] | None = None, pad_shifted_rotary: str | None = None,
+                 padded_decode_globals: tuple[tuple[str, object], ...] = ()):
         self.model, (self.batch_axis, self.seq_axis) = model, axes
+        self._rotary = shift_rotary_by_padding(model.get_submodule(pad_shifted_rotary)) if pad_shifted_rotary else None
+        self._padded_globals = padded_decode_globals
+        self._code = sys.modules[type(model).__module__]
         self.decode, self.postprocess, self._prefill, self._finished = decode, postprocess, prefill, finished
         self._intake: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._active: list[Sequence] = []
@@ -156,9 +199,13 @@ class Batcher:
         last = torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long)
         positions = torch.tensor([[len(s.tokens) - 1] for s in rows], dtype=torch.long)
         mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=self._mask.dtype)], dim=1)
+        padded = any(s.pad for s in rows)
         try:
-            with torch.inference_mode():
-                out = self.model(input_ids=last, attention_mask=mask, position_ids=positions,
+            if self._rotary is not None and padded:
+                self._rotary.pads = torch.tensor([s.pad for s in rows], dtype=torch.long)
+            with torch.inference_mode(), module_globals(self._code, self._padded_globals if padded else ()):
+                # Without padding no mask is needed (one new token sees the whole cache), as in generate().
+                out = self.model(input_ids=last, attention_mask=mask if padded else None, position_ids=positions,
                                  past_key_values=self._past, use_cache=True, return_dict=True)
         except Exception as exc:  # every sequence of the batch fails with it; the next requests start afresh
             log.exception("decode step failed for %d sequences", len(rows))
@@ -167,6 +214,9 @@ class Batcher:
                 s.done.set()
             self._active, self._past, self._mask = [], None, None
             return
+        finally:
+            if self._rotary is not None:
+                self._rotary.pads = None
         self._past, self._mask = legacy(out.past_key_values), mask
         self.steps += 1
         self.widest = max(self.widest, len(rows))

@@ -96,7 +96,9 @@ class ServedModel:
         axes = batch_axes(chat.family, model) if spec.batching else None
         if axes is not None:
             served.batcher = Batcher(model, axes, served.decode, chat.postprocess, served._prefill_reusing,
-                                     served._keep if served.prefixes.max_tokens > 0 else None)
+                                     served._keep if served.prefixes.max_tokens > 0 else None,
+                                     chat.family.pad_shifted_rotary if chat.family else None,
+                                     chat.family.padded_decode_globals if chat.family else ())
         log.info("%s: context %d, default answer %d tokens, sampling %s, stop ids %s, %s", spec.program,
                  served.context_len, served.max_tokens_default, served.sampling, sorted(chat.stop_token_ids),
                  "continuous batching" if axes else "one generation at a time per request")

@@ -69,6 +69,12 @@ class Family:
     # (batch axis, sequence axis) of its cached key/value tensors, for continuous batching (the batch
     # cache is padded and cut along them); None: its sequences are not batched.
     kv_axes: tuple[int, int] | None = (0, 2)
+    # Submodule returning [cos, sin] tables (1, positions, 1, dim) for the cache length, when the
+    # family's code takes rotary positions from there instead of from position ids (Qwen-7B).
+    pad_shifted_rotary: str | None = None
+    # Globals of the family's model code set while a batch with padding decodes (Qwen-7B's torch-2
+    # attention path fails on a padding mask when decoding: it expands by a causal mask that is None).
+    padded_decode_globals: tuple[tuple[str, Any], ...] = ()
     notes: str = field(default="", compare=False)
 
     def postprocess_text(self, text: str) -> str:
@@ -115,8 +121,11 @@ QWEN = Family(
     cpu_config=(("use_flash_attn", False),),
     tokenizer_files=("qwen.tiktoken", "tokenizer_config.json"),
     batched_continuation=False,  # attention: causal_mask only "if query.size(1) == key_size"
-    # Its rotary positions come from the cache length, not position ids: left padding would shift them.
-    kv_axes=None,
+    kv_axes=(0, 1),  # its cache is (batch, seq, heads, dim)
+    # It takes rotary positions from the cache length, not from position ids: in a left-padded batch
+    # this module's cos/sin tables are shifted back per row by its padding.
+    pad_shifted_rotary="transformer.rotary_emb",
+    padded_decode_globals=(("SUPPORT_TORCH2", False),),  # its own _attn() adds the padding mask
     notes="chat(): stop words <|im_end|>/<|im_start|> then a forced <|endoftext|>; decode(errors='replace').strip()",
 )
 
