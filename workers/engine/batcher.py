@@ -166,15 +166,25 @@ class Batcher:
 
     def _loop(self) -> None:
         while True:
-            if not self._active:
-                self._join(self._intake.get())  # idle: wait for work
-            while True:
-                try:
-                    self._join(self._intake.get_nowait())
-                except queue.Empty:
-                    break
-            if self._active:
-                self._step()
+            try:
+                if not self._active:
+                    self._join(self._intake.get())  # idle: wait for work
+                while True:
+                    try:
+                        self._join(self._intake.get_nowait())
+                    except queue.Empty:
+                        break
+                if self._active:
+                    self._step()
+            except Exception as exc:  # a bug of ours: fail what is under way rather than leave it waiting
+                log.exception("batcher failed")
+                self._fail_all(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for s in self._active:
+            s.error = exc
+            s.done.set()
+        self._active, self._past, self._mask = [], None, None
 
     def _join(self, seq: Sequence) -> None:
         """Prefill a new sequence alone, take its first token, and add its cache to the batch."""
@@ -209,10 +219,7 @@ class Batcher:
                                  past_key_values=self._past, use_cache=True, return_dict=True)
         except Exception as exc:  # every sequence of the batch fails with it; the next requests start afresh
             log.exception("decode step failed for %d sequences", len(rows))
-            for s in rows:
-                s.error = exc
-                s.done.set()
-            self._active, self._past, self._mask = [], None, None
+            self._fail_all(exc)
             return
         finally:
             if self._rotary is not None:
@@ -247,7 +254,12 @@ class Batcher:
             return True
         text = seq.assembler.add(token)
         if text is not None and seq.on_text is not None:
-            seq.on_text(text, len(seq.assembler.ids))
+            try:
+                seq.on_text(text, len(seq.assembler.ids))
+            except Exception:  # its reader is gone (e.g. the worker's event loop closed): nobody waits for more
+                log.exception("streaming a request's text failed; cancelling it")
+                job.cancel.set()
+                return True
         return seq.assembler.stopped_by_string or seq.generated >= job.max_new_tokens
 
     # --- the shared cache ------------------------------------------------------------------------
