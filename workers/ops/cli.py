@@ -49,12 +49,15 @@ def _scripts(name: str) -> str:
     return os.path.relpath(ROOT / "scripts" / name, Path.cwd())
 
 
-def log_tail(program: str, lines: int = 25) -> str:
+def log_tail(program: str, lines: int = 25, offset: int = 0) -> str:
+    """The last `lines` lines of a program's log written after byte `offset` (this start's own lines)."""
     path = logs_dir() / f"{program}.log"
     if not path.is_file():
         return f"(no log at {path})"
-    text = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    return "\n".join(text[-lines:])
+    with path.open("rb") as f:
+        f.seek(offset if offset <= path.stat().st_size else 0)  # a log rotated since: all of it
+        text = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    return "\n".join(text[-lines:]) or "(nothing logged yet)"
 
 
 def registered_models(dep: Deployment) -> set[str]:
@@ -175,7 +178,7 @@ def wait_ready(dep: Deployment, timeout: float, host: str = hosts.LOCAL,
         if time.monotonic() - last_progress > 15:  # show what the slow ones are doing (e.g. loading a large model)
             last_progress = time.monotonic()
             for program in sorted(set(wanted) - ready):
-                _say(f"  worker {program}: loading ... {log_tail(program, 1)[-140:]}")
+                _say(f"  worker {program}: loading ... {log_tail(program, 1, log_offsets.get(program, 0))[-140:]}")
         time.sleep(1)
     return "timeout"
 
@@ -280,14 +283,14 @@ def cmd_start(args) -> int:
         if failed == "timeout":
             _say(f"Not ready after {args.timeout:.0f} s. Last lines of each worker log:")
             for m in local:
-                _say(f"--- {m.program}\n{log_tail(m.program)}")
+                _say(f"--- {m.program}\n{log_tail(m.program, 25, offsets.get(m.program, 0))}")
         elif failed in offsets and _refused_registration(failed, offsets[failed]):
             _say(f"Worker '{failed}': the controller at {_controller(dep)} refused its registration: {auth.REFUSED}. "
                  f"Every host needs the same worker secret. Last lines of {logs_dir() / (failed + '.log')}:\n"
-                 f"{log_tail(failed, 8)}")
+                 f"{log_tail(failed, 8, offsets[failed])}")
         else:
             _say(f"Program '{failed}' failed to start. Last lines of {logs_dir() / (failed + '.log')}:\n"
-                 f"{log_tail(failed)}")
+                 f"{log_tail(failed, 25, offsets.get(failed, 0))}")
         _say("Stopping the bundle so nothing is left half-started.")
         supervisor_client.shutdown()
         return 1
