@@ -11,7 +11,7 @@ from tests.helpers import ROOT, bundle_env
 def test_bench_api_writes_table_and_plot(served_bundle, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "workers.tools.bench_api", "--profile", served_bundle["conf"], "--concurrency", "1", "2",
-         "--requests-per-client", "1", "--rounds", "1", "--no-in-process"],
+         "--requests-per-client", "1", "--rounds", "1", "--no-in-process", "--max-tokens", "12", "--turns", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
         env=bundle_env(BUNDLE_VAR_DIR=str(tmp_path), BUNDLE_TEST_API_KEYS=",".join(API_KEYS)))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -19,5 +19,13 @@ def test_bench_api_writes_table_and_plot(served_bundle, tmp_path):
     rows = [line for line in table.splitlines() if line.startswith(f"| {SERVED_INT8} |") or line.startswith(f"| {SERVED_FP32} |")]
     assert len(rows) == 4  # two models x two concurrency levels
     assert all(row.rstrip().endswith("| 0 |") for row in rows), rows  # no failed request
+    # The growing chat: a time to first token for each turn of each model, and the ratio.
+    chat = table.split("Time to first token per turn")[1].split("Decode tok/s")[0].splitlines()
+    turns = [line for line in chat if line.startswith("| smol-")]
+    assert len(turns) == 2 and all("–" not in line and line.count("|") == 5 for line in turns), turns
+    # Alone vs all busy: both speeds measured for both models.
+    assert "the model alone vs every model busy at once" in table
+    busy = table.split("every model busy at once")[1].splitlines()
+    assert sum(1 for line in busy if line.startswith("| smol-") and " 0.0 |" not in line) == 2, busy
     png = tmp_path / "reports" / "bench-api" / "bench-api.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

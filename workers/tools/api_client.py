@@ -30,14 +30,16 @@ def openai_client(api: str, key: str, max_retries: int, timeout: float):
     return OpenAI(base_url=api, api_key=key, max_retries=max_retries, timeout=timeout)
 
 
-def ask(client, model: str, text: str, max_tokens: int, temperature: float) -> dict:
-    """One streamed answer with its timings, and its token count when the API sends the usage."""
+def ask(client, model: str, text: str | list[dict], max_tokens: int, temperature: float) -> dict:
+    """One streamed answer (to a question, or to a whole list of chat messages) with its timings, and
+    its token count when the API sends the usage."""
+    messages = text if isinstance(text, list) else [{"role": "user", "content": text}]
     t0 = time.perf_counter()
     first = None
     parts: list[str] = []
     finish = tokens = None
     try:
-        stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}],
+        stream = client.chat.completions.create(model=model, messages=messages,
                                                 max_tokens=max_tokens, temperature=temperature, stream=True,
                                                 stream_options={"include_usage": True})
         for chunk in stream:

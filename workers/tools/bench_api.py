@@ -1,12 +1,19 @@
 """Serving benchmark through the OpenAI-style API, next to the in-process engine figures.
 
-    python -m workers.tools.bench_api [--profile default] [--concurrency 1 2 4] [--rounds 2]
+    python -m workers.tools.bench_api [--profile default] [--concurrency 1 2 4] [--rounds 2] [--turns 5]
+                                      [--max-tokens 64]
 
 For each model and concurrency level, `concurrency` clients send streamed chat requests; rounds
 interleave levels and models so machine noise spreads over all of them. Reports requests/s,
-output tok/s, time to first token and latency (p50/p95), a Markdown table and a PNG plot, and
-the API's single-client decode speed as a share of the in-process engine's (bench_engine, same
-model, backend and threads). Prints figures; asserts nothing.
+output tok/s (and as a multiple of one client: what continuous batching gains), time to first
+token and latency (p50/p95), a Markdown table and a PNG plot. Then:
+- a chat of `--turns` turns per model (a long system prompt, each answer kept in the history):
+  time to first token per turn, turn N / turn 1 (what prefix reuse keeps flat);
+- one model busy alone vs every model busy at once (one client each): decode tok/s of each, and
+  alone / all busy (what cores shared by demand give a model running alone);
+- the API's single-client decode speed as a share of the in-process engine's (bench_engine, same
+  model, backend and threads).
+Prints figures; asserts nothing.
 """
 from __future__ import annotations
 
@@ -29,6 +36,10 @@ from workers.tools.api_client import answer_tokens, api_settings, ask, openai_cl
 
 PROMPT = "Write a short story about a robot who learns to paint."
 MAX_TOKENS = 64
+CHAT_SYSTEM = ("You are a patient tutor. Explain things step by step, in plain words, with one short example each "
+               "time, and end with a question that checks understanding. ") * 6
+CHAT_TURNS = ["What is a prime number?", "Is 51 prime?", "And 53?", "What is the largest prime you know?",
+              "Why are primes useful in cryptography?", "Give me a prime between 100 and 110.", "Thanks! One more fact?"]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -36,11 +47,20 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
-def run_level(api: str, key: str, model: str, concurrency: int, requests_per_client: int) -> dict:
+def decode_rate(api: str, key: str, model: str, r: dict) -> float | None:
+    """Tokens per second after the first token of one streamed answer."""
+    tokens = answer_tokens(api, key, model, r) or 0
+    if r["error"] or not r["ttft_s"] or r["total_s"] <= r["ttft_s"] or tokens < 2:
+        return None
+    return (tokens - 1) / (r["total_s"] - r["ttft_s"])
+
+
+def run_level(api: str, key: str, model: str, concurrency: int, requests_per_client: int,
+              max_tokens: int = MAX_TOKENS) -> dict:
     client = openai_client(api, key, max_retries=0, timeout=600)
 
     def one_client(_):
-        return [ask(client, model, PROMPT, MAX_TOKENS, 0.0) for _ in range(requests_per_client)]
+        return [ask(client, model, PROMPT, max_tokens, 0.0) for _ in range(requests_per_client)]
 
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
@@ -48,7 +68,7 @@ def run_level(api: str, key: str, model: str, concurrency: int, requests_per_cli
     wall = time.perf_counter() - t0
     ok = [r for r in results if not r["error"]]
     tokens = [answer_tokens(api, key, model, r) or 0 for r in ok]
-    decode = [t / (r["total_s"] - r["ttft_s"]) for t, r in zip(tokens, ok) if r["ttft_s"] and r["total_s"] > r["ttft_s"] and t > 1]
+    decode = [d for d in (decode_rate(api, key, model, r) for r in ok) if d]
     return {
         "requests": len(results), "errors": len(results) - len(ok), "wall_s": wall,
         "req_s": len(ok) / wall, "out_tok_s": sum(tokens) / wall,
@@ -57,6 +77,28 @@ def run_level(api: str, key: str, model: str, concurrency: int, requests_per_cli
         "lat_p50": percentile([r["total_s"] for r in ok], 50), "lat_p95": percentile([r["total_s"] for r in ok], 95),
         "decode_tok_s": statistics.median(decode) if decode else None,
     }
+
+
+def chat_turns(api: str, key: str, model: str, turns: int, max_tokens: int) -> list[float | None]:
+    """Time to first token of each turn of one growing chat (greedy, so every run asks the same)."""
+    client = openai_client(api, key, max_retries=0, timeout=600)
+    messages = [{"role": "system", "content": CHAT_SYSTEM}]
+    ttfts = []
+    for i in range(turns):
+        messages.append({"role": "user", "content": CHAT_TURNS[i % len(CHAT_TURNS)]})
+        r = ask(client, model, messages, max_tokens, 0.0)
+        ttfts.append(None if r["error"] else r["ttft_s"])
+        messages.append({"role": "assistant", "content": r["answer"]})
+    return ttfts
+
+
+def alone_and_all_busy(api: str, key: str, models: list[str], max_tokens: int) -> dict[str, tuple]:
+    """Decode tok/s of each model with one client, alone and while every model has one client."""
+    client = openai_client(api, key, max_retries=0, timeout=600)
+    alone = {m: decode_rate(api, key, m, ask(client, m, PROMPT, max_tokens, 0.0)) for m in models}
+    with concurrent.futures.ThreadPoolExecutor(len(models)) as pool:
+        answers = dict(zip(models, pool.map(lambda m: ask(client, m, PROMPT, max_tokens, 0.0), models)))
+    return {m: (alone[m], decode_rate(api, key, m, answers[m])) for m in models}
 
 
 def in_process_decode(spec: ModelSpec) -> float | None:
@@ -91,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="answer length of every request")
+    p.add_argument("--turns", type=int, default=5, help="turns of the growing chat (0: skip)")
     p.add_argument("--no-in-process", action="store_true", help="skip the in-process engine comparison")
     args = p.parse_args(argv)
     try:
@@ -105,19 +149,34 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[tuple[str, int], list[dict]] = {(m, c): [] for m in models for c in levels}
     jobs = [(c, m) for _ in range(args.rounds) for c in levels for m in models]
     for c, m in tqdm(jobs, desc="API benchmark (interleaved)", unit="level"):
-        runs[(m, c)].append(run_level(api, key, m, c, args.requests_per_client))
+        runs[(m, c)].append(run_level(api, key, m, c, args.requests_per_client, args.max_tokens))
     table = {k: {f: statistics.median(r[f] for r in v if r[f] is not None) if any(r[f] is not None for r in v) else None
                  for f in v[0]} for k, v in runs.items()}
-    lines = [f"API benchmark ({time.strftime('%Y-%m-%d %H:%M')}; streamed chat, max_tokens {MAX_TOKENS}, "
+    lines = [f"API benchmark ({time.strftime('%Y-%m-%d %H:%M')}; streamed chat, max_tokens {args.max_tokens}, "
              f"{args.requests_per_client} requests per client, medians over {args.rounds} interleaved rounds)",
              f"CPU: {cpu.describe()}", "",
-             "| model | clients | req/s | output tok/s | TTFT p50 s | TTFT p95 s | latency p50 s | latency p95 s | errors |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | clients | req/s | output tok/s | x 1 client | TTFT p50 s | TTFT p95 s | latency p50 s | latency p95 s | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m in models:
+        one = table[(m, min(levels))]["out_tok_s"]
         for c in levels:
             t = table[(m, c)]
-            lines.append(f"| {m} | {c} | {t['req_s']:.2f} | {t['out_tok_s']:.1f} | {t['ttft_p50']:.2f} | {t['ttft_p95']:.2f} | "
-                         f"{t['lat_p50']:.2f} | {t['lat_p95']:.2f} | {int(t['errors'])} |")
+            lines.append(f"| {m} | {c} | {t['req_s']:.2f} | {t['out_tok_s']:.1f} | {t['out_tok_s'] / one if one else 0:.2f} | "
+                         f"{t['ttft_p50']:.2f} | {t['ttft_p95']:.2f} | {t['lat_p50']:.2f} | {t['lat_p95']:.2f} | {int(t['errors'])} |")
+    if args.turns > 0:
+        chats = {m: chat_turns(api, key, m, args.turns, args.max_tokens) for m in tqdm(models, desc="growing chat", unit="model")}
+        lines += ["", f"Time to first token per turn of a {args.turns}-turn chat (s; long system prompt, answers kept):", "",
+                  "| model | " + " | ".join(f"turn {i + 1}" for i in range(args.turns)) + f" | turn {args.turns} / turn 1 |",
+                  "|---|" + "---|" * (args.turns + 1)]
+        for m, ttfts in chats.items():
+            ratio = f"{ttfts[-1] / ttfts[0]:.2f}" if ttfts[0] and ttfts[-1] else "–"
+            lines.append(f"| {m} | " + " | ".join(f"{t:.2f}" if t else "–" for t in ttfts) + f" | {ratio} |")
+    if len(models) > 1:
+        busy = alone_and_all_busy(api, key, models, args.max_tokens)
+        lines += ["", "Decode tok/s with one client: the model alone vs every model busy at once:", "",
+                  "| model | alone | all busy | alone / all busy |", "|---|---|---|---|"]
+        for m, (a, b) in busy.items():
+            lines.append(f"| {m} | {a or 0:.1f} | {b or 0:.1f} | {a / b if a and b else 0:.2f} |")
     if not args.no_in_process:
         lines += ["", "| model | API decode tok/s (1 client) | in-process decode tok/s | API / in-process |", "|---|---|---|---|"]
         for m in tqdm(models, desc="in-process reference", unit="model"):
