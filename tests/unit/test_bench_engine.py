@@ -81,3 +81,25 @@ def test_the_bundle_environment_never_imports_llama_cpp():
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     assert "workers" not in imported  # it runs under .venv-bench, where the bundle is not installed
+
+
+def test_batched_decode_runs_every_sequence_together_through_the_batcher(embedded_model):
+    from workers.engine.loader import load_model
+
+    model, tokenizer = load_model(embedded_model, "fp32")
+    ids = tokenizer("The old town sat between two hills.").input_ids
+    figures = be.batched_decode(model, ids, 8, 3)
+    assert figures["batch"] == 3 and figures["widest"] == 3
+    assert figures["batch1_tok_s"] > 0 and figures["batchN_tok_s"] > 0
+    assert be.batched_decode(model, ids, 8, 0) == {}
+
+
+def test_report_shows_the_batcher_figures_when_measured():
+    model = Path("m")
+    variants = be.variants_for(False)
+    run = {"load_s": 1.0, "prompt_tok_s": 100.0, "steady_rss_gib": 1.0, "peak_rss_gib": 1.0, "ppl": 10.0,
+           "decode_tok_s": 10.0, "batch1_tok_s": 10.0, "batchN_tok_s": 25.0, "batch": 4, "widest": 4}
+    results = {("m", v.label): [dict(run)] for v in variants}
+    report = be.summarize(results, [model], variants, [], {}, {})
+    assert "through the bundle's continuous batcher" in report
+    assert "| fp32 t2 | 10.0 | 25.0 | 2.50 |" in report

@@ -10,6 +10,7 @@ to the machine's read bandwidth measured with numpy in each round. Prints figure
     python -m workers.tools.bench_engine                      # embedded model + random 1 B Llama
     python -m workers.tools.bench_engine --explore            # also group sizes, compute dtypes, threads
     python -m workers.tools.bench_engine --llama-cpp          # also llama.cpp F16 and Q8_0 (.venv-bench)
+    python -m workers.tools.bench_engine --batch 4            # also 1 vs 4 sequences through the batcher
 
 llama.cpp runs in .venv-bench (scripts/setup_bench.sh, llama-cpp-python built from source with
 native flags), through workers/tools/bench_llama_cpp.py: this environment never imports llama_cpp.
@@ -18,6 +19,7 @@ The models are converted with llama.cpp's own converter and cached under var/ben
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hashlib
 import json
 import math
@@ -72,7 +74,7 @@ def random_llama_1b() -> Path:
     return random_model.random_llama("random-llama-1.1b", random_model.TINYLLAMA_EMBEDDED_VOCAB, "float32")
 
 
-def bench_job(model_path: Path) -> dict:
+def bench_job(model_path: Path, batch: int = 0) -> dict:
     """The token ids every variant of `model_path` runs: the perplexity paragraph and the prompt (the
     paragraph repeated to PROMPT_TOKENS), from the model's HF tokenizer, plus the lengths."""
     from transformers import AutoTokenizer
@@ -80,7 +82,7 @@ def bench_job(model_path: Path) -> dict:
     text = (ROOT / "tests" / "data" / "perplexity_paragraph.txt").read_text()
     ids = AutoTokenizer.from_pretrained(model_path)(text).input_ids
     prompt = (ids * (PROMPT_TOKENS // len(ids) + 1))[:PROMPT_TOKENS]
-    return {"ppl_ids": ids, "prompt_ids": prompt, "decode_tokens": DECODE_TOKENS}
+    return {"ppl_ids": ids, "prompt_ids": prompt, "decode_tokens": DECODE_TOKENS, "batch": batch}
 
 
 def measure(model_path: Path, variant: Variant, cache_root: Path, job: dict | None) -> dict:
@@ -126,7 +128,9 @@ def measure(model_path: Path, variant: Variant, cache_root: Path, job: dict | No
         model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
                        min_new_tokens=n_new, do_sample=False, stopping_criteria=[times],
                        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    batched = batched_decode(model, job["prompt_ids"], n_new, job.get("batch", 0))
     return {
+        **batched,
         "load_s": load_s,
         "prompt_tok_s": prompt.shape[1] / prefill_s,
         "decode_tok_s": (len(times.times) - 1) / (times.times[-1] - times.times[0]),
@@ -134,6 +138,38 @@ def measure(model_path: Path, variant: Variant, cache_root: Path, job: dict | No
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,  # ru_maxrss is KiB
         "ppl": ppl,
     }
+
+
+def batched_decode(model, prompt_ids: list[int], n_new: int, batch: int) -> dict:
+    """Decode tok/s through the bundle's continuous batcher: one sequence, then `batch` sequences at
+    once (aggregate, over the steps where all of them decode). {} when batch < 2 or the model's code
+    cannot be batched."""
+    import torch
+
+    from workers.engine import generate
+    from workers.engine.batcher import Batcher, batch_axes
+    from workers.engine.generate import Job
+
+    axes = batch_axes(None, model)
+    if batch < 2 or axes is None:
+        return {}
+    batcher = Batcher(model, axes, decode=lambda ids: "", postprocess=lambda text: text,
+                      prefill=lambda ids: (*generate.prefill(model, ids, None, 0), 0))
+
+    def rate(n: int) -> float:
+        jobs = [Job(prompt_ids=list(prompt_ids), max_new_tokens=n_new, temperature=0.0, top_p=1.0, top_k=0,
+                    repetition_penalty=1.0) for _ in range(n)]  # no stop tokens: every sequence runs n_new
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            results = list(pool.map(batcher.submit, jobs))
+        all_decoding = max(t0 + r.first_token_s for r in results)  # the last one's first token: all joined
+        end = max(t0 + r.first_token_s + r.decode_s for r in results)
+        return n * (n_new - 1) / (end - all_decoding)
+
+    with torch.inference_mode():
+        one = rate(1)
+        many = rate(batch)
+    return {"batch1_tok_s": one, "batchN_tok_s": many, "batch": batch, "widest": batcher.widest}
 
 
 def measure_read_bandwidth(repeats: int = 5) -> dict:
@@ -384,6 +420,14 @@ def summarize(results: dict, models: list[Path], variants: list[Variant], membw:
                 f"{m['load_s']:.1f} | {m['steady_rss_gib']:.2f} | {m['peak_rss_gib']:.2f} | {m['ppl']:.2f} | "
                 + (f"{m['others_cores']:.1f} |" if "others_cores" in m else "- |")
             )
+        batch_rows = [(v, med[v]) for v in variants if v in med and med[v].get("batchN_tok_s")]
+        if batch_rows:
+            n = int(batch_rows[0][1]["batch"])
+            lines += ["", f"{model.name}, through the bundle's continuous batcher (decode tok/s, all {n} sequences "
+                          f"decoding together, aggregate):", "",
+                      f"| variant | 1 sequence | {n} sequences | x 1 sequence |", "|---|---|---|---|"]
+            lines += [f"| {v.label} | {m['batch1_tok_s']:.1f} | {m['batchN_tok_s']:.1f} | "
+                      f"{m['batchN_tok_s'] / m['batch1_tok_s']:.2f} |" for v, m in batch_rows]
         notes = []
         for (name, _, _), entry in int8_entries.items():
             if name == model.name:
@@ -418,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
                         "--llama-cpp builds it)")
     p.add_argument("--bench-python", type=Path, default=BENCH_PYTHON, help="python of the llama.cpp environment")
     p.add_argument("--threads", type=int, nargs="+", default=[2], help="thread counts to run every variant at")
+    p.add_argument("--batch", type=int, default=0,
+                   help="also decode through the bundle's continuous batcher, 1 and this many sequences at once")
     args = p.parse_args(argv)
     # auto: when scripts/setup_bench.sh has finished building the environment (its stamp file)
     ready = (args.bench_python.parent.parent / ".requirements.sha256").is_file()
@@ -449,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     job_files = {}
     for model in models:
         job_files[model.name] = job_dir / f"{model.name}.json"
-        job_files[model.name].write_text(json.dumps(bench_job(model)))
+        job_files[model.name].write_text(json.dumps(bench_job(model, args.batch)))
     results = {(m.name, v.label): [] for m in models for v in variants}
     membw: list[dict] = []
     # Each round: the machine's read bandwidth, then every model x variant, each in a fresh process.
