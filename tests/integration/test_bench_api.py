@@ -16,7 +16,8 @@ def test_bench_api_writes_table_and_plot(served_bundle, tmp_path):
         env=bundle_env(BUNDLE_VAR_DIR=str(tmp_path), BUNDLE_TEST_API_KEYS=",".join(API_KEYS)))
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = (tmp_path / "reports" / "bench-api" / "bench-api.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith(f"| {SERVED_INT8} |") or line.startswith(f"| {SERVED_FP32} |")]
+    levels = table.split("Time to first token per turn")[0].splitlines()
+    rows = [line for line in levels if line.startswith(f"| {SERVED_INT8} |") or line.startswith(f"| {SERVED_FP32} |")]
     assert len(rows) == 4  # two models x two concurrency levels
     assert all(row.rstrip().endswith("| 0 |") for row in rows), rows  # no failed request
     # The growing chat: a time to first token for each turn of each model, and the ratio.
