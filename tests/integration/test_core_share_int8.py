@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import torch
+
 from workers.config.schema import ModelSpec
 from workers.engine import core_share
 from workers.engine.core_share import CoreShare
@@ -23,6 +25,14 @@ def test_int8_greedy_answer_is_unchanged_while_the_share_flips(embedded_model, i
     monkeypatch.setenv("BUNDLE_INT8_CACHE_DIR", str(int8_cache_root))
     spec = ModelSpec(names=["m"], source={"path": str(embedded_model)}, port=1, prefix_cache_tokens=0)
     model, tokenizer = load_model(embedded_model, "itrex-int8", cache_root=int8_cache_root)
+    before = torch.get_num_threads()
+    try:
+        check_answers_while_the_share_flips(spec, embedded_model, model, tokenizer, tmp_path)
+    finally:  # qbits' thread count is process-wide: later tests in this process run with the default again
+        core_share.set_threads(before)
+
+
+def check_answers_while_the_share_flips(spec, embedded_model, model, tokenizer, tmp_path):
     core_share.set_threads(1)
     fixed = answer(ServedModel.build(spec, embedded_model, model, tokenizer))
 

@@ -28,6 +28,7 @@ import torch
 from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
 
+from workers.engine import threads
 from workers.engine.generate import Job, PresenceFrequencyPenalty, Result, TextAssembler, is_greedy
 from workers.engine.prefix_cache import legacy
 from workers.models.families import Family
@@ -166,6 +167,7 @@ class Batcher:
 
     def _loop(self) -> None:
         while True:
+            threads.align_this_thread()  # cheap; the qbits count may have been set since this thread began
             try:
                 if not self._active:
                     self._join(self._intake.get())  # idle: wait for work
@@ -256,9 +258,9 @@ class Batcher:
         if text is not None and seq.on_text is not None:
             try:
                 seq.on_text(text, len(seq.assembler.ids))
-            except Exception:  # its reader is gone (e.g. the worker's event loop closed): nobody waits for more
-                log.exception("streaming a request's text failed; cancelling it")
-                job.cancel.set()
+            except Exception as exc:  # this request fails (its submitter gets the error); the batch goes on
+                log.exception("streaming a request's text failed")
+                seq.error = exc
                 return True
         return seq.assembler.stopped_by_string or seq.generated >= job.max_new_tokens
 
@@ -304,7 +306,8 @@ class Batcher:
     def _leave(self, indices: list[int]) -> None:
         for i in indices:
             s = self._active[i]
-            past = self._row(i, s.pad) if self._finished is not None and not s.job.cancel.is_set() else None
+            keep = self._finished is not None and not s.job.cancel.is_set() and s.error is None
+            past = self._row(i, s.pad) if keep else None
             self._finish(s, None, past)
         keep = [i for i in range(len(self._active)) if i not in set(indices)]
         if not keep:
@@ -320,6 +323,9 @@ class Batcher:
             s.pad -= cut
 
     def _finish(self, seq: Sequence, reason: str | None, past: tuple | None) -> None:
+        if seq.error is not None:  # failed while streaming: submit() raises it
+            seq.done.set()
+            return
         job, end = seq.job, time.monotonic()
         last = seq.tokens[-1] if seq.generated else None
         if reason is None:

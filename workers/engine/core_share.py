@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 
 from workers.config.files import write_atomic
+from workers.engine import threads
 
 
 class CoreShare:
@@ -66,25 +67,14 @@ class CoreShare:
     def apply(self) -> int:
         """Set this thread's torch and qbits thread counts to the current share (call under step_lock)."""
         n = self.share()
-        if getattr(self._threads, "n", None) != n or _qbits_threads.get("n") != n:
+        if getattr(self._threads, "n", None) != n or threads.kernel_threads() != n:
             set_threads(n)
             self._threads.n = n
         return n
 
 
-_qbits_threads: dict[str, int] = {}
-
-
 def set_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)  # this thread's OpenMP team, and torch's own pool
-    try:
-        from intel_extension_for_transformers import qbits
-    except ImportError:  # fp32/bf16 without ITREX importable: nothing else to keep in step
-        return
-    qbits.set_qbits_threads(n)
-    _qbits_threads["n"] = n
+    threads.apply_to_torch(n)
 
 
 def share_forward(model, share: CoreShare) -> None:

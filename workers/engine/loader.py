@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workers.engine import int8_cache
+from workers.engine import int8_cache, threads
 from workers.config.int8 import Int8Settings, unsupported_reason
 from workers.models.families import prepare_cpu_config
 
@@ -45,6 +45,9 @@ def load_model(
     t0 = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     if backend == "itrex-int8":
+        # Loading repacks the INT8 weights with qbits kernels: with a thread team that differs from
+        # qbits' count, part of every matrix is left unpacked (a garbage model from then on).
+        threads.align_this_thread()
         model = _load_int8(source, int8 or Int8Settings(), cache_root, trust_remote_code)
     else:
         dtype = torch.float32 if backend == "fp32" else torch.bfloat16

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from workers.config.schema import ModelSpec
-from workers.engine import generate, prompt
+from workers.engine import generate, prompt, threads
 from workers.engine.batcher import Batcher, batch_axes
 from workers.engine.generate import Job
 from workers.engine.core_share import CoreShare, share_forward
@@ -174,6 +174,7 @@ class ServedModel:
 
     def generate(self, job: Job, on_text=None) -> generate.Result:
         """Generate, counted as demand on the shared cores while it runs."""
+        threads.align_this_thread()
         if self.share is None:
             return self._generate(job, on_text)
         self.share.begin()
@@ -234,6 +235,7 @@ class ServedModel:
         if not isinstance(inputs, list) or not inputs:
             raise BadRequest("input must be a non-empty string, list of strings, or token ids", "input")
         vectors, total = [], 0
+        threads.align_this_thread()
         with torch.inference_mode():
             for item in inputs:
                 if isinstance(item, str) and item:

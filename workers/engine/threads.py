@@ -31,14 +31,36 @@ def configure(threads: int, cores: list[int] | None = None, shared: bool = False
         os.sched_setaffinity(0, cores)
 
 
+_kernel_threads: dict[str, int] = {}  # the qbits thread count last set in this process
+
+
 def apply_to_torch(threads: int) -> None:
-    """Call after the model is loaded: ITREX resets torch's thread count while loading."""
+    """Set this thread's torch/OpenMP thread count and ITREX qbits' (process-wide) to `threads`.
+    Call after the model is loaded: ITREX resets torch's thread count while loading."""
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # this thread's OpenMP team, and torch's own pool
     # qbits (ITREX's INT8 kernels) splits each matmul into as many parts as *its* thread count,
-    # which defaults to every core. A request thread whose OpenMP team is smaller then leaves
-    # parts uncomputed: measured garbage output at 1 thread on 2 cores. Keep them equal.
-    from intel_extension_for_transformers import qbits
-
+    # which defaults to every core. A thread whose OpenMP team differs then computes garbage
+    # (measured: perplexity 16 -> 4e6 at 1 thread on 2 cores). Keep them equal.
+    try:
+        from intel_extension_for_transformers import qbits
+    except ImportError:  # fp32/bf16 without ITREX importable: nothing else to keep in step
+        return
     qbits.set_qbits_threads(threads)
+    _kernel_threads["n"] = threads
+
+
+def kernel_threads() -> int | None:
+    return _kernel_threads.get("n")
+
+
+def align_this_thread() -> None:
+    """Give the calling thread's OpenMP team the size qbits splits its work into. A thread started
+    later (the batcher's, a request's) otherwise has the default team, which need not match."""
+    n = _kernel_threads.get("n")
+    if n is not None:
+        import torch
+
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
