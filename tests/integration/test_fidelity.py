@@ -185,6 +185,9 @@ class References:
 
             entry = int8_cache.ensure(folder, Int8Settings(), self.int8_root, trust)
             self.int8_entries[key] = entry
+            # Loading repacks the weights with qbits: its thread count must equal this thread's team
+            # then too (an earlier test in this process may have set it), or the reference is garbage.
+            threads.apply_to_torch(1)
             model = ItrexAuto.from_pretrained(str(entry), use_neural_speed=False, trust_remote_code=trust).eval()
             threads.apply_to_torch(1)   # ITREX resets torch's thread count; qbits' must equal it
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
