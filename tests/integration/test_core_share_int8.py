@@ -7,7 +7,7 @@ import threading
 import torch
 
 from workers.config.schema import ModelSpec
-from workers.engine import core_share
+from workers.engine import threads
 from workers.engine.core_share import CoreShare
 from workers.engine.loader import load_model
 from workers.engine.served_model import ServedModel
@@ -29,11 +29,11 @@ def test_int8_greedy_answer_is_unchanged_while_the_share_flips(embedded_model, i
     try:
         check_answers_while_the_share_flips(spec, embedded_model, model, tokenizer, tmp_path)
     finally:  # qbits' thread count is process-wide: later tests in this process run with the default again
-        core_share.set_threads(before)
+        threads.apply_to_torch(before)
 
 
 def check_answers_while_the_share_flips(spec, embedded_model, model, tokenizer, tmp_path):
-    core_share.set_threads(1)
+    threads.apply_to_torch(1)
     fixed = answer(ServedModel.build(spec, embedded_model, model, tokenizer))
 
     share = CoreShare(tmp_path, "m", cores=2)

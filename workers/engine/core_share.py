@@ -68,13 +68,9 @@ class CoreShare:
         """Set this thread's torch and qbits thread counts to the current share (call under step_lock)."""
         n = self.share()
         if getattr(self._threads, "n", None) != n or threads.kernel_threads() != n:
-            set_threads(n)
+            threads.apply_to_torch(n)
             self._threads.n = n
         return n
-
-
-def set_threads(n: int) -> None:
-    threads.apply_to_torch(n)
 
 
 def share_forward(model, share: CoreShare) -> None:
