@@ -20,17 +20,14 @@ import logging
 import queue
 import sys
 import threading
-import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                          TopKLogitsWarper, TopPLogitsWarper)
 
 from workers.engine import threads
-from workers.engine.generate import Job, PresenceFrequencyPenalty, Result, TextAssembler, is_greedy
+from workers.engine.generate import Job, Result
 from workers.engine.prefix_cache import legacy
+from workers.engine.sequence import Sequence
 from workers.models.families import Family
 
 log = logging.getLogger("batcher")
@@ -85,39 +82,6 @@ def module_globals(module, values: tuple[tuple[str, object], ...]):
             setattr(module, name, value)
 
 
-def logits_processors(job: Job) -> LogitsProcessorList:
-    """What generate() applies for this job, in generate()'s order: penalties, then the sampling warpers."""
-    chain = LogitsProcessorList()
-    if job.repetition_penalty != 1.0:
-        chain.append(RepetitionPenaltyLogitsProcessor(job.repetition_penalty))
-    if job.presence_penalty or job.frequency_penalty:
-        chain.append(PresenceFrequencyPenalty(len(job.prompt_ids), job.presence_penalty, job.frequency_penalty))
-    if not is_greedy(job):
-        chain.append(TemperatureLogitsWarper(job.temperature))
-        if job.top_k and job.top_k > 0:
-            chain.append(TopKLogitsWarper(job.top_k))
-        if job.top_p < 1.0:
-            chain.append(TopPLogitsWarper(job.top_p))
-    return chain
-
-
-@dataclass
-class Sequence:
-    job: Job
-    on_text: Callable[[str, int], None] | None
-    assembler: TextAssembler
-    processors: LogitsProcessorList
-    submitted: float
-    reused: int = 0                # prompt tokens taken from the prefix cache
-    tokens: list[int] = field(default_factory=list)  # prompt + generated so far
-    generated: int = 0
-    first_token: float | None = None
-    pad: int = 0                   # left padding of its row in the batch cache
-    result: Result | None = None
-    error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-
-
 class Batcher:
     """Runs the generations of one model, batched. `prefill(ids)` -> (past, last logits, reused tokens)
     is the served model's (it owns prefix reuse); `finished(seq, past)` stores a cache when wanted."""
@@ -144,14 +108,10 @@ class Batcher:
 
     def submit(self, job: Job, on_text: Callable[[str, int], None] | None = None) -> Result:
         """Generate for `job` in the batch; blocks until it is done (or raises what failed it)."""
-        seq = Sequence(job, on_text, TextAssembler(self.decode, self.postprocess, job.stop_strings),
-                       logits_processors(job), time.monotonic(), tokens=list(job.prompt_ids))
+        seq = Sequence.start(job, on_text, self.decode, self.postprocess)
         self._ensure_thread()
         self._intake.put(seq)
-        seq.done.wait()
-        if seq.error is not None:
-            raise seq.error
-        return seq.result
+        return seq.outcome()
 
     @property
     def active(self) -> int:
@@ -201,7 +161,7 @@ class Batcher:
             seq.error = exc
             seq.done.set()
             return
-        if self._emit(seq, logits):
+        if seq.emit(logits):
             return self._finish(seq, None, past)
         self._add(seq, past)
 
@@ -232,37 +192,10 @@ class Batcher:
         logits = out.logits[:, -1, :]
         leaving = []
         for i, s in enumerate(rows):
-            if self._emit(s, logits[i:i + 1]):
+            if s.emit(logits[i:i + 1]):
                 leaving.append(i)
         if leaving:
             self._leave(leaving)
-
-    def _emit(self, seq: Sequence, logits: torch.Tensor) -> bool:
-        """Choose the next token of `seq` from its logits (1, vocab); True when the sequence is done."""
-        job = seq.job
-        if job.cancel.is_set():
-            return True
-        ids = torch.tensor([seq.tokens], dtype=torch.long)
-        scores = seq.processors(ids, logits.float())
-        if is_greedy(job):
-            token = int(scores.argmax(dim=-1))
-        else:
-            token = int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1))
-        if seq.first_token is None:
-            seq.first_token = time.monotonic()
-        seq.tokens.append(token)
-        seq.generated += 1
-        if token in job.stop_token_ids:
-            return True
-        text = seq.assembler.add(token)
-        if text is not None and seq.on_text is not None:
-            try:
-                seq.on_text(text, len(seq.assembler.ids))
-            except Exception as exc:  # this request fails (its submitter gets the error); the batch goes on
-                log.exception("streaming a request's text failed")
-                seq.error = exc
-                return True
-        return seq.assembler.stopped_by_string or seq.generated >= job.max_new_tokens
 
     # --- the shared cache ------------------------------------------------------------------------
 
@@ -323,30 +256,10 @@ class Batcher:
             s.pad -= cut
 
     def _finish(self, seq: Sequence, reason: str | None, past: tuple | None) -> None:
-        if seq.error is not None:  # failed while streaming: submit() raises it
-            seq.done.set()
-            return
-        job, end = seq.job, time.monotonic()
-        last = seq.tokens[-1] if seq.generated else None
-        if reason is None:
-            if job.cancel.is_set():
-                reason = "cancelled"
-            elif seq.assembler.stopped_by_string or (last is not None and last in job.stop_token_ids):
-                reason = "stop"
-            else:
-                reason = "length"
-        text = seq.assembler.finish()
-        if reason == "length":  # cut inside a character: its first bytes decode to U+FFFD, not a character
-            text = text.rstrip("\ufffd")
-        cached = seq.tokens[:-1]  # the last token was chosen but never fed
-        if past is not None and self._finished is not None and reason != "cancelled":
+        if seq.error is None and past is not None and self._finished is not None and reason != "cancelled" \
+                and not seq.job.cancel.is_set():
             try:
-                self._finished(cached, past)
+                self._finished(seq.cached, past)
             except Exception:  # keeping a cache is an optimisation: the answer stands
                 log.exception("could not keep the prefix cache")
-        seq.result = Result(
-            text=text, completion_tokens=len(seq.assembler.ids), finish_reason=reason,
-            first_token_s=(seq.first_token - seq.submitted) if seq.first_token else None,
-            decode_s=(end - seq.first_token) if seq.first_token else 0.0, reused_tokens=seq.reused,
-        )
-        seq.done.set()
+        seq.finish(reason)

@@ -1,0 +1,121 @@
+"""One generation's decode state, shared by the engine's runners (the batcher for transformers
+models, the serial runner for neural-speed): choosing each next token the way transformers'
+generate() does, streaming the answer text, and the Result when it is done.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper)
+
+from workers.engine.generate import Job, PresenceFrequencyPenalty, Result, TextAssembler, is_greedy
+
+log = logging.getLogger("sequence")
+
+
+def logits_processors(job: Job) -> LogitsProcessorList:
+    """What generate() applies for this job, in generate()'s order: penalties, then the sampling warpers."""
+    chain = LogitsProcessorList()
+    if job.repetition_penalty != 1.0:
+        chain.append(RepetitionPenaltyLogitsProcessor(job.repetition_penalty))
+    if job.presence_penalty or job.frequency_penalty:
+        chain.append(PresenceFrequencyPenalty(len(job.prompt_ids), job.presence_penalty, job.frequency_penalty))
+    if not is_greedy(job):
+        chain.append(TemperatureLogitsWarper(job.temperature))
+        if job.top_k and job.top_k > 0:
+            chain.append(TopKLogitsWarper(job.top_k))
+        if job.top_p < 1.0:
+            chain.append(TopPLogitsWarper(job.top_p))
+    return chain
+
+
+@dataclass
+class Sequence:
+    job: Job
+    on_text: Callable[[str, int], None] | None
+    assembler: TextAssembler
+    processors: LogitsProcessorList
+    submitted: float
+    reused: int = 0                # prompt tokens taken from the prefix cache
+    tokens: list[int] = field(default_factory=list)  # prompt + generated so far
+    generated: int = 0
+    first_token: float | None = None
+    pad: int = 0                   # left padding of its row in the batch cache
+    result: Result | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def start(cls, job: Job, on_text, decode: Callable[[list[int]], str], postprocess: Callable[[str], str]):
+        return cls(job, on_text, TextAssembler(decode, postprocess, job.stop_strings), logits_processors(job),
+                   time.monotonic(), tokens=list(job.prompt_ids))
+
+    def emit(self, logits: torch.Tensor) -> bool:
+        """Choose the next token from its logits (1, vocab); True when the sequence is done."""
+        job = self.job
+        if job.cancel.is_set():
+            return True
+        ids = torch.tensor([self.tokens], dtype=torch.long)
+        scores = self.processors(ids, logits.float())
+        if is_greedy(job):
+            token = int(scores.argmax(dim=-1))
+        else:
+            token = int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1))
+        if self.first_token is None:
+            self.first_token = time.monotonic()
+        self.tokens.append(token)
+        self.generated += 1
+        if token in job.stop_token_ids:
+            return True
+        text = self.assembler.add(token)
+        if text is not None and self.on_text is not None:
+            try:
+                self.on_text(text, len(self.assembler.ids))
+            except Exception as exc:  # this request fails (its submitter gets the error); the others go on
+                log.exception("streaming a request's text failed")
+                self.error = exc
+                return True
+        return self.assembler.stopped_by_string or self.generated >= job.max_new_tokens
+
+    def finish(self, reason: str | None = None) -> Result | None:
+        """Set (and return) the Result; None when it failed while streaming (the submitter raises)."""
+        if self.error is not None:
+            self.done.set()
+            return None
+        job, end = self.job, time.monotonic()
+        last = self.tokens[-1] if self.generated else None
+        if reason is None:
+            if job.cancel.is_set():
+                reason = "cancelled"
+            elif self.assembler.stopped_by_string or (last is not None and last in job.stop_token_ids):
+                reason = "stop"
+            else:
+                reason = "length"
+        text = self.assembler.finish()
+        if reason == "length":  # cut inside a character: its first bytes decode to U+FFFD, not a character
+            text = text.rstrip("\ufffd")
+        self.result = Result(
+            text=text, completion_tokens=len(self.assembler.ids), finish_reason=reason,
+            first_token_s=(self.first_token - self.submitted) if self.first_token else None,
+            decode_s=(end - self.first_token) if self.first_token else 0.0, reused_tokens=self.reused,
+        )
+        self.done.set()
+        return self.result
+
+    @property
+    def cached(self) -> list[int]:
+        """The tokens a cache holds after this sequence: the last token was chosen but never fed."""
+        return self.tokens[:-1]
+
+    def outcome(self) -> Result:
+        """Wait for the result (raising what failed the request)."""
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
