@@ -20,11 +20,21 @@ def int8_cache_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def int8_entry(embedded_model, int8_cache_root) -> Path:
-    """A freshly built INT8 cache entry of the embedded model (quantized once per test session)."""
+    """A freshly built INT8 cache entry of the embedded model (quantized once per test session), for
+    the runtime the bundle gives it by default (neural-speed: a Llama-architecture model)."""
     from workers.engine import int8_cache
     from workers.config.int8 import Int8Settings
 
     return int8_cache.ensure(embedded_model, Int8Settings(), int8_cache_root)
+
+
+@pytest.fixture(scope="session")
+def qbits_entry(embedded_model, int8_cache_root) -> Path:
+    """The embedded model's INT8 entry for the qbits runtime (the default, auto, gives it neural-speed)."""
+    from workers.engine import int8_cache
+    from workers.config.int8 import Int8Settings
+
+    return int8_cache.ensure(embedded_model, Int8Settings(runtime="qbits"), int8_cache_root)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import threading
 
 import torch
 
+from workers.config.int8 import Int8Settings
 from workers.config.schema import ModelSpec
 from workers.engine import threads
 from workers.engine.core_share import CoreShare
@@ -20,11 +21,13 @@ def answer(served: ServedModel):
     return served.generate(job)
 
 
-def test_int8_greedy_answer_is_unchanged_while_the_share_flips(embedded_model, int8_entry, int8_cache_root,
+def test_int8_greedy_answer_is_unchanged_while_the_share_flips(embedded_model, qbits_entry, int8_cache_root,
                                                               tmp_path, monkeypatch):
     monkeypatch.setenv("BUNDLE_INT8_CACHE_DIR", str(int8_cache_root))
     spec = ModelSpec(names=["m"], source={"path": str(embedded_model)}, port=1, prefix_cache_tokens=0)
-    model, tokenizer = load_model(embedded_model, "itrex-int8", cache_root=int8_cache_root)
+    # Shared cores run INT8 on qbits (neural-speed fixes its thread count at load: int8_runtime).
+    model, tokenizer = load_model(embedded_model, "itrex-int8", int8=Int8Settings(runtime="qbits"),
+                                  cache_root=int8_cache_root, shared_threads=True)
     before = torch.get_num_threads()
     try:
         check_answers_while_the_share_flips(spec, embedded_model, model, tokenizer, tmp_path)

@@ -1,4 +1,5 @@
-"""ITREX INT8 on the embedded model: accuracy against fp32, and the quantized-weight cache."""
+"""ITREX INT8 with the qbits runtime on the embedded model: accuracy against fp32, and the quantized-weight
+cache (the neural-speed runtime: tests/integration/test_neural_speed.py)."""
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ from workers.config.int8 import Int8Settings, unsupported_reason
 from workers.engine.loader import UnsupportedBackend, load_model
 from workers.engine.int8_cache import MANIFEST
 
+QBITS = Int8Settings(runtime="qbits")
 PROMPTS = ["What is the capital of France?", "Write one sentence about the sea.", "List three primary colors.", "What is 12 times 3?"]
 
 
@@ -40,8 +42,8 @@ def fp32_model(embedded_model):
 
 
 @pytest.fixture(scope="module")
-def int8_model(embedded_model, int8_entry, int8_cache_root):
-    return load_model(embedded_model, "itrex-int8", cache_root=int8_cache_root)
+def int8_model(embedded_model, qbits_entry, int8_cache_root):
+    return load_model(embedded_model, "itrex-int8", int8=QBITS, cache_root=int8_cache_root)
 
 
 def test_int8_model_really_is_quantized(int8_model):
@@ -77,32 +79,32 @@ def test_cache_reload_gives_same_logits_as_fresh_quantization(embedded_model, in
         assert torch.equal(cached(ids).logits, fresh(ids).logits)
 
 
-def test_second_ensure_is_a_cache_hit(embedded_model, int8_entry, int8_cache_root, caplog):
+def test_second_ensure_is_a_cache_hit(embedded_model, qbits_entry, int8_cache_root, caplog):
     with caplog.at_level(logging.INFO, logger="int8_cache"):
-        assert int8_cache.ensure(embedded_model, Int8Settings(), int8_cache_root) == int8_entry
+        assert int8_cache.ensure(embedded_model, QBITS, int8_cache_root) == qbits_entry
     assert "INT8 cache hit" in caplog.text and "quantizing" not in caplog.text
 
 
-def test_truncated_cache_file_is_rebuilt_not_served(embedded_model, int8_entry, tmp_path, caplog):
+def test_truncated_cache_file_is_rebuilt_not_served(embedded_model, qbits_entry, tmp_path, caplog):
     root = tmp_path / "cache"
-    shutil.copytree(int8_entry.parent, root, ignore=shutil.ignore_patterns("*.lock"))
-    entry = root / int8_entry.name
+    shutil.copytree(qbits_entry.parent, root, ignore=shutil.ignore_patterns("*.lock"))
+    entry = root / qbits_entry.name
     weights = entry / "model.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
     with caplog.at_level(logging.INFO, logger="int8_cache"):
-        rebuilt = int8_cache.ensure(embedded_model, Int8Settings(), root)
+        rebuilt = int8_cache.ensure(embedded_model, QBITS, root)
     assert rebuilt == entry
     assert "is invalid: file model.safetensors has" in caplog.text
-    assert weights.stat().st_size == (int8_entry / "model.safetensors").stat().st_size
+    assert weights.stat().st_size == (qbits_entry / "model.safetensors").stat().st_size
     inputs = json.loads((entry / MANIFEST).read_text())["inputs"]
     assert int8_cache.verify(entry, inputs) is None
 
 
-def test_verify_rejects_missing_manifest_corruption_and_other_inputs(int8_entry, tmp_path):
-    inputs = json.loads((int8_entry / MANIFEST).read_text())["inputs"]
-    copy = tmp_path / int8_entry.name
-    shutil.copytree(int8_entry, copy)
+def test_verify_rejects_missing_manifest_corruption_and_other_inputs(qbits_entry, tmp_path):
+    inputs = json.loads((qbits_entry / MANIFEST).read_text())["inputs"]
+    copy = tmp_path / qbits_entry.name
+    shutil.copytree(qbits_entry, copy)
     assert int8_cache.verify(copy, inputs) is None
     assert "built from other inputs" in int8_cache.verify(copy, {**inputs, "settings": {"group_size": 32}})
     config = copy / "config.json"
@@ -113,14 +115,14 @@ def test_verify_rejects_missing_manifest_corruption_and_other_inputs(int8_entry,
 
 
 def test_key_covers_settings_versions_and_source(embedded_model, int8_cache_root, tmp_path):
-    base = int8_cache.key_inputs(embedded_model, Int8Settings(), int8_cache_root)
-    other = int8_cache.key_inputs(embedded_model, Int8Settings(group_size=32), int8_cache_root)
+    base = int8_cache.key_inputs(embedded_model, QBITS, int8_cache_root)
+    other = int8_cache.key_inputs(embedded_model, Int8Settings(runtime="qbits", group_size=32), int8_cache_root)
     assert int8_cache.entry_dir(embedded_model, base, int8_cache_root) != int8_cache.entry_dir(embedded_model, other, int8_cache_root)
     assert set(base["versions"]) == {"torch", "transformers", "intel-extension-for-transformers", "neural-compressor"}
     changed = tmp_path / embedded_model.name
     shutil.copytree(embedded_model, changed)
     (changed / "generation_config.json").write_text('{"changed": true}')
-    assert int8_cache.key_inputs(changed, Int8Settings(), int8_cache_root)["source"] != base["source"]
+    assert int8_cache.key_inputs(changed, QBITS, int8_cache_root)["source"] != base["source"]
 
 
 def test_failed_quantization_leaves_no_entry(tmp_path):
@@ -193,12 +195,12 @@ def test_quantizer_refuses_up_front_when_memory_is_short(embedded_model, tmp_pat
     assert not staging.exists()
 
 
-def test_verify_hashes_an_unchanged_entry_once_not_on_every_start(int8_entry, tmp_path, monkeypatch):
+def test_verify_hashes_an_unchanged_entry_once_not_on_every_start(qbits_entry, tmp_path, monkeypatch):
     from workers.config import files as atomic_dir
 
-    inputs = json.loads((int8_entry / MANIFEST).read_text())["inputs"]
-    copy = tmp_path / int8_entry.name
-    shutil.copytree(int8_entry, copy)
+    inputs = json.loads((qbits_entry / MANIFEST).read_text())["inputs"]
+    copy = tmp_path / qbits_entry.name
+    shutil.copytree(qbits_entry, copy)
     hashed = []
     real = atomic_dir.sha256_file
     monkeypatch.setattr(atomic_dir, "sha256_file", lambda p: hashed.append(p.name) or real(p))

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests import tiny_models
+from workers.config.int8 import Int8Settings
 from workers.config.schema import ModelSpec
 from workers.engine.batcher import batch_axes
 from workers.engine.loader import load_model
@@ -19,10 +20,14 @@ QUESTIONS = ["Hi!", "Tell me about Paris in three sentences, please, with some d
              "What is 2+2?", "Write a short poem about the sea and the wind, in four lines."]
 
 
+# INT8 here is the qbits runtime, which batches (a Llama's default, neural-speed, runs one at a time).
+QBITS = Int8Settings(runtime="qbits")
+
+
 def served(folder, backend="fp32", batching=True, trust=False, cache_root=None, prefix_tokens=2048) -> ServedModel:
     spec = ModelSpec(names=["m"], source={"path": str(folder)}, port=1, backend=backend, batching=batching,
-                     trust_remote_code=trust, prefix_cache_tokens=prefix_tokens)
-    model, tokenizer = load_model(folder, backend, trust_remote_code=trust, cache_root=cache_root)
+                     trust_remote_code=trust, prefix_cache_tokens=prefix_tokens, int8=QBITS)
+    model, tokenizer = load_model(folder, backend, int8=QBITS, trust_remote_code=trust, cache_root=cache_root)
     return ServedModel.build(spec, folder, model, tokenizer)
 
 
@@ -70,7 +75,7 @@ def test_smollm2_fp32_batched_answers_equal_answers_alone(embedded_model):
     assert_batched_equals_alone(embedded_model, extra=extra)
 
 
-def test_smollm2_int8_batched_answers_equal_answers_alone(embedded_model, int8_entry, int8_cache_root):
+def test_smollm2_int8_batched_answers_equal_answers_alone(embedded_model, qbits_entry, int8_cache_root):
     assert_batched_equals_alone(embedded_model, backend="itrex-int8", cache_root=int8_cache_root)
 
 

@@ -17,9 +17,17 @@ _REQUIRED_FLAGS = {
 }
 
 
-class Int8Settings(Strict):
-    """What goes into RtnConfig. Part of the INT8 cache key."""
+RUNTIMES = ("auto", "neural-speed", "qbits")
 
+
+class Int8Settings(Strict):
+    """What goes into RtnConfig (qbits) or neural-speed's quantizer. Part of the INT8 cache key."""
+
+    # Which ITREX CPU runtime runs the INT8 weights. "auto": neural-speed (ITREX's own runtime, its
+    # bestla kernels and model graphs; 3-4x qbits' decode speed measured, README "Benchmarks") for
+    # the architectures it has a graph for (models/families.py NEURAL_SPEED_GRAPHS), else qbits
+    # (ITREX's kernels under the transformers model: every family, batching, embeddings, shared cores).
+    runtime: Literal[RUNTIMES] = "auto"  # type: ignore[valid-type]
     compute_dtype: Literal["fp32", "bf16", "int8"] = "fp32"
     # -1 = one scale per output channel. Chosen by measurement (README "Benchmarks"): on the 1.1 B
     # model it decoded fastest (1.66x fp32 vs 1.52x for 128, 1.61x for 32) with the smallest RSS,
@@ -42,6 +50,8 @@ def unsupported_reason(settings: Int8Settings, flags: frozenset[str] | None = No
     flags = cpu.flags() if flags is None else flags
     if settings.group_size != -1 and (settings.group_size < 32 or settings.group_size % 32):
         return f"group_size={settings.group_size}: use -1 (per channel) or a multiple of 32"
+    if settings.runtime == "neural-speed" and "avx2" not in flags:
+        return "int8.runtime='neural-speed' needs AVX2, which this CPU lacks; use runtime: qbits"
     need = _REQUIRED_FLAGS.get(settings.compute_dtype)
     if need and not (need[0] & flags):
         return (

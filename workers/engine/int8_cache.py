@@ -21,6 +21,7 @@ from filelock import FileLock, Timeout
 
 from workers.config.files import publish_dir, sha256_files, write_atomic
 from workers.config.int8 import Int8Settings
+from workers.engine import int8_runtime
 
 log = logging.getLogger("int8_cache")
 
@@ -72,12 +73,19 @@ def source_fingerprint(source: Path, cache_root: Path) -> str:
 
 
 def key_inputs(source: Path, settings: Int8Settings, cache_root: Path) -> dict:
-    return {
+    """What the entry's key covers (with "auto" resolved to the runtime this model gets)."""
+    if settings.runtime == "auto":
+        settings = int8_runtime.resolve(settings, source)
+    inputs = {
         "format": CACHE_FORMAT,
         "source": source_fingerprint(source, cache_root),
         "settings": settings.rtn_kwargs(),
         "versions": {name: version(name) for name in _VERSIONED},
     }
+    if settings.runtime == "neural-speed":  # qbits entries keep the keys they had before runtimes existed
+        inputs["runtime"] = settings.runtime
+        inputs["versions"]["neural-speed"] = version("neural-speed")
+    return inputs
 
 
 def entry_dir(source: Path, inputs: dict, cache_root: Path) -> Path:
@@ -110,13 +118,20 @@ def verify(entry: Path, inputs: dict) -> str | None:
     return None
 
 
+def _quantize_command(source: Path, staging: Path, inputs: dict) -> list[str]:
+    common = ["--source", str(source), "--staging", str(staging), "--settings", json.dumps(inputs["settings"])]
+    if inputs.get("runtime") == "neural-speed":
+        graph, why = int8_runtime.graph_for(source)
+        if graph is None:
+            raise CacheBuildError(f"neural-speed cannot quantize {source.name}: {why}")
+        return [sys.executable, "-m", "workers.engine.ns_quantize", *common, "--module", graph.module,
+                "--layer-counts", ",".join(map(str, graph.layer_counts))]
+    return [sys.executable, "-m", "workers.engine.quantize", *common]
+
+
 def _build(source: Path, entry: Path, inputs: dict, trust_remote_code: bool) -> None:
     with publish_dir(entry) as staging, tempfile.TemporaryDirectory(prefix="quantize-") as work:
-        cmd = [
-            sys.executable, "-m", "workers.engine.quantize",
-            "--source", str(source), "--staging", str(staging),
-            "--settings", json.dumps(inputs["settings"]),
-        ] + (["--trust-remote-code"] if trust_remote_code else [])
+        cmd = _quantize_command(source, staging, inputs) + (["--trust-remote-code"] if trust_remote_code else [])
         # cwd=work: neural-compressor writes an nc_workspace/ folder into the current directory.
         proc = subprocess.run(cmd, cwd=work)  # the project is installed (editable), so no PYTHONPATH
         if proc.returncode != 0:

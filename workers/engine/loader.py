@@ -1,7 +1,8 @@
 """Load a model for serving on CPU with one of the bundle's backends.
 
-- itrex-int8: ITREX weight-only INT8 (RtnConfig, qbits kernels, no neural-speed), served from the
-  quantized-weight cache (int8_cache), quantizing first when the cache has no valid entry.
+- itrex-int8: ITREX weight-only INT8, served from the quantized-weight cache (int8_cache), quantizing
+  first when the cache has no valid entry. Runtime (int8_runtime): neural-speed (its own graph,
+  ns_model.NeuralSpeedModel) or qbits (RtnConfig, qbits kernels under the transformers model).
 - fp32 / bf16: plain transformers baselines in exactly that precision: every floating parameter is
   float32 (bfloat16), whatever the family's code would pick (ChatGLM3 builds its layers in
   config.torch_dtype, float16 as shipped; Qwen-7B picks from its fp32/bf16/fp16 flags); the family's
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workers.engine import int8_cache, threads
+from workers.engine import int8_cache, int8_runtime, threads
 from workers.config.int8 import Int8Settings, unsupported_reason
 from workers.models.families import prepare_cpu_config
 
@@ -38,8 +39,11 @@ def load_model(
     int8: Int8Settings | None = None,
     cache_root: Path | None = None,
     trust_remote_code: bool = False,
+    n_threads: int = 1,
+    shared_threads: bool = False,
 ):
-    """Return (model, tokenizer) in eval mode on CPU."""
+    """Return (model, tokenizer) in eval mode on CPU. `n_threads`/`shared_threads`: the worker's
+    thread setting (neural-speed takes its thread count at load)."""
     if backend not in BACKENDS:
         raise UnsupportedBackend(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     t0 = time.monotonic()
@@ -48,7 +52,7 @@ def load_model(
         # Loading repacks the INT8 weights with qbits kernels: with a thread team that differs from
         # qbits' count, part of every matrix is left unpacked (a garbage model from then on).
         threads.align_this_thread()
-        model = _load_int8(source, int8 or Int8Settings(), cache_root, trust_remote_code)
+        model = _load_int8(source, int8 or Int8Settings(), cache_root, trust_remote_code, n_threads, shared_threads)
     else:
         dtype = torch.float32 if backend == "fp32" else torch.bfloat16
         model = AutoModelForCausalLM.from_pretrained(
@@ -59,7 +63,8 @@ def load_model(
             trust_remote_code=trust_remote_code,
         )
         cast_parameters(model, dtype)
-    model.eval()
+    if hasattr(model, "eval"):
+        model.eval()
     release_freed_memory()
     log.info("loaded %s with backend %s in %.1f s", source.name, backend, time.monotonic() - t0)
     return model, tokenizer
@@ -94,15 +99,29 @@ def release_freed_memory(collect: bool = True) -> None:
         pass
 
 
-def _load_int8(source: Path, settings: Int8Settings, cache_root: Path | None, trust_remote_code: bool):
+def _load_int8(source: Path, settings: Int8Settings, cache_root: Path | None, trust_remote_code: bool,
+               n_threads: int, shared_threads: bool):
+    try:
+        settings = int8_runtime.resolve(settings, source, shared_threads)
+    except int8_runtime.RuntimeUnavailable as exc:
+        raise UnsupportedBackend(str(exc)) from None
     problem = unsupported_reason(settings)
     if problem:
         raise UnsupportedBackend(problem)
-    from intel_extension_for_transformers.transformers import AutoModelForCausalLM as ItrexAuto
-
     from workers.config.paths import int8_cache_dir
 
     entry = int8_cache.ensure(source, settings, cache_root or int8_cache_dir(), trust_remote_code)
+    if settings.runtime == "neural-speed":
+        from transformers import AutoConfig
+
+        from workers.engine.ns_model import NeuralSpeedModel
+        from workers.engine.prompt import context_length
+
+        config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+        log.info("INT8 runtime neural-speed: %d threads, context %d", n_threads, context_length(config))
+        return NeuralSpeedModel(entry, config, n_threads, context_length(config))
+    from intel_extension_for_transformers.transformers import AutoModelForCausalLM as ItrexAuto
+
     return ItrexAuto.from_pretrained(
         str(entry), use_neural_speed=False, trust_remote_code=trust_remote_code
     )

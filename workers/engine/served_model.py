@@ -18,6 +18,7 @@ from workers.engine import generate, prompt, threads
 from workers.engine.batcher import Batcher, batch_axes
 from workers.engine.generate import Job
 from workers.engine.core_share import CoreShare, share_forward
+from workers.engine.ns_model import NeuralSpeedModel, SerialRunner
 from workers.engine.prefix_cache import PrefixCache, crop
 
 log = logging.getLogger("served_model")
@@ -78,6 +79,7 @@ class ServedModel:
     prefixes: PrefixCache
     share: CoreShare | None = None
     batcher: Batcher | None = None  # None: one generate() per request
+    serial: SerialRunner | None = None  # a neural-speed model: its own cache, one generation at a time
 
     @classmethod
     def build(cls, spec: ModelSpec, folder: Path, model, tokenizer, share: CoreShare | None = None) -> "ServedModel":
@@ -91,6 +93,12 @@ class ServedModel:
             prefixes=PrefixCache(spec.prefix_cache_tokens),
             share=share,
         )
+        if isinstance(model, NeuralSpeedModel):
+            served.serial = SerialRunner(model, served.decode, chat.postprocess)
+            log.info("%s: context %d, default answer %d tokens, sampling %s, stop ids %s, neural-speed INT8 "
+                     "(%d threads, one generation at a time)", spec.program, served.context_len,
+                     served.max_tokens_default, served.sampling, sorted(chat.stop_token_ids), model.n_threads)
+            return served
         if share is not None:
             share_forward(model, share)
         axes = batch_axes(chat.family, model) if spec.batching else None
@@ -135,6 +143,11 @@ class ServedModel:
 
     def job(self, params: dict) -> tuple[Job, list[int]]:
         ids = self.prompt_ids(params)
+        refusal = self.serial.model.refusal(ids) if self.serial is not None else None
+        if refusal:
+            raise BadRequest(f"model {self.name} runs on the neural-speed INT8 runtime: {refusal}. Chat messages "
+                             f"always do; for other prompts use an fp32 model or set int8: {{runtime: qbits}}",
+                             "prompt")
         room = self.context_len - len(ids)
         if room <= 0:
             raise BadRequest(f"the prompt has {len(ids)} tokens, which does not fit in the {self.context_len}-token "
@@ -210,6 +223,8 @@ class ServedModel:
         """Generate, reusing the cache of the longest earlier conversation this prompt continues."""
         if self.batcher is not None:
             return self.batcher.submit(job, on_text)
+        if self.serial is not None:
+            return self.serial.submit(job, on_text)
         pad = getattr(self.tokenizer, "pad_token_id", None)
         keep = self.prefixes.max_tokens > 0
         past, reused = self._reusable(job.prompt_ids)
@@ -229,6 +244,10 @@ class ServedModel:
     def embed(self, params: dict) -> dict:
         """Mean of the last hidden state over each input's tokens, L2-normalised; inputs one at a
         time, so no padding token is needed (Qwen's tokenizer has none)."""
+        if self.serial is not None:
+            raise BadRequest(f"model {self.name} runs on the neural-speed INT8 runtime, which gives no hidden "
+                             f"states: ask an fp32 model for embeddings, or set int8: {{runtime: qbits}} for "
+                             f"this one", "model")
         inputs = params.get("input")
         if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
             inputs = [inputs]

@@ -134,6 +134,46 @@ CHAT_TEMPLATE = Family(name="chat_template", prompt=PROMPT_CHAT_TEMPLATE)
 
 FAMILIES: tuple[Family, ...] = (CHATGLM3, QWEN)
 
+@dataclass(frozen=True)
+class NeuralSpeedGraph:
+    """A model architecture neural-speed (ITREX's own CPU runtime) has a graph for, and what it needs.
+
+    Measured with neural-speed 1.0: its graphs size their scratch buffers by layer count and abort on
+    any count not in their table, so a model with fewer layers is padded with identity layers (all
+    weights zero: each adds nothing to the residual stream) up to the next count the graph knows.
+    """
+
+    module: str                                   # neural_speed.<module>_cpp
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    layer_counts: tuple[int, ...]                 # the graph's scratch table (llama.h: 32 40 60 80)
+    # config.json values the graph assumes (anything else is computed differently there)
+    requires: tuple[tuple[str, Any], ...] = ()
+
+
+NEURAL_SPEED_GRAPHS: tuple[NeuralSpeedGraph, ...] = (
+    NeuralSpeedGraph(
+        module="llama", model_types=("llama",), architectures=("LlamaForCausalLM",), layer_counts=(32, 40, 60, 80),
+        requires=(("hidden_act", "silu"), ("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False)),
+    ),
+)
+
+
+def neural_speed_graph(config: Mapping | PretrainedConfig) -> tuple[NeuralSpeedGraph | None, str]:
+    """The neural-speed graph for this config.json, or None and why there is none."""
+    model_type = _get(config, "model_type")
+    architectures = set(_get(config, "architectures") or ())
+    for graph in NEURAL_SPEED_GRAPHS:
+        if model_type in graph.model_types and architectures <= set(graph.architectures):
+            for key, value in graph.requires:
+                if _get(config, key, value) != value:
+                    return None, f"its {key} is {_get(config, key)!r}; neural-speed's {graph.module} graph assumes {value!r}"
+            if _get(config, "num_hidden_layers", 0) > max(graph.layer_counts):
+                return None, f"neural-speed's {graph.module} graph takes at most {max(graph.layer_counts)} layers"
+            return graph, ""
+    return None, f"neural-speed has no graph the bundle uses for model_type {model_type!r}"
+
+
 NEUTRAL_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0}
 
 

@@ -1,0 +1,46 @@
+"""Which ITREX CPU runtime serves a model's INT8 weights: neural-speed or qbits (config `int8.runtime`).
+
+"auto" picks neural-speed when the model's architecture has a neural-speed graph (family data,
+models/families.py) and the worker's thread count is fixed; otherwise qbits, which runs every
+family under the transformers model. neural-speed takes its thread count once, at load, so it cannot
+follow `threads: shared` (cores shared by demand change the count per step).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+from workers.config.int8 import Int8Settings
+from workers.models.families import NeuralSpeedGraph, neural_speed_graph
+
+log = logging.getLogger("int8_runtime")
+
+
+class RuntimeUnavailable(ValueError):
+    """The configured runtime cannot serve this model; the message says why and what to set."""
+
+
+def graph_for(source: Path) -> tuple[NeuralSpeedGraph | None, str]:
+    graph, why = neural_speed_graph(json.loads((source / "config.json").read_text()))
+    if graph is not None and importlib.util.find_spec("neural_speed") is None:
+        return None, "the neural-speed package is not installed"
+    return graph, why
+
+
+def resolve(settings: Int8Settings, source: Path, shared_threads: bool = False) -> Int8Settings:
+    """`settings` with a concrete runtime for this model; RuntimeUnavailable when the asked one cannot run it."""
+    if settings.runtime == "qbits":
+        return settings
+    graph, why = graph_for(source)
+    if graph is not None and shared_threads:
+        graph, why = None, "threads: shared changes the thread count per step and neural-speed fixes it at load"
+    if settings.runtime == "neural-speed":
+        if graph is None:
+            raise RuntimeUnavailable(f"int8.runtime: neural-speed cannot serve {source.name}: {why}; "
+                                     f"use runtime: qbits (or auto)")
+        return settings
+    chosen = "neural-speed" if graph is not None else "qbits"
+    log.info("INT8 runtime for %s: %s%s", source.name, chosen, f" ({why})" if graph is None else "")
+    return settings.model_copy(update={"runtime": chosen})

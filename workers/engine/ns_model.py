@@ -1,0 +1,130 @@
+"""A model served by neural-speed (ITREX's own CPU runtime), and the runner that generates with it.
+
+neural-speed keeps one sequence's KV cache inside the library; the bundle drives it one forward
+pass at a time (`evaluate`) and does everything else itself, exactly as for transformers models:
+the prompt bytes come from the model's own chat format, each next token is chosen by the same
+logits processors generate() uses (engine/sequence.py), stop tokens and strings, streaming and
+cancellation between steps are the bundle's. neural-speed's own generate() is not used: it stops
+only at its eos id and cannot be cancelled.
+
+Prefix reuse: the cache holds the last conversation; a prompt that continues it (the next turn of
+a chat) evaluates only its new tokens. Anything else starts the cache afresh.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workers.engine.generate import Job, Result
+from workers.engine.sequence import Sequence
+
+log = logging.getLogger("ns_model")
+
+
+def scratch_ratio(context: int) -> float:
+    """neural-speed's own scratch-buffer scale for a context length (its Model.init_from_bin rule)."""
+    return 1 if context <= 2048 else 2 if context <= 4096 else 4 if context <= 8192 else 8
+
+
+class NeuralSpeedModel:
+    """The INT8 graph of one cache entry, loaded with a fixed thread count and context length."""
+
+    def __init__(self, entry: Path, config, n_threads: int, context: int):
+        from workers.engine.ns_quantize import GRAPH_INFO
+
+        self.config, self.entry, self.n_threads, self.context = config, entry, n_threads, context
+        self.info = json.loads((entry / GRAPH_INFO).read_text())
+        self._load()
+        # Its llama graph refuses (and evaluates nothing for) a sequence whose first token is not the
+        # BOS id in the file header, which is config.json's bos_token_id.
+        self.bos_id = getattr(config, "bos_token_id", None)
+
+    def _load(self) -> None:
+        from neural_speed import Model
+
+        from workers.engine.ns_quantize import WEIGHTS
+
+        self._model = Model()
+        self._model.init_from_bin(self.info["module"], str(self.entry / WEIGHTS), threads=self.n_threads,
+                                  ctx_size=self.context, scratch_size_ratio=scratch_ratio(self.context))
+        self.state: list[int] = []  # the tokens the library's cache holds
+
+    def refusal(self, ids: list[int]) -> str | None:
+        """Why this runtime cannot evaluate `ids`, or None."""
+        if self.bos_id is not None and ids[:1] != [self.bos_id]:
+            return (f"neural-speed's graph only takes sequences that start with the BOS token (id {self.bos_id}); "
+                    f"this prompt starts with id {ids[0] if ids else None}")
+        return None
+
+    def _evaluate(self, ids: list[int], logits_all: bool = False) -> np.ndarray:
+        try:
+            out = self._model.model.evaluate([ids], logits_all)
+            logits = np.asarray(out[0]) if len(out) else np.empty((0, 0))
+            if logits.shape[0] != (len(ids) if logits_all else 1):
+                raise RuntimeError(f"neural-speed evaluated nothing for {len(ids)} tokens (see its log line above)")
+            return logits
+        except BaseException:
+            self.state = []  # unknown after a failure: the next prompt starts afresh
+            raise
+
+    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+        """Logits (1, vocab) after `ids`, and how many of them the cache already held."""
+        held = len(self.state)
+        if 0 < held < len(ids) and ids[:held] == self.state:
+            reused, new = held, ids[held:]
+        else:
+            self._model.model.reinit()
+            reused, new = 0, ids
+        self.state = []
+        logits = self._evaluate(new)
+        self.state = list(ids)
+        return torch.from_numpy(logits[-1:].copy()), reused
+
+    def step(self, token: int) -> torch.Tensor:
+        logits = self._evaluate([token])
+        self.state.append(token)
+        return torch.from_numpy(logits[-1:].copy())
+
+    def all_logits(self, ids: list[int]) -> torch.Tensor:
+        """Logits (len(ids), vocab) of every position, from a fresh cache (perplexity); ids start with BOS.
+
+        Measured with neural-speed 1.0: after one evaluation with all logits, the library's later
+        last-token evaluations are wrong (also after reinit), so the graph is loaded afresh after it."""
+        self._model.model.reinit()
+        self.state = []
+        try:
+            return torch.from_numpy(self._evaluate(ids, logits_all=True).copy())
+        finally:
+            self._load()
+
+
+class SerialRunner:
+    """Runs a neural-speed model's generations one at a time: the library holds one sequence's cache,
+    so concurrent requests queue here (each leaves the queue at once when cancelled)."""
+
+    def __init__(self, model: NeuralSpeedModel, decode, postprocess):
+        self.model, self.decode, self.postprocess = model, decode, postprocess
+        self._lock = threading.Lock()
+
+    def submit(self, job: Job, on_text=None) -> Result:
+        seq = Sequence.start(job, on_text, self.decode, self.postprocess)
+        while not self._lock.acquire(timeout=0.1):
+            if job.cancel.is_set():
+                seq.finish("cancelled")
+                return seq.outcome()
+        try:
+            if job.cancel.is_set():
+                seq.finish("cancelled")
+                return seq.outcome()
+            logits, seq.reused = self.model.prefill(seq.tokens)
+            while not seq.emit(logits):
+                logits = self.model.step(seq.tokens[-1])
+            seq.finish()
+        finally:
+            self._lock.release()
+        return seq.outcome()
