@@ -185,6 +185,9 @@ class References:
 
             entry = int8_cache.ensure(folder, Int8Settings(), self.int8_root, trust)
             self.int8_entries[key] = entry
+            if (entry / "neural_speed.json").is_file():  # SmolLM2 (a Llama) runs on neural-speed
+                self.models[(key, backend)] = (NeuralSpeedReference(entry, folder), AutoTokenizer.from_pretrained(folder))
+                return self.models[(key, backend)]
             # Loading repacks the weights with qbits: its thread count must equal this thread's team
             # then too (an earlier test in this process may have set it), or the reference is garbage.
             threads.apply_to_torch(1)
@@ -220,8 +223,32 @@ class References:
         return self.answers[memo]
 
 
+class NeuralSpeedReference:
+    """The INT8 entry the worker loaded, run by neural-speed's own generate() (greedy), with the
+    context and scratch size the worker gives it (they change the float rounding a little)."""
+
+    def __init__(self, entry: Path, folder: Path):
+        from neural_speed import Model
+
+        from workers.engine.ns_model import scratch_ratio
+        from workers.engine.prompt import context_length
+
+        context = context_length(json.loads((folder / "config.json").read_text()))  # the worker's
+        self.model = Model()
+        self.model.init_from_bin("llama", str(entry / "model.bin"), threads=1, ctx_size=context,
+                                 scratch_size_ratio=scratch_ratio(context), do_sample=False, repetition_penalty=1.0)
+
+    def generate(self, x, max_new_tokens: int, **_):
+        import torch
+
+        out = self.model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0,
+                                  ignore_prompt=True)[0]
+        return torch.tensor([x[0].tolist() + out])
+
+
 def smol_reference(model, tokenizer, messages: list[dict], max_tokens: int) -> dict:
-    """SmolLM2's own way: its chat template, greedy generate() stopping at its stop ids, decoded."""
+    """SmolLM2's own way: its chat template, greedy generate() stopping at its stop ids, decoded
+    (transformers' generate() for fp32; neural-speed's own for INT8, which stops only at eos)."""
     import torch
 
     stop_ids = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")})

@@ -212,17 +212,18 @@ def prepare_int8_weights(dep: Deployment, folders: dict[str, Path], host: str = 
     Quantizing is the memory peak of a first start; done here, no serving worker shares RAM with
     it, and its progress shows in this terminal. The workers then load the cache.
     """
-    from workers.engine import int8_cache
+    from workers.engine import int8_cache, int8_runtime
     from workers.config.paths import int8_cache_dir
 
     int8_models = [m for m in hosts.models_on(dep, host) if m.backend == "itrex-int8"]
     _say(f"[2/4] INT8 weights for {len(int8_models)} model(s) (quantized once, then loaded from {int8_cache_dir()})")
     for m in int8_models:
-        try:
-            entry = int8_cache.ensure(folders[m.program], m.int8, int8_cache_dir(), m.trust_remote_code)
-        except int8_cache.CacheBuildError as exc:
+        try:  # the runtime the worker will pick (int8_runtime), so its entry is the one built here
+            settings = int8_runtime.resolve(m.int8, folders[m.program], m.shared)
+            entry = int8_cache.ensure(folders[m.program], settings, int8_cache_dir(), m.trust_remote_code)
+        except (int8_cache.CacheBuildError, int8_runtime.RuntimeUnavailable) as exc:
             return f"models[{m.program}]: {exc}"
-        _say(f"  {m.program}: {entry.name}")
+        _say(f"  {m.program}: {entry.name} ({settings.runtime})")
     return None
 
 

@@ -59,6 +59,7 @@ class Variant:
     compute_dtype: str = "fp32"
     group_size: int = -1
     gguf: str = ""  # llama-cpp: f16 | q8_0
+    runtime: str = "qbits"  # itrex-int8: qbits | neural-speed
 
     @property
     def label(self) -> str:
@@ -66,7 +67,7 @@ class Variant:
             return f"llama.cpp {self.gguf.upper()} t{self.threads}"
         if self.backend != "itrex-int8":
             return f"{self.backend} t{self.threads}"
-        return f"int8 {self.compute_dtype} g{self.group_size} t{self.threads}"
+        return f"int8 {self.runtime} {self.compute_dtype} g{self.group_size} t{self.threads}"
 
 
 def random_llama_1b() -> Path:
@@ -80,8 +81,12 @@ def bench_job(model_path: Path, batch: int = 0) -> dict:
     from transformers import AutoTokenizer
 
     text = (ROOT / "tests" / "data" / "perplexity_paragraph.txt").read_text()
-    ids = AutoTokenizer.from_pretrained(model_path)(text).input_ids
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    ids = tokenizer(text).input_ids
     prompt = (ids * (PROMPT_TOKENS // len(ids) + 1))[:PROMPT_TOKENS]
+    bos = tokenizer.bos_token_id
+    if bos is not None:  # neural-speed's graph takes only BOS-first sequences: every variant gets the same
+        ids, prompt = ([bos] + ids if ids[:1] != [bos] else ids), [bos] + prompt[:-1]
     return {"ppl_ids": ids, "prompt_ids": prompt, "decode_tokens": DECODE_TOKENS, "batch": batch}
 
 
@@ -100,11 +105,13 @@ def measure(model_path: Path, variant: Variant, cache_root: Path, job: dict | No
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(
-        model_path, variant.backend, cache_root=cache_root,
-        int8=Int8Settings(compute_dtype=variant.compute_dtype, group_size=variant.group_size),
+        model_path, variant.backend, cache_root=cache_root, n_threads=variant.threads,
+        int8=Int8Settings(compute_dtype=variant.compute_dtype, group_size=variant.group_size, runtime=variant.runtime),
     )
     load_s = time.perf_counter() - t0
     threads.apply_to_torch(variant.threads)
+    if variant.runtime == "neural-speed":
+        return {**measure_neural_speed(model, job), "load_s": load_s}
 
     class TokenTimes(StoppingCriteria):  # generate() calls it once per new token, right after it
         def __init__(self):
@@ -136,6 +143,35 @@ def measure(model_path: Path, variant: Variant, cache_root: Path, job: dict | No
         "decode_tok_s": (len(times.times) - 1) / (times.times[-1] - times.times[0]),
         "steady_rss_gib": psutil.Process().memory_info().rss / GIB,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,  # ru_maxrss is KiB
+        "ppl": ppl,
+    }
+
+
+def measure_neural_speed(model, job: dict) -> dict:
+    """The same figures for a neural-speed model, driven as the worker drives it (prefill, then one
+    evaluate() per token)."""
+    import psutil
+    import torch
+
+    ppl_ids, prompt, n_new = job["ppl_ids"], job["prompt_ids"], job["decode_tokens"]
+    logits = model.all_logits(ppl_ids)
+    ppl = float(torch.exp(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ppl_ids[1:]))))
+    model.prefill(prompt)  # warm-up
+    model.state = []
+    t0 = time.perf_counter()
+    logits, _ = model.prefill(prompt)
+    prefill_s = time.perf_counter() - t0
+    token = int(logits.argmax())
+    model.step(token)
+    t0 = time.perf_counter()
+    for _ in range(n_new - 1):
+        token = int(model.step(token).argmax())
+    decode_s = time.perf_counter() - t0
+    return {
+        "prompt_tok_s": len(prompt) / prefill_s,
+        "decode_tok_s": (n_new - 1) / decode_s,
+        "steady_rss_gib": psutil.Process().memory_info().rss / GIB,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
         "ppl": ppl,
     }
 
@@ -309,7 +345,12 @@ def weight_read_bytes(model_path: Path, variant: Variant, int8_entries: dict) ->
     """For the HF variants (llama.cpp children report their own, from the GGUF file)."""
     if variant.backend in ("fp32", "bf16"):
         return read_bytes_per_token(safetensors_tensors(model_path), 4 if variant.backend == "fp32" else 2)
-    entry = int8_entries.get((model_path.name, variant.compute_dtype, variant.group_size))
+    entry = int8_entries.get((model_path.name, variant.runtime, variant.compute_dtype, variant.group_size))
+    if variant.runtime == "neural-speed" and entry:
+        # Its whole INT8 file (every layer, the identity padding too, and the INT8 output matrix) but
+        # the embedding table, of which a step reads one row.
+        config = json.loads((model_path / "config.json").read_text())
+        return (entry / "model.bin").stat().st_size - config["vocab_size"] * config["hidden_size"]
     if variant.backend == "itrex-int8" and entry:
         # ITREX's checkpoint as stored: INT8 weights + scales, the embedding and lm_head kept in fp32.
         return read_bytes_per_token(safetensors_tensors(entry))
@@ -348,7 +389,8 @@ def variants_for(explore: bool, bf16_backend: bool = False, llama_cpp: bool = Fa
                  threads: tuple[int, ...] = (2,)) -> list[Variant]:
     variants = []
     for t in threads:
-        variants += [Variant("fp32", threads=t), Variant("itrex-int8", threads=t)]
+        variants += [Variant("fp32", threads=t), Variant("itrex-int8", threads=t),
+                     Variant("itrex-int8", threads=t, runtime="neural-speed")]
         if llama_cpp:
             variants += [Variant("llama-cpp", threads=t, gguf=g) for g in GGUF_TYPES]
     if explore:
@@ -356,6 +398,7 @@ def variants_for(explore: bool, bf16_backend: bool = False, llama_cpp: bool = Fa
             Variant("itrex-int8", group_size=128), Variant("itrex-int8", group_size=32),
             Variant("itrex-int8", compute_dtype="int8"), Variant("itrex-int8", compute_dtype="bf16"),
             Variant("fp32", threads=1), Variant("itrex-int8", threads=1),
+            Variant("itrex-int8", threads=1, runtime="neural-speed"),
         ]
     if bf16_backend:  # opt-in: without AVX512-BF16/AMX, torch computes bf16 slowly (minutes per 1 B run)
         variants.append(Variant("bf16"))
@@ -429,10 +472,10 @@ def summarize(results: dict, models: list[Path], variants: list[Variant], membw:
             lines += [f"| {v.label} | {m['batch1_tok_s']:.1f} | {m['batchN_tok_s']:.1f} | "
                       f"{m['batchN_tok_s'] / m['batch1_tok_s']:.2f} |" for v, m in batch_rows]
         notes = []
-        for (name, _, _), entry in int8_entries.items():
+        for (name, _, _, _), entry in int8_entries.items():
             if name == model.name:
-                size = sum(f.stat().st_size for f in entry.glob("*.safetensors"))
-                notes.append(f"INT8 checkpoint {size / GIB:.2f} GiB on disk")
+                size = sum(f.stat().st_size for f in [*entry.glob("*.safetensors"), *entry.glob("*.bin")])
+                notes.append(f"INT8 {entry.name} {size / GIB:.2f} GiB on disk")
         for gguf in dict.fromkeys(v.gguf for v in variants if v.backend == "llama-cpp"):
             sizes = [m["tensor_bytes"] for v, m in med.items() if v.gguf == gguf and m.get("tensor_bytes")]
             if sizes:
@@ -483,8 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     int8_entries, gguf_files = {}, {}
     for model in models:  # quantize and convert up front so load times below are cache loads
         for v in variants:
-            settings = Int8Settings(compute_dtype=v.compute_dtype, group_size=v.group_size)
-            key = (model.name, v.compute_dtype, v.group_size)
+            settings = Int8Settings(compute_dtype=v.compute_dtype, group_size=v.group_size, runtime=v.runtime)
+            key = (model.name, v.runtime, v.compute_dtype, v.group_size)
             if v.backend == "itrex-int8" and unsupported_reason(settings) is None and key not in int8_entries:
                 int8_entries[key] = int8_cache.ensure(model, settings, cache_root)
         if use_llama_cpp:
