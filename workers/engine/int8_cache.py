@@ -135,8 +135,10 @@ def _build(source: Path, entry: Path, inputs: dict, trust_remote_code: bool) -> 
         # cwd=work: neural-compressor writes an nc_workspace/ folder into the current directory.
         proc = subprocess.run(cmd, cwd=work)  # the project is installed (editable), so no PYTHONPATH
         if proc.returncode != 0:
+            other = ("; models[].int8: {runtime: qbits} quantizes with the other runtime"
+                     if inputs.get("runtime") == "neural-speed" else "")
             raise CacheBuildError(
-                f"quantizing {source} failed (exit code {proc.returncode}); see the quantize lines above"
+                f"quantizing {source} failed (exit code {proc.returncode}); see the quantize lines above{other}"
             )
         digests = sha256_files(sorted(p for p in staging.rglob("*") if p.is_file()), "checksum INT8 files")
         files = {str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": d} for p, d in digests.items()}
