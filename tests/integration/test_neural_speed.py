@@ -62,9 +62,16 @@ def test_auto_gives_a_llama_neural_speed_and_everything_else_qbits(embedded_mode
         "qwen": {"model_type": "qwen", "architectures": ["QWenLMHeadModel"]},
         "scaled-rope": {**llama, "rope_scaling": {"type": "linear", "factor": 2.0}},
         "too-deep": {**llama, "num_hidden_layers": 81},
+        # 22 layers would run as 32 (measured: qbits, which batches, serves it better)
+        "tinyllama-shaped": {**llama, "num_hidden_layers": 22},
     }
     for name, config in others.items():
         assert int8_runtime.resolve(auto, folder_with(tmp_path, name, config)).runtime == "qbits", name
+    assert int8_runtime.resolve(auto, folder_with(tmp_path, "llama-2-7b-shaped", {**llama, "num_hidden_layers": 32})) \
+        .runtime == "neural-speed"
+    # asked for explicitly, a model that needs many identity layers still gets it
+    assert int8_runtime.resolve(Int8Settings(runtime="neural-speed"), tmp_path / "tinyllama-shaped").runtime \
+        == "neural-speed"
     # neural-speed takes its thread count at load: cores shared by demand need qbits
     assert int8_runtime.resolve(auto, embedded_model, shared_threads=True).runtime == "qbits"
     with pytest.raises(int8_runtime.RuntimeUnavailable, match="no graph the bundle uses for model_type 'chatglm'"):

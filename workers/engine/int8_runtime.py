@@ -13,9 +13,16 @@ import logging
 from pathlib import Path
 
 from workers.config.int8 import Int8Settings
+from workers.engine.ns_quantize import padded_layers
 from workers.models.families import NeuralSpeedGraph, neural_speed_graph
 
 log = logging.getLogger("int8_runtime")
+
+# auto picks neural-speed only when the identity layers it needs add at most this share of layers.
+# Measured (README "Benchmarks", AVX2 EPYC): SmolLM2, 30 -> 32 layers: decode 2.2-2.9x qbits, prompts
+# 1.0-1.2x; a 22-layer 1.1 B Llama, 22 -> 32: decode only 1.1x, prompts 0.75x, and no batching
+# (qbits decodes 4 sequences at 2.2x one), so qbits serves it better.
+MAX_PADDING = 0.125
 
 
 class RuntimeUnavailable(ValueError):
@@ -41,6 +48,12 @@ def resolve(settings: Int8Settings, source: Path, shared_threads: bool = False) 
             raise RuntimeUnavailable(f"int8.runtime: neural-speed cannot serve {source.name}: {why}; "
                                      f"use runtime: qbits (or auto)")
         return settings
+    if graph is not None and settings.runtime == "auto":
+        layers = json.loads((source / "config.json").read_text()).get("num_hidden_layers", 0)
+        padded = padded_layers(layers, graph.layer_counts)
+        if padded > layers * (1 + MAX_PADDING):
+            graph, why = None, (f"its {layers} layers would run as {padded} in neural-speed's graph "
+                                f"(more than {MAX_PADDING:.0%} identity layers)")
     chosen = "neural-speed" if graph is not None else "qbits"
     log.info("INT8 runtime for %s: %s%s", source.name, chosen, f" ({why})" if graph is None else "")
     return settings.model_copy(update={"runtime": chosen})
