@@ -67,7 +67,7 @@ def test_start_prepares_int8_weights_before_any_worker_runs(bundle):
     out = bundle["start_output"]
     int8_step, supervisord_step = out.index("[2/4] INT8 weights for 1 model(s)"), out.index("[3/4] starting supervisord")
     assert int8_step < out.index(f"  {INT8}: smollm2-135m-instruct-") < supervisord_step
-    line = next(line for line in out.splitlines() if line.startswith(f"  {INT8}: "))
+    line = next(line for line in out.splitlines() if line.startswith(f"  {INT8}: smollm2-135m-instruct-"))
     assert line.endswith("(neural-speed)")  # the runtime the worker then loads (a Llama, fixed threads)
 
 
