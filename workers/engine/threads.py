@@ -43,6 +43,10 @@ def apply_to_torch(threads: int) -> None:
     # qbits (ITREX's INT8 kernels) splits each matmul into as many parts as *its* thread count,
     # which defaults to every core. A thread whose OpenMP team differs then computes garbage
     # (measured: perplexity 16 -> 4e6 at 1 thread on 2 cores). Keep them equal.
+    if "neural_speed" in sys.modules:
+        # A neural-speed process never loads qbits: both embed the bestla kernels under the same
+        # symbols, and neural-speed segfaulted in a process that had loaded qbits (seen in the test suite).
+        return
     try:
         from intel_extension_for_transformers import qbits
     except ImportError:  # fp32/bf16 without ITREX importable: nothing else to keep in step
