@@ -199,12 +199,14 @@ def test_chatglm3_messages_reach_build_chat_input_unchanged(chat, system):
     assert recover_message_list(prompt) == expected
 
 
-def test_chatglm_stream_path_is_chosen_by_class_name_after_quantization(int8_entry, embedded_model, int8_cache_root):
-    # ITREX swaps Linear modules in place; the model keeps its class, so FastChat still routes a
-    # ChatGLMForConditionalGeneration to generate_stream_chatglm (proven here on the embedded model).
+def test_chatglm_stream_path_is_chosen_by_class_name_after_quantization(qbits_entry, embedded_model, int8_cache_root):
+    # ITREX qbits (ChatGLM3's INT8 runtime) swaps Linear modules in place; the model keeps its class, so
+    # FastChat still routes a ChatGLMForConditionalGeneration to generate_stream_chatglm (proven here on
+    # the embedded model, loaded with the qbits runtime).
+    from workers.config.int8 import Int8Settings
     from workers.engine.loader import load_model
 
-    model, _ = load_model(embedded_model, "itrex-int8", cache_root=int8_cache_root)
+    model, _ = load_model(embedded_model, "itrex-int8", int8=Int8Settings(runtime="qbits"), cache_root=int8_cache_root)
     assert type(model).__name__ == "LlamaForCausalLM"
     ChatGLMForConditionalGeneration = type("ChatGLMForConditionalGeneration", (torch.nn.Module,), {})
     assert get_generate_stream_function(ChatGLMForConditionalGeneration(), "chatglm3-6b") is generate_stream_chatglm
