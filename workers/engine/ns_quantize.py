@@ -128,17 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer-counts", required=True, help="the graph's layer counts, comma-separated")
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s quantize: %(message)s")
-    from workers.engine.quantize import NotEnoughMemory
+    from workers.engine.quantize import run_quantizer
 
-    try:
-        quantize_and_save(args.source, args.staging, args.module,
-                          tuple(int(c) for c in args.layer_counts.split(",")), json.loads(args.settings),
-                          args.trust_remote_code)
-    except NotEnoughMemory as exc:
-        log.error("%s", exc)
-        return 3
-    return 0
+    return run_quantizer(lambda: quantize_and_save(args.source, args.staging, args.module,
+                                                   tuple(int(c) for c in args.layer_counts.split(",")),
+                                                   json.loads(args.settings), args.trust_remote_code))
 
 
 if __name__ == "__main__":

@@ -140,9 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", required=True, help="RtnConfig keyword arguments as JSON")
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
+    return run_quantizer(lambda: quantize_and_save(args.source, args.staging, json.loads(args.settings),
+                                                   args.trust_remote_code))
+
+
+def run_quantizer(work) -> int:
+    """A quantizer child's exit code: 0 done, 3 refused for memory (int8_cache reports either)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s quantize: %(message)s")
     try:
-        quantize_and_save(args.source, args.staging, json.loads(args.settings), args.trust_remote_code)
+        work()
     except NotEnoughMemory as exc:
         log.error("%s", exc)
         return 3
