@@ -7,6 +7,7 @@ import logging
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -112,6 +113,17 @@ def test_verify_rejects_missing_manifest_corruption_and_other_inputs(qbits_entry
     assert "does not match its sha256" in int8_cache.verify(copy, inputs)
     (copy / MANIFEST).unlink()  # what a crash before the manifest was written leaves
     assert "bundle_manifest.json is missing" in int8_cache.verify(copy, inputs)
+    (copy / MANIFEST).write_text(json.dumps({"inputs": inputs, "files": {}}))
+    assert "lists no weight files" in int8_cache.verify(copy, inputs)
+
+
+def test_a_relative_cache_root_gets_the_weights_in_the_entry(embedded_model, tmp_path, monkeypatch):
+    # the quantizer child runs in a scratch folder: a relative staging path once left an entry of a manifest only
+    monkeypatch.chdir(tmp_path)
+    entry = int8_cache.ensure(embedded_model, QBITS, Path("relative-cache"))
+    assert entry.is_absolute() and entry.parent == tmp_path / "relative-cache"
+    assert list(entry.glob("*.safetensors")) or list(entry.glob("*.bin"))
+    assert int8_cache.verify(entry, json.loads((entry / MANIFEST).read_text())["inputs"]) is None
 
 
 def test_key_covers_settings_versions_and_source(embedded_model, int8_cache_root, tmp_path):

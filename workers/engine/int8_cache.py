@@ -105,6 +105,8 @@ def verify(entry: Path, inputs: dict) -> str | None:
     if manifest.get("inputs") != inputs:
         return "it was built from other inputs (source, settings or versions)"
     files = manifest.get("files", {})
+    if not files:
+        return "it lists no weight files"
     for name, meta in files.items():
         path = entry / name
         if not path.is_file():
@@ -140,7 +142,10 @@ def _build(source: Path, entry: Path, inputs: dict, trust_remote_code: bool) -> 
             raise CacheBuildError(
                 f"quantizing {source} failed (exit code {proc.returncode}); see the quantize lines above{other}"
             )
-        digests = sha256_files(sorted(p for p in staging.rglob("*") if p.is_file()), "checksum INT8 files")
+        written = sorted(p for p in staging.rglob("*") if p.is_file())
+        if not written:  # never publish an entry that would load nothing
+            raise CacheBuildError(f"quantizing {source} wrote no files into {staging}")
+        digests = sha256_files(written, "checksum INT8 files")
         files = {str(p.relative_to(staging)): {"size": p.stat().st_size, "sha256": d} for p, d in digests.items()}
         # The manifest is written last: a folder without it is never served.
         (staging / MANIFEST).write_text(json.dumps({"inputs": inputs, "files": files}, indent=2))
@@ -148,7 +153,8 @@ def _build(source: Path, entry: Path, inputs: dict, trust_remote_code: bool) -> 
 
 def ensure(source: Path, settings: Int8Settings, cache_root: Path, trust_remote_code: bool = False) -> Path:
     """Return a verified INT8 cache folder for `source`, quantizing first when there is none."""
-    source = source.resolve()
+    # Absolute: the quantizer child runs in a scratch folder, where a relative path means another place.
+    source, cache_root = source.resolve(), cache_root.resolve()
     cache_root.mkdir(parents=True, exist_ok=True)
     inputs = key_inputs(source, settings, cache_root)
     entry = entry_dir(source, inputs, cache_root)
