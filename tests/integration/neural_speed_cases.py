@@ -99,12 +99,14 @@ def test_padded_fp32_graph_file_computes_the_models_own_logits(embedded_model, f
     assert info == {"layers": 30, "graph_layers": 32}
     ids = [fp32[1].bos_token_id] + fp32[1](paragraph).input_ids[:200]  # the graph takes BOS-first sequences
     graph = Model()
-    graph.init_from_bin("llama", str(f32), threads=1, ctx_size=512)
+    # an fp32 KV cache: this checks the converted graph. (The default, the library's own KV layout, is
+    # bf16-like on AVX512/AMX CPUs: logits within 0.2 there, measured; the INT8 perplexity test covers it.)
+    graph.init_from_bin("llama", str(f32), threads=1, ctx_size=512, memory_dtype="f32")
     ours = torch.from_numpy(graph.model.evaluate([ids], True)[0].copy())
     theirs = fp32_logits(fp32, ids)
     assert ours.shape == theirs.shape
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.99
-    assert torch.allclose(ours, theirs, atol=0.05, rtol=0), float((ours - theirs).abs().max())
+    assert torch.allclose(ours, theirs, atol=0.02, rtol=0), float((ours - theirs).abs().max())
 
 
 def test_int8_perplexity_within_half_a_percent_of_fp32(ns, fp32, paragraph):

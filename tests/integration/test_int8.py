@@ -153,6 +153,10 @@ def test_compute_dtypes_this_cpu_cannot_run_are_refused(embedded_model):
     assert "needs AVX512-VNNI" in unsupported_reason(Int8Settings(compute_dtype="int8"), avx2_only)
     assert "needs AMX-BF16" in unsupported_reason(Int8Settings(compute_dtype="bf16"), avx2_only)
     assert unsupported_reason(Int8Settings(compute_dtype="int8"), frozenset({"avx512_vnni"})) is None
+    # qbits' int8 compute is wrong even where the CPU has VNNI/AMX (measured): refused on every CPU
+    amx = frozenset({"avx2", "avx512_vnni", "amx_int8", "amx_bf16"})
+    assert "wrong results in the qbits runtime" in unsupported_reason(Int8Settings(runtime="qbits", compute_dtype="int8"), amx)
+    assert unsupported_reason(Int8Settings(runtime="neural-speed", compute_dtype="int8"), amx) is None
     assert unsupported_reason(Int8Settings(), avx2_only) is None
     assert "group_size=48" in unsupported_reason(Int8Settings(group_size=48), avx2_only)
     with pytest.raises(UnsupportedBackend, match="backend 'int4'"):

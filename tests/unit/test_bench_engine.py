@@ -51,6 +51,15 @@ def test_llama_cpp_variants_are_opt_in_and_labelled():
                       "llama.cpp Q8_0 t2"]
 
 
+def test_every_compute_dtype_the_cpu_runs_is_measured_on_both_int8_runtimes():
+    assert be.cpu_compute_dtypes(frozenset({"avx2"})) == ("fp32",)
+    assert be.cpu_compute_dtypes(frozenset({"avx2", "avx512_vnni"})) == ("fp32", "int8")
+    assert be.cpu_compute_dtypes(frozenset({"avx2", "avx512_vnni", "amx_int8", "amx_bf16"})) == ("fp32", "int8", "bf16")
+    labels = [v.label for v in be.variants_for(False, compute_dtypes=("fp32", "int8"))]
+    assert labels == ["fp32 t2", "int8 qbits fp32 g-1 t2", "int8 neural-speed fp32 g-1 t2",
+                      "int8 qbits int8 g-1 t2", "int8 neural-speed int8 g-1 t2"]
+
+
 def test_report_starts_with_the_cpu_and_gives_ratios_and_bandwidth():
     model = Path("m")
     variants = be.variants_for(False, llama_cpp=True)

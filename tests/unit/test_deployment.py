@@ -154,3 +154,9 @@ def test_int8_compute_dtype_this_cpu_cannot_run_is_refused_before_start():
     [problem] = rules.semantic_problems(dep, cpu_count=2, cpu_flags=frozenset({"avx2"}))
     assert problem.startswith("models[0].int8: compute_dtype='int8' needs AVX512-VNNI")
     assert rules.semantic_problems(dep, cpu_count=2, cpu_flags=frozenset({"avx512_vnni"})) == []
+
+
+def test_qbits_int8_compute_is_refused_before_start_even_with_amx():
+    dep = Deployment.model_validate({"models": [model(int8={"runtime": "qbits", "compute_dtype": "int8"})]})
+    [problem] = rules.semantic_problems(dep, cpu_count=2, cpu_flags=frozenset({"avx2", "avx512_vnni", "amx_int8"}))
+    assert "compute_dtype='int8' gives wrong results in the qbits runtime" in problem

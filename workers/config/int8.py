@@ -8,9 +8,13 @@ from pydantic import Field
 from workers.config import cpu
 from workers.config.loading import Strict
 
-# Measured on an AVX2-only CPU (no VNNI / AMX), ITREX 1.4.2 qbits:
-#   compute_dtype="int8" runs but produces garbage (perplexity 16 -> 2.4e7), so it needs VNNI;
-#   compute_dtype="bf16" is refused by qbits itself ("device ISA must support AMX-BF16").
+# Measured with ITREX 1.4.2 / neural-speed 1.0 on an AVX2-only EPYC and an AMX Xeon (README "Benchmarks"):
+#   qbits "int8": wrong results on both (SmolLM2 perplexity 17 -> 2.5e6 with group 128 on the AMX
+#     Xeon, 2.4e7 on AVX2), and qbits refuses it per channel ("Illegal config"): refused everywhere;
+#   qbits "bf16": refused by qbits without AMX-BF16; with it correct (17.24), prompts 1.6x, decode 0.9x;
+#   neural-speed "int8" with VNNI/AMX: perplexity as fp32 and decode 1.1-1.2x, prompts 2-2.8x, but
+#     top-1 agreement with fp32 per decode step fell from 93 % to 78 %, and a prompt evaluated in two
+#     parts gives other logits than in one (prefix reuse then changes answers). So fp32 stays the default.
 _REQUIRED_FLAGS = {
     "int8": ({"avx512_vnni", "avx_vnni", "amx_int8"}, "AVX512-VNNI, AVX-VNNI or AMX-INT8"),
     "bf16": ({"amx_bf16"}, "AMX-BF16"),
@@ -52,6 +56,9 @@ def unsupported_reason(settings: Int8Settings, flags: frozenset[str] | None = No
         return f"group_size={settings.group_size}: use -1 (per channel) or a multiple of 32"
     if settings.runtime == "neural-speed" and "avx2" not in flags:
         return "int8.runtime='neural-speed' needs AVX2, which this CPU lacks; use runtime: qbits"
+    if settings.runtime == "qbits" and settings.compute_dtype == "int8":
+        return ("compute_dtype='int8' gives wrong results in the qbits runtime on every CPU measured "
+                "(and qbits refuses it per channel); use compute_dtype: fp32, or runtime: neural-speed")
     need = _REQUIRED_FLAGS.get(settings.compute_dtype)
     if need and not (need[0] & flags):
         return (

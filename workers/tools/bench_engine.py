@@ -8,7 +8,7 @@ Each also gets an effective read bandwidth, weight bytes read per decode step x 
 to the machine's read bandwidth measured with numpy in each round. Prints figures; asserts nothing.
 
     python -m workers.tools.bench_engine                      # embedded model + random 1 B Llama
-    python -m workers.tools.bench_engine --explore            # also group sizes, compute dtypes, threads
+    python -m workers.tools.bench_engine --explore            # also group sizes and 1 thread
     python -m workers.tools.bench_engine --llama-cpp          # also llama.cpp F16 and Q8_0 (.venv-bench)
     python -m workers.tools.bench_engine --batch 4            # also 1 vs 4 sequences through the batcher
 
@@ -385,18 +385,26 @@ def ensure_gguf(model_path: Path, bench_python: Path) -> dict:
     return result
 
 
+def cpu_compute_dtypes(flags: frozenset[str] | None = None) -> tuple[str, ...]:
+    """The INT8 compute dtypes this CPU runs correctly (int8 needs VNNI or AMX, bf16 AMX): every one is
+    measured, since which is fastest differs between CPUs and runtimes."""
+    from workers.config.int8 import Int8Settings, unsupported_reason
+
+    return tuple(d for d in ("fp32", "int8", "bf16") if unsupported_reason(Int8Settings(compute_dtype=d), flags) is None)
+
+
 def variants_for(explore: bool, bf16_backend: bool = False, llama_cpp: bool = False,
-                 threads: tuple[int, ...] = (2,)) -> list[Variant]:
+                 threads: tuple[int, ...] = (2,), compute_dtypes: tuple[str, ...] = ("fp32",)) -> list[Variant]:
     variants = []
     for t in threads:
-        variants += [Variant("fp32", threads=t), Variant("itrex-int8", threads=t),
-                     Variant("itrex-int8", threads=t, runtime="neural-speed")]
+        variants.append(Variant("fp32", threads=t))
+        variants += [Variant("itrex-int8", threads=t, runtime=r, compute_dtype=d)
+                     for d in compute_dtypes for r in ("qbits", "neural-speed")]
         if llama_cpp:
             variants += [Variant("llama-cpp", threads=t, gguf=g) for g in GGUF_TYPES]
     if explore:
         variants += [
             Variant("itrex-int8", group_size=128), Variant("itrex-int8", group_size=32),
-            Variant("itrex-int8", compute_dtype="int8"), Variant("itrex-int8", compute_dtype="bf16"),
             Variant("fp32", threads=1), Variant("itrex-int8", threads=1),
             Variant("itrex-int8", threads=1, runtime="neural-speed"),
         ]
@@ -497,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--explore", action="store_true", help="also other group sizes, compute dtypes, threads")
+    p.add_argument("--explore", action="store_true", help="also other group sizes and 1 thread")
     p.add_argument("--models", choices=("embedded", "random-1b", "both"), default="both")
     p.add_argument("--bf16-backend", action="store_true", help="also the plain bf16 backend (slow on CPUs without bf16 units)")
     p.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None,
@@ -521,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.models.embedded import prepare
 
     models = ([prepare()] if args.models != "random-1b" else []) + ([random_llama_1b()] if args.models != "embedded" else [])
-    variants = variants_for(args.explore, args.bf16_backend, use_llama_cpp, tuple(args.threads))
+    variants = variants_for(args.explore, args.bf16_backend, use_llama_cpp, tuple(args.threads), cpu_compute_dtypes())
     cache_root = int8_cache_dir()
     int8_entries, gguf_files = {}, {}
     for model in models:  # quantize and convert up front so load times below are cache loads
@@ -550,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
             membw.append(run_membw_child())
             continue
         if v.backend == "itrex-int8":
-            problem = unsupported_reason(Int8Settings(compute_dtype=v.compute_dtype, group_size=v.group_size))
+            problem = unsupported_reason(Int8Settings(compute_dtype=v.compute_dtype, group_size=v.group_size,
+                                                      runtime=v.runtime))
             if problem:
                 results[(model.name, v.label)].append({"error": problem})
                 continue
