@@ -256,7 +256,8 @@ CHILD_TIMEOUT_S = 1800
 def _result(proc: subprocess.CompletedProcess) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return {"error": f"{last} (exit code {proc.returncode})" if proc.returncode else last}
     return json.loads(lines[-1][len("RESULT "):])
 
 
