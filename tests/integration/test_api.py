@@ -64,6 +64,18 @@ def test_max_tokens_temperature_top_p_n(client):
     assert [c.index for c in r.choices] == [0, 1] and all(c.message.content for c in r.choices)
 
 
+@pytest.mark.parametrize("served", [SERVED_INT8, SERVED_FP32])
+def test_the_ends_of_the_sampling_ranges_are_served_not_refused(client, served):
+    """What the API accepts the worker serves: top_p 0 is its limit (only the most likely token is left, so the answer
+    is the greedy one), a top_k beyond the vocabulary is no top-k at all."""
+    greedy = client.chat.completions.create(model=served, messages=QUESTION, max_tokens=8, temperature=0)
+    r = client.chat.completions.create(model=served, messages=QUESTION, max_tokens=8, temperature=1.0, top_p=0)
+    assert r.choices[0].message.content == greedy.choices[0].message.content
+    r = client.chat.completions.create(model=served, messages=QUESTION, max_tokens=4, temperature=1.0,
+                                       extra_body={"top_k": 2**31 - 1})
+    assert r.choices[0].message.content
+
+
 def test_user_stop_ends_the_answer_and_default_stop_still_applies(client):
     r = client.chat.completions.create(model=SERVED_INT8, messages=QUESTION, temperature=0, max_tokens=16, stop=["Paris"])
     assert r.choices[0].message.content.rstrip().endswith("is") and r.choices[0].finish_reason == "stop"

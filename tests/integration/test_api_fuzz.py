@@ -35,7 +35,7 @@ valid_content = st.one_of(words, st.lists(text_part, min_size=1, max_size=3))
 valid_message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": valid_content},
                                       optional={"name": st.text(max_size=5)})
 valid_common = {
-    "temperature": st.floats(0, 2), "top_p": st.floats(0.05, 1), "top_k": st.sampled_from([-1, 1, 5, 50]),
+    "temperature": st.floats(0, 2), "top_p": st.floats(0, 1), "top_k": st.sampled_from([-1, 1, 5, 50, 2**31 - 1]),
     "n": st.integers(1, 2), "max_tokens": st.integers(1, MAX_TOKENS), "stream": st.booleans(),
     "stop": st.one_of(words, st.lists(words, max_size=2)), "presence_penalty": st.floats(-2, 2),
     "frequency_penalty": st.floats(-2, 2), "repetition_penalty": st.floats(0.5, 2), "user": st.text(max_size=5),

@@ -36,9 +36,11 @@ class BadRequest(ValueError):
         self.param, self.code = param, code
 
 
-# Accepted ranges of the sampling parameters (OpenAI's where it has them); outside: 400.
+# Accepted ranges of the sampling parameters: the API's (OpenAI's where it has them), so nothing the API lets through
+# is refused here; outside: 400. top_p 0 is its limit (only the most likely token survives, as TopPLogitsWarper keeps
+# one); a top_k above the vocabulary keeps every token.
 RANGES = {
-    "temperature": (0.0, 2.0), "top_p": (1e-9, 1.0), "top_k": (-1, 10**6), "repetition_penalty": (1e-3, 10.0),
+    "temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "top_k": (-1, 2**31 - 1), "repetition_penalty": (1e-3, 10.0),
     "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0),
 }
 
