@@ -1,8 +1,14 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The suite is hermetic: an operator's own deployment settings in the shell (a worker secret, a host or profile to
+# start, fault injection) would change what the tests start and talk to. Tests that need one set it themselves.
+for _name in ("BUNDLE_WORKER_SECRET", "BUNDLE_HOST", "BUNDLE_PROFILE", "BUNDLE_ALLOW_FAULTS", "BUNDLE_MODELSCOPE_HOST"):
+    os.environ.pop(_name, None)
 
 
 @pytest.fixture(scope="session")
