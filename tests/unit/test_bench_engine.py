@@ -115,3 +115,20 @@ def test_report_shows_the_batcher_figures_when_measured():
     report = be.summarize(results, [model], variants, [], {}, {})
     assert "through the bundle's continuous batcher" in report
     assert "| fp32 t2 | 10.0 | 25.0 | 2.50 |" in report
+
+
+PEAK_OF_A_CHILD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from workers.models.memory_budget import peak_rss_bytes
+print(peak_rss_bytes())
+"""
+
+
+def test_a_childs_peak_memory_is_its_own_not_its_big_parents():
+    """The benchmarks' peak RSS: each measurement is a child of a parent that may hold GiBs (the random 1.1 B
+    model it generated); getrusage's ru_maxrss keeps that parent's peak across fork and exec."""
+    ballast = np.ones(768 * 2**20, np.uint8)  # 768 MiB, every page touched
+    out = subprocess.run([sys.executable, "-c", PEAK_OF_A_CHILD, str(ROOT)], capture_output=True, text=True, check=True)
+    child_peak = int(out.stdout)
+    assert 0 < child_peak < 300 * 2**20, f"child reports {child_peak / 2**20:.0f} MiB; its parent holds {ballast.nbytes >> 20} MiB"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import shutil
 import sys
 import time
@@ -30,6 +29,7 @@ from tqdm import tqdm
 log = logging.getLogger("quantize")
 
 from workers.config.files import GIB
+from workers.models import memory_budget
 # Files the INT8 folder needs besides the weights: custom modeling code for trust_remote_code.
 _COPY_PATTERNS = ("*.py",)
 # ITREX's replace_linear() leaves these output layers unquantized (matched inside the module name).
@@ -42,7 +42,6 @@ class NotEnoughMemory(RuntimeError):
 
 def check_memory(source: Path) -> None:
     """Refuse before loading anything when quantizing `source` cannot fit in available RAM."""
-    from workers.models import memory_budget
 
     try:
         need = memory_budget.quantize_peak_bytes(memory_budget.shape_of_folder(source))
@@ -128,7 +127,7 @@ def quantize_and_save(source: Path, staging: Path, settings: dict, trust_remote_
         for f in source.glob(pattern):
             if not (staging / f.name).exists():
                 shutil.copy2(f, staging / f.name)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = memory_budget.peak_rss_bytes()
     log.info("quantized in %.0f s; peak resident memory %.2f GiB, counting the memory-mapped checkpoint's "
              "page cache, which the kernel can reclaim", time.monotonic() - t0, peak / GIB)
 

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from workers.config import cpu
 from workers.config.files import GIB
 from workers.config.paths import ROOT, reports_dir, var_dir
+from workers.models import memory_budget
 from workers.tools import random_model
 
 PROMPT_TOKENS = 128
@@ -142,7 +143,7 @@ def measure(model_path: Path, variant: Variant, cache_root: Path, job: dict | No
         "prompt_tok_s": prompt.shape[1] / prefill_s,
         "decode_tok_s": (len(times.times) - 1) / (times.times[-1] - times.times[0]),
         "steady_rss_gib": psutil.Process().memory_info().rss / GIB,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,  # ru_maxrss is KiB
+        "peak_rss_gib": memory_budget.peak_rss_bytes() / GIB,
         "ppl": ppl,
     }
 
@@ -171,7 +172,7 @@ def measure_neural_speed(model, job: dict) -> dict:
         "prompt_tok_s": len(prompt) / prefill_s,
         "decode_tok_s": (n_new - 1) / decode_s,
         "steady_rss_gib": psutil.Process().memory_info().rss / GIB,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+        "peak_rss_gib": memory_budget.peak_rss_bytes() / GIB,
         "ppl": ppl,
     }
 

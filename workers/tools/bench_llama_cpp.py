@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -72,10 +71,11 @@ def weight_bytes_per_token(path: Path) -> dict:
     return {"tensor_bytes": total, "read_bytes_per_token": read}
 
 
-def _rss_gib() -> float:
+def _status_gib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process. Not ru_maxrss: it keeps the parent's peak across fork+exec."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024 / GIB
     return 0.0
 
@@ -125,8 +125,8 @@ def measure(path: Path, job: dict) -> dict:
         "load_s": load_s,
         "prompt_tok_s": len(prompt) / prefill_s,
         "decode_tok_s": (n_new - 1) / decode_s,
-        "steady_rss_gib": _rss_gib(),
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+        "steady_rss_gib": _status_gib("VmRSS"),
+        "peak_rss_gib": _status_gib("VmHWM"),
         "ppl": math.exp(nll),
         **weight_bytes_per_token(path),
     }
