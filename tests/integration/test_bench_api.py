@@ -30,3 +30,20 @@ def test_bench_api_writes_table_and_plot(served_bundle, tmp_path):
     assert sum(1 for line in busy if line.startswith("| smol-") and " 0.0 |" not in line) == 2, busy
     png = tmp_path / "reports" / "bench-api" / "bench-api.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_api_says_the_bundle_is_down_instead_of_failing_every_request(tmp_path):
+    """Before its first question: one line naming the address and what to run, exit code 1, no report."""
+    import yaml
+
+    from tests.helpers import free_port
+
+    conf = yaml.safe_load((ROOT / "conf" / "default.yaml").read_text())
+    conf["api"]["port"] = free_port()  # nothing listens there
+    (tmp_path / "down.yaml").write_text(yaml.safe_dump(conf))
+    proc = subprocess.run([sys.executable, "-m", "workers.tools.bench_api", "--profile", str(tmp_path / "down.yaml")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=bundle_env(BUNDLE_VAR_DIR=str(tmp_path)))
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert f"the API at http://127.0.0.1:{conf['api']['port']}/v1 does not answer" in proc.stderr
+    assert "start the bundle with scripts/start_all.sh" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "reports" / "bench-api").exists()

@@ -24,6 +24,32 @@ def api_settings(dep: Deployment) -> tuple[str, str]:
     return base_url(dep), api_key(dep)
 
 
+class NotServed(Exception):
+    """The API does not answer (exit_code 1) or does not serve a model asked for (exit_code 2)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def served_models(api: str, key: str, wanted: list[str] | None = None) -> list[str]:
+    """The models the running bundle serves (`wanted`, when given, must all be among them), checked before a tool
+    sends its first question, so a bundle that is down or still starting gets one clear line, not a run of errors."""
+    try:
+        listed = requests.get(api + "/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        listed.raise_for_status()
+    except requests.RequestException as exc:
+        raise NotServed(f"the API at {api} does not answer ({exc}); start the bundle with scripts/start_all.sh", 1)
+    served = [m["id"] for m in listed.json()["data"]]
+    if not served:
+        raise NotServed(f"the API at {api} serves no model yet (scripts/status.sh shows the workers)", 1)
+    missing = [m for m in wanted or [] if m not in served]
+    if missing:
+        raise NotServed(f"not served: {', '.join(missing)} (served: {', '.join(served)}); scripts/status.sh shows "
+                        "the workers", 2)
+    return served
+
+
 def openai_client(api: str, key: str, max_retries: int, timeout: float):
     from openai import OpenAI
 

@@ -32,7 +32,7 @@ from workers.config import cpu, deployment, secrets
 from workers.config.paths import reports_dir
 from workers.config.schema import ModelSpec
 from workers.models.sources import model_dir
-from workers.tools.api_client import answer_tokens, api_settings, ask, openai_client
+from workers.tools.api_client import NotServed, answer_tokens, api_settings, ask, openai_client, served_models
 
 PROMPT = "Write a short story about a robot who learns to paint."
 MAX_TOKENS = 64
@@ -42,8 +42,10 @@ CHAT_TURNS = ["What is a prime number?", "Is 51 prime?", "And 53?", "What is the
               "Why are primes useful in cryptography?", "Give me a prime between 100 and 110.", "Thanks! One more fact?"]
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float | None:
     values = sorted(values)
+    if not values:  # every request of the level failed: no figure, and the report says why
+        return None
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
@@ -76,6 +78,7 @@ def run_level(api: str, key: str, model: str, concurrency: int, requests_per_cli
         "ttft_p95": percentile([r["ttft_s"] for r in ok if r["ttft_s"]], 95),
         "lat_p50": percentile([r["total_s"] for r in ok], 50), "lat_p95": percentile([r["total_s"] for r in ok], 95),
         "decode_tok_s": statistics.median(decode) if decode else None,
+        "first_error": next((r["error"] for r in results if r["error"]), None),
     }
 
 
@@ -133,6 +136,15 @@ def plot(table: dict, models: list[str], levels: list[int], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _median(values) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _fixed(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default=os.environ.get("BUNDLE_PROFILE", "default"))
@@ -149,15 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     except (deployment.DeploymentError, secrets.SecretError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"CPU: {cpu.describe()}", flush=True)
     specs = {m.names[0]: m for m in dep.models}
     models, levels = list(specs), sorted(set(args.concurrency))
+    try:
+        served_models(api, key, models)
+    except NotServed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"CPU: {cpu.describe()}", flush=True)
     runs: dict[tuple[str, int], list[dict]] = {(m, c): [] for m in models for c in levels}
     jobs = [(c, m) for _ in range(args.rounds) for c in levels for m in models]
     for c, m in tqdm(jobs, desc="API benchmark (interleaved)", unit="level"):
         runs[(m, c)].append(run_level(api, key, m, c, args.requests_per_client, args.max_tokens))
-    table = {k: {f: statistics.median(r[f] for r in v if r[f] is not None) if any(r[f] is not None for r in v) else None
-                 for f in v[0]} for k, v in runs.items()}
+    table = {k: {f: _median(r[f] for r in v) for f in v[0] if f != "first_error"} for k, v in runs.items()}
     lines = [f"API benchmark ({time.strftime('%Y-%m-%d %H:%M')}; streamed chat, max_tokens {args.max_tokens}, "
              f"{args.requests_per_client} requests per client, medians over {args.rounds} interleaved rounds)",
              f"CPU: {cpu.describe()}", "",
@@ -168,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         for c in levels:
             t = table[(m, c)]
             lines.append(f"| {m} | {c} | {t['req_s']:.2f} | {t['out_tok_s']:.1f} | {t['out_tok_s'] / one if one else 0:.2f} | "
-                         f"{t['ttft_p50']:.2f} | {t['ttft_p95']:.2f} | {t['lat_p50']:.2f} | {t['lat_p95']:.2f} | {int(t['errors'])} |")
+                         + " | ".join(_fixed(t[f]) for f in ("ttft_p50", "ttft_p95", "lat_p50", "lat_p95"))
+                         + f" | {int(t['errors'])} |")
+    errors = {f"{m} at {c} clients": r["first_error"] for (m, c), v in runs.items() for r in v if r["first_error"]}
+    if errors:
+        lines += ["", "Failed requests (the first error of each level):", ""]
+        lines += [f"- {where}: {error}" for where, error in errors.items()]
     if args.turns > 0:
         chats = {m: chat_turns(api, key, m, args.turns, args.max_tokens) for m in tqdm(models, desc="growing chat", unit="model")}
         lines += ["", f"Time to first token per turn of a {args.turns}-turn chat (s; long system prompt, answers kept):", "",

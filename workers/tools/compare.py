@@ -16,13 +16,12 @@ import sys
 import threading
 from pathlib import Path
 
-import requests
 from tqdm import tqdm
 
 from workers.config import deployment, secrets
 from workers.config.paths import reports_dir
 from workers.tools import questions
-from workers.tools.api_client import answer_tokens, api_key, ask, base_url, openai_client
+from workers.tools.api_client import NotServed, answer_tokens, api_key, ask, base_url, openai_client, served_models
 from workers.tools.checks import runner as checks
 
 RESULTS = "results.jsonl"
@@ -98,20 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        listed = requests.get(api + "/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
-        listed.raise_for_status()
-    except requests.RequestException as exc:
-        print(f"error: the API at {api} does not answer ({exc}); start the bundle with scripts/start_all.sh", file=sys.stderr)
-        return 1
-    served = [m["id"] for m in listed.json()["data"]]
-    if not served:
-        print(f"error: the API at {api} serves no model yet (scripts/status.sh shows the workers)", file=sys.stderr)
-        return 1
+        served = served_models(api, key, args.models.split(",") if args.models else None)
+    except NotServed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     models = args.models.split(",") if args.models else sorted(served)
-    missing = [m for m in models if m not in served]
-    if missing:
-        print(f"error: not served: {', '.join(missing)} (served: {', '.join(served)})", file=sys.stderr)
-        return 2
     out = args.out or reports_dir() / f"compare-{Path(args.profile).stem}"
     results = run(api, key, models, sets, out, args.max_tokens, args.temperature,
                   args.concurrency or len(models), args.redo)
