@@ -4,6 +4,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import API_KEYS, SERVED_FP32, SERVED_INT8
 from tests.helpers import ROOT, bundle_env
 
@@ -47,3 +49,26 @@ def test_bench_api_says_the_bundle_is_down_instead_of_failing_every_request(tmp_
     assert f"the API at http://127.0.0.1:{conf['api']['port']}/v1 does not answer" in proc.stderr
     assert "start the bundle with scripts/start_all.sh" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "reports" / "bench-api").exists()
+
+
+def test_another_program_on_the_api_port_is_named_not_a_traceback(tmp_path):
+    """Something answers 200 at /v1/models but is not the bundle's API (here a static file server)."""
+    import functools
+    import http.server
+    import threading
+
+    from workers.tools.api_client import NotServed, served_models
+
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "models").write_text("<html>hello</html>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        api = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        with pytest.raises(NotServed, match="not with an OpenAI model list") as caught:
+            served_models(api, "none", ["smol"])
+        assert caught.value.exit_code == 1
+    finally:
+        server.shutdown()
+        server.server_close()

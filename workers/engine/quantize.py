@@ -42,7 +42,6 @@ class NotEnoughMemory(RuntimeError):
 
 def check_memory(source: Path) -> None:
     """Refuse before loading anything when quantizing `source` cannot fit in available RAM."""
-
     try:
         need = memory_budget.quantize_peak_bytes(memory_budget.shape_of_folder(source))
     except (memory_budget.UnknownShape, OSError, ValueError) as exc:

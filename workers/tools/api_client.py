@@ -40,7 +40,10 @@ def served_models(api: str, key: str, wanted: list[str] | None = None) -> list[s
         listed.raise_for_status()
     except requests.RequestException as exc:
         raise NotServed(f"the API at {api} does not answer ({exc}); start the bundle with scripts/start_all.sh", 1)
-    served = [m["id"] for m in listed.json()["data"]]
+    try:
+        served = [m["id"] for m in listed.json()["data"]]
+    except (ValueError, KeyError, TypeError):
+        raise NotServed(f"{api}/models answers, but not with an OpenAI model list: is another program on that port?", 1)
     if not served:
         raise NotServed(f"the API at {api} serves no model yet (scripts/status.sh shows the workers)", 1)
     missing = [m for m in wanted or [] if m not in served]

@@ -96,12 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     except (deployment.DeploymentError, questions.QuestionsError, secrets.SecretError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    wanted = args.models.split(",") if args.models else None
     try:
-        served = served_models(api, key, args.models.split(",") if args.models else None)
+        served = served_models(api, key, wanted)
     except NotServed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    models = args.models.split(",") if args.models else sorted(served)
+    models = wanted or sorted(served)
     out = args.out or reports_dir() / f"compare-{Path(args.profile).stem}"
     results = run(api, key, models, sets, out, args.max_tokens, args.temperature,
                   args.concurrency or len(models), args.redo)
