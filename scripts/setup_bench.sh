@@ -10,6 +10,14 @@ venv=.venv-bench
 stamp=$venv/.requirements.sha256
 # GGML_NATIVE=ON: -march=native, i.e. this CPU's AVX2/AVX512/VNNI/AMX. No multimodal library, tools or tests.
 cmake_args="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF ${CMAKE_ARGS_EXTRA:-}"
+# On an AMX CPU, -march=native also compiles llama.cpp's AMX tile kernels, and on these VMs Q8_0 then dies with a
+# general protection fault in libggml-cpu (llama.cpp PR #26954: the tile config is optimized away / XFD per
+# thread). -mno-amx-* keeps every other native flag (AVX512, VNNI, BF16), so Q8_0 runs on its AVX512-VNNI kernels.
+if grep -qw amx_tile /proc/cpuinfo && [[ ${BENCH_LLAMA_AMX:-0} != 1 ]]; then
+  no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  cmake_args="$cmake_args -DCMAKE_C_FLAGS='$no_amx' -DCMAKE_CXX_FLAGS='$no_amx'"
+  echo "setup-bench: AMX CPU: llama.cpp is built without its AMX tile kernels (they crash here; BENCH_LLAMA_AMX=1 keeps them)"
+fi
 want=$(cat requirements-bench.txt <(echo "$cmake_args") | sha256sum | cut -d' ' -f1)
 if [[ -f $stamp && "$(cat "$stamp")" == "$want" ]]; then
   echo "setup-bench: $venv is up to date with requirements-bench.txt"

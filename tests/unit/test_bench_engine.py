@@ -68,11 +68,16 @@ def test_report_starts_with_the_cpu_and_gives_ratios_and_bandwidth():
               "llama.cpp F16 t2": 30.0, "llama.cpp Q8_0 t2": 40.0}
     results = {("m", label): [dict(run, decode_tok_s=tok_s)] for label, tok_s in speeds.items()}
     results[("m", "llama.cpp Q8_0 t2")][0].update(read_bytes_per_token=1e9, tensor_bytes=1.1e9)
+    for label in ("llama.cpp F16 t2", "llama.cpp Q8_0 t2"):
+        results[("m", label)][0]["system_info"] = "CPU : SSE3 = 1 | AVX512_VNNI = 1 | AMX_INT8 = 0 | OPENMP = 1 | "
     membw = [{"sum_t1_gb_s": 20.0, "sum_t2_gb_s": 40.0, "copy_t1_gb_s": 15.0, "copy_t2_gb_s": 25.0}]
     read_bytes = {("m", "fp32 t2"): 4e9, ("m", "int8 qbits fp32 g-1 t2"): 1e9, ("m", "int8 neural-speed fp32 g-1 t2"): 1e9}
     report = be.summarize(results, [model], variants, membw, read_bytes, {})
     assert report.splitlines()[0].startswith("CPU: ")
     assert "sum 20.0 GB/s on 1 thread, 40.0 GB/s on 2 threads" in report
+    # which kernels llama.cpp ran with (an AMX CPU's build has no AMX tiles): once, features that are on
+    assert report.count("llama.cpp build") == 1
+    assert "llama.cpp build (its system info, features on): SSE3 AVX512_VNNI OPENMP\n" in report
     rows = {line.split(" | ")[1]: line.split(" | ") for line in report.splitlines() if line.startswith("| m |")}
     # | model | variant | tok/s | x fp32 | x Q8_0 | GB/token | GB/s | % | ...
     assert rows["fp32 t2"][2:8] == ["10.0", "1.00", "0.25", "4.000", "40.0", "100 %"]

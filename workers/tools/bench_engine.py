@@ -419,6 +419,12 @@ def _median(runs: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
 
 
+def llama_cpp_features(system_info: str) -> str:
+    """`CPU : SSE3 = 1 | AVX512 = 1 | AMX_INT8 = 0 | ...` -> `SSE3 AVX512 ...`: the features the build uses."""
+    on = [part.split("=")[0].split(":")[-1].strip() for part in system_info.split("|") if part.strip().endswith("= 1")]
+    return " ".join(on) or system_info.strip()
+
+
 def summarize(results: dict, models: list[Path], variants: list[Variant], membw: list[dict],
               read_bytes: dict, int8_entries: dict) -> str:
     lines = [f"CPU: {cpu.describe()}", "",
@@ -438,6 +444,9 @@ def summarize(results: dict, models: list[Path], variants: list[Variant], membw:
              "thread count. Others' load = cores kept busy by other processes during the run (median)."), ""]
     else:
         lines += [f"Read bandwidth measurement failed: {membw[0].get('error', '?') if membw else 'not run'}", ""]
+    builds = {r["system_info"] for runs in results.values() for r in runs if r.get("system_info")}
+    for info in sorted(builds):
+        lines += [f"llama.cpp build (its system info, features on): {llama_cpp_features(info)}", ""]
     header = ("| model | variant | decode tok/s | x fp32 | x llama.cpp Q8_0 | GB read/token | effective GB/s | "
               "% of read bw | prompt tok/s | x fp32 | load s | steady RSS GiB | peak RSS GiB | ppl | others' load |")
     ncols = header.count("|") - 1

@@ -128,6 +128,8 @@ def measure(path: Path, job: dict) -> dict:
         "steady_rss_gib": _status_gib("VmRSS"),
         "peak_rss_gib": _status_gib("VmHWM"),
         "ppl": math.exp(nll),
+        # which kernels this build has (on an AMX CPU setup_bench.sh builds without AMX tiles)
+        "system_info": llama_cpp.llama_print_system_info().decode(),
         **weight_bytes_per_token(path),
     }
 
