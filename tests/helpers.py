@@ -112,6 +112,11 @@ def bundle_processes(var) -> list[psutil.Process]:
 
 
 EMBEDDED = {"embedded": "smollm2-135m-instruct"}
+# A chat answer that outlasts every client wait in the tests (client gives up, worker killed mid-answer). Greedy,
+# because a sampled story may end early (158 tokens was seen): on a fast CI machine it finished inside the 3 s a
+# client waited, and nothing was dropped. SmolLM2's greedy story loops until max_tokens (2000 seen).
+LONG_STORY = [{"role": "user", "content": "Write a very long story about a dragon and a knight."}]
+NEVER_ENDS = {"max_tokens": 1000, "temperature": 0}
 
 
 def int8_and_fp32(int8_name: str, fp32_name: str, **extra) -> list[dict]:

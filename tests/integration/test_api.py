@@ -13,7 +13,7 @@ import requests
 from openai import OpenAI
 
 from tests.conftest import API_KEYS, SERVED_FP32, SERVED_INT8
-from tests.helpers import rpc, wait_for
+from tests.helpers import LONG_STORY, NEVER_ENDS, rpc, wait_for
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -419,10 +419,6 @@ def idle_after_drop(served_bundle, model: str, drop) -> float:
     return freed
 
 
-LONG = [{"role": "user", "content": "Write a very long story about a dragon and a knight."}]
-# Greedy, because a sampled story may end early (158 tokens was seen): on a fast CI machine that finished inside
-# the 3 s the client waits, and nothing was dropped. SmolLM2's greedy story loops until max_tokens (2000 seen).
-NEVER_ENDS = {"max_tokens": 1000, "temperature": 0}
 
 
 def test_a_non_streaming_client_that_gives_up_stops_its_generation(served_bundle):
@@ -430,7 +426,7 @@ def test_a_non_streaming_client_that_gives_up_stops_its_generation(served_bundle
         with pytest.raises(requests.exceptions.ReadTimeout):
             requests.post(served_bundle["api"] + "/chat/completions", timeout=(5, 3),
                           headers={"Authorization": f"Bearer {API_KEYS[0]}"},
-                          json={"model": SERVED_FP32, "messages": LONG, **NEVER_ENDS})
+                          json={"model": SERVED_FP32, "messages": LONG_STORY, **NEVER_ENDS})
         return time.monotonic()
 
     assert idle_after_drop(served_bundle, SERVED_FP32, drop) < 2.0
@@ -440,7 +436,7 @@ def test_a_streaming_client_that_leaves_stops_its_generation(served_bundle):
     def drop():
         r = requests.post(served_bundle["api"] + "/chat/completions", stream=True, timeout=60,
                           headers={"Authorization": f"Bearer {API_KEYS[0]}"},
-                          json={"model": SERVED_INT8, "messages": LONG, **NEVER_ENDS, "stream": True})
+                          json={"model": SERVED_INT8, "messages": LONG_STORY, **NEVER_ENDS, "stream": True})
         lines = (line for line in r.iter_lines() if line)
         for _ in range(4):
             next(lines)

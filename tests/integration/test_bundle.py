@@ -11,8 +11,8 @@ import pytest
 import requests
 from openai import APIError, OpenAI
 
-from tests.helpers import (HEARTBEAT_S, bundle_cli, bundle_env, bundle_processes, free_port, int8_and_fp32, rpc,
-                           running_bundle, wait_for, write_deployment)
+from tests.helpers import (HEARTBEAT_S, LONG_STORY, NEVER_ENDS, bundle_cli, bundle_env, bundle_processes, free_port,
+                           int8_and_fp32, rpc, running_bundle, wait_for, write_deployment)
 
 INT8, FP32 = "smollm2-int8", "smollm2-fp32"
 
@@ -131,8 +131,7 @@ def test_kill_9_worker_in_flight_request_gets_clear_error_then_worker_returns(bu
     def long_stream():
         try:
             stream = client.chat.completions.create(
-                model=INT8, messages=[{"role": "user", "content": "Write a long story about a dragon."}],
-                max_tokens=400, stream=True, timeout=120)
+                model=INT8, messages=LONG_STORY, stream=True, timeout=120, **NEVER_ENDS)
             for chunk in stream:
                 outcome.setdefault("first_delta", time.monotonic())
             outcome["result"] = "completed"
