@@ -1,13 +1,17 @@
 """(Run by test_neural_speed.py in a process of its own.) The neural-speed INT8 runtime (int8.runtime: auto on
-a Llama), on the embedded model: the graph
+a Llama or a Qwen-7B/14B), on the embedded model: the graph
 file computes what the model computes (identity layers pad 30 layers to the graph's 32), INT8
 quality against fp32, answers token for token what neural-speed's own generate() gives, reuse of
-the conversation cache, cancellation, and which runtime each model gets."""
+the conversation cache, cancellation, and which runtime each model gets. On a tiny Qwen-7B-Chat
+(tests/tiny_models.py, 2 layers padded to the qwen graph's 24): the graph file's logits are the
+model's, its answers are neural-speed's own generate() and, where the weights leave no near-ties,
+the model's own chat() in fp32."""
 from __future__ import annotations
 
 import json
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,8 @@ from workers.engine import int8_runtime, ns_quantize
 from workers.engine.loader import UnsupportedBackend, load_model
 from workers.engine.ns_model import NeuralSpeedModel, scratch_ratio
 from workers.engine.served_model import ServedModel
+from workers.models.families import neural_speed_graph
+from tests import tiny_models
 
 QUESTIONS = ["What is the capital of France?", "Write one sentence about the sea.", "List three primary colors."]
 
@@ -54,13 +60,26 @@ def folder_with(tmp_path: Path, name: str, config: dict) -> Path:
     return folder
 
 
-def test_auto_gives_a_llama_neural_speed_and_everything_else_qbits(embedded_model, tmp_path):
+QWEN_7B = {"model_type": "qwen", "architectures": ["QWenLMHeadModel"], "num_hidden_layers": 32, "no_bias": True,
+           "rotary_pct": 1.0}
+CHATGLM3_6B = {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "num_layers": 28,
+               "multi_query_attention": True, "rmsnorm": True, "add_qkv_bias": True, "add_bias_linear": False,
+               "apply_residual_connection_post_layernorm": False, "original_rope": True, "post_layer_norm": True}
+
+
+def test_auto_gives_llama_qwen_and_chatglm3_neural_speed_and_everything_else_qbits(embedded_model, tmp_path):
     auto = Int8Settings()
     assert int8_runtime.resolve(auto, embedded_model).runtime == "neural-speed"
+    assert int8_runtime.resolve(auto, folder_with(tmp_path, "qwen-7b-shaped", QWEN_7B)).runtime == "neural-speed"
+    assert int8_runtime.resolve(auto, folder_with(tmp_path, "chatglm3-6b-shaped", CHATGLM3_6B)).runtime \
+        == "neural-speed"
     llama = json.loads((embedded_model / "config.json").read_text())
     others = {
-        "chatglm": {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "num_layers": 28},
-        "qwen": {"model_type": "qwen", "architectures": ["QWenLMHeadModel"]},
+        "chatglm-1": {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "num_layers": 28},
+        "chatglm3-32k": {**CHATGLM3_6B, "rope_ratio": 50},
+        "tiny-chatglm3": {**CHATGLM3_6B, "num_layers": 2},
+        "qwen-with-c_proj-bias": {**QWEN_7B, "no_bias": False},
+        "tiny-qwen": {**QWEN_7B, "num_hidden_layers": 2},
         "scaled-rope": {**llama, "rope_scaling": {"type": "linear", "factor": 2.0}},
         "too-deep": {**llama, "num_hidden_layers": 81},
         # 22 layers would run as 32 (measured: qbits, which batches, serves it better)
@@ -75,8 +94,8 @@ def test_auto_gives_a_llama_neural_speed_and_everything_else_qbits(embedded_mode
         == "neural-speed"
     # neural-speed takes its thread count at load: cores shared by demand need qbits
     assert int8_runtime.resolve(auto, embedded_model, shared_threads=True).runtime == "qbits"
-    with pytest.raises(int8_runtime.RuntimeUnavailable, match="no graph the bundle uses for model_type 'chatglm'"):
-        int8_runtime.resolve(Int8Settings(runtime="neural-speed"), tmp_path / "chatglm")
+    with pytest.raises(int8_runtime.RuntimeUnavailable, match="it has no multi_query_attention"):
+        int8_runtime.resolve(Int8Settings(runtime="neural-speed"), tmp_path / "chatglm-1")
     with pytest.raises(UnsupportedBackend, match="threads: shared"):
         load_model(embedded_model, "itrex-int8", int8=Int8Settings(runtime="neural-speed"), shared_threads=True)
 
@@ -88,6 +107,19 @@ def test_layer_padding_goes_to_the_next_count_the_graph_knows():
         ns_quantize.padded_layers(81, counts)
 
 
+def test_conversion_is_refused_before_writing_when_the_disk_cannot_hold_it(tmp_path):
+    from types import SimpleNamespace
+
+    from workers.engine.quantize import run_quantizer
+
+    ns_quantize.check_disk(tmp_path, {"w": SimpleNamespace(shape=(1024, 1024))})  # 4 MiB: fits
+    huge = {"w": SimpleNamespace(shape=(1 << 40,))}                                  # 4 TiB in fp32
+    with pytest.raises(ns_quantize.NotEnoughRoom, match=r"needs about 5\d{3}\.\d GiB of free disk.*runtime: qbits"):
+        ns_quantize.check_disk(tmp_path, huge)
+    assert run_quantizer(lambda: ns_quantize.check_disk(tmp_path, huge)) == 3  # refused, not crashed
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- the graph is the model -------------------------------------------------------------------
 
 def test_padded_fp32_graph_file_computes_the_models_own_logits(embedded_model, fp32, paragraph, tmp_path):
@@ -95,7 +127,8 @@ def test_padded_fp32_graph_file_computes_the_models_own_logits(embedded_model, f
     from neural_speed import Model
 
     f32 = tmp_path / "f32.bin"
-    info = ns_quantize.convert_f32(embedded_model, f32, (32, 40, 60, 80), trust_remote_code=False)
+    graph, _ = neural_speed_graph(json.loads((embedded_model / "config.json").read_text()))
+    info = ns_quantize.convert_f32(embedded_model, f32, graph, trust_remote_code=False)
     assert info == {"layers": 30, "graph_layers": 32}
     ids = [fp32[1].bos_token_id] + fp32[1](paragraph).input_ids[:200]  # the graph takes BOS-first sequences
     graph = Model()
@@ -206,3 +239,125 @@ def test_cancel_stops_a_running_generation_and_a_queued_one_leaves_at_once(ns):
     assert results["running"].finish_reason == "cancelled" and results["running"].completion_tokens <= 7
     assert results["queued"].finish_reason == "cancelled" and results["queued"].completion_tokens == 0
     assert ns.generate(job(ns, [{"role": "user", "content": QUESTIONS[0]}])).finish_reason == "stop"
+
+
+# --- Qwen-7B-Chat and ChatGLM3-6B on neural-speed's qwen and chatglm2 graphs ---------------------------
+
+needs_model_code = pytest.mark.skipif(tiny_models.model_code_missing() is not None,
+                                      reason=tiny_models.model_code_missing() or "")
+# family -> (tiny folder builder, graph module, the layers the tiny model's 2 run as, its chat()'s repetition penalty)
+REMOTE_FAMILIES = {
+    "qwen": (tiny_models.build_qwen, "qwen", 24, 1.1),
+    "chatglm3": (tiny_models.build_chatglm3, "chatglm2", 28, 1.0),
+}
+CHAT_CASES = tiny_models.CHAT_CASES
+
+
+@pytest.fixture(scope="module")
+def remote_folders(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """(family, "random" | "chain") -> a tiny model folder."""
+    root = tmp_path_factory.mktemp("ns-remote")
+    folders = {(family, kind): build(root / f"{family}-{kind}", turn_end_after=3 if kind == "chain" else None)
+               for family, (build, *_rest) in REMOTE_FAMILIES.items() for kind in ("random", "chain")}
+    for kind in ("random", "chain"):
+        # neural-speed's chatglm2 graph keeps the KV cache in a pool sized by the weights: a tiny model's
+        # is too small for an 8192-token cache (segfault, measured; ChatGLM3-6B's weights hold 30x it)
+        config = folders["chatglm3", kind] / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "seq_length": 1024}))
+    return folders
+
+
+def served_remote(family: str, folder: Path, cache_root: Path) -> ServedModel:
+    _build, module, graph_layers, _penalty = REMOTE_FAMILIES[family]
+    spec = ModelSpec(names=["r"], source={"path": str(folder)}, port=1, trust_remote_code=True,
+                     int8={"runtime": "neural-speed"})
+    model, tokenizer = load_model(folder, "itrex-int8", int8=spec.int8, cache_root=cache_root, trust_remote_code=True)
+    assert isinstance(model, NeuralSpeedModel) and model.info["module"] == module
+    assert model.info == {**model.info, "layers": 2, "graph_layers": graph_layers}
+    return ServedModel.build(spec, folder, model, tokenizer)
+
+
+@needs_model_code
+@pytest.mark.parametrize("family", REMOTE_FAMILIES)
+def test_remote_code_padded_fp32_graph_file_computes_the_models_own_logits(family, remote_folders, tmp_path):
+    """2 layers + identity layers in neural-speed's graph, unquantized: the model's own next-token
+    logits after a prompt and after each of three more tokens (the graph's own KV cache)."""
+    from neural_speed import Model
+
+    folder = remote_folders[family, "random"]
+    graph, _ = neural_speed_graph(json.loads((folder / "config.json").read_text()))
+    f32 = tmp_path / "f32.bin"
+    layers = REMOTE_FAMILIES[family][2]
+    assert ns_quantize.convert_f32(folder, f32, graph, trust_remote_code=True) == {"layers": 2, "graph_layers": layers}
+    ids = tiny_models.reference_prompt_ids(folder, [{"role": "user", "content": "Tell me about rivers. " * 20}])
+    model = Model()
+    # the library's own KV layout (its qwen graph aborts with an fp32 KV cache)
+    model.init_from_bin(graph.module, str(f32), threads=1, ctx_size=512)
+    reference, _ = tiny_models.load_reference(folder)
+    new = ids
+    for _ in range(4):
+        ours = torch.from_numpy(model.model.evaluate([new], False)[0].copy())[-1]
+        with torch.inference_mode():
+            theirs = reference(torch.tensor([ids])).logits[0, -1].float()
+        assert int(ours.argmax()) == int(theirs.argmax())
+        assert torch.allclose(ours, theirs, atol=0.02, rtol=0), float((ours - theirs).abs().max())
+        new = [int(theirs.argmax())]
+        ids = ids + new
+
+
+@needs_model_code
+@pytest.mark.parametrize("family", REMOTE_FAMILIES)
+def test_remote_code_int8_answers_are_neural_speeds_own_greedy_generate(family, remote_folders, tmp_path):
+    """Random weights (near-ties: INT8 may pick other tokens than fp32): our decode loop over the INT8
+    graph == the library's own generate() on the same file. Neither prompt starts with a BOS token."""
+    from neural_speed import Model
+
+    folder = remote_folders[family, "random"]
+    served = served_remote(family, folder, tmp_path / "cache")
+    with pytest.raises(ValueError, match="only the last position's logits") if family == "chatglm3" else nullcontext():
+        served.model.all_logits(job(served, CHAT_CASES["single"]).prompt_ids)
+    own = Model()
+    own.init_from_bin(served.model.info["module"], str(served.model.entry / ns_quantize.WEIGHTS), threads=1,
+                      ctx_size=served.model.context, scratch_size_ratio=scratch_ratio(served.model.context),
+                      do_sample=False, repetition_penalty=1.0)
+    for name, messages in CHAT_CASES.items():
+        j = job(served, messages, 12, repetition_penalty=1.0)
+        assert j.prompt_ids == tiny_models.reference_prompt_ids(folder, messages), name
+        ours = served.generate(j)
+        out = own.generate(torch.tensor([j.prompt_ids]), max_new_tokens=j.max_new_tokens, do_sample=False,
+                           repetition_penalty=1.0, ignore_prompt=True)[0]
+        stop = next((i for i, t in enumerate(out) if t in j.stop_token_ids), None)
+        theirs = out if stop is None else out[:stop]
+        assert ours.completion_tokens == len(theirs), name
+        assert ours.text == served.chat.postprocess(served.decode(theirs)), name
+
+
+@needs_model_code
+@pytest.mark.parametrize("family", REMOTE_FAMILIES)
+def test_remote_code_int8_on_neural_speed_says_what_its_own_chat_says(family, remote_folders, tmp_path):
+    """The chain model (a clear margin at every step): INT8 on neural-speed, with the family's own
+    sampling defaults, answers token for token what its chat() gives in fp32 and stops at its turn end;
+    the next turn reuses the graph's cache and still answers as chat() does."""
+    folder = remote_folders[family, "chain"]
+    served = served_remote(family, folder, tmp_path / "cache")
+    penalty = REMOTE_FAMILIES[family][3]
+    assert served.sampling["repetition_penalty"] == penalty
+    for name, messages in CHAT_CASES.items():
+        ref = tiny_models.reference_chat(folder, messages, max_new_tokens=12, repetition_penalty=penalty)
+        ours = served.generate(job(served, messages, 12))
+        assert ref["stopped_by"] == "turn_end", name
+        assert (ours.text, ours.completion_tokens, ours.finish_reason) == (ref["text"], len(ref["output_ids"]), "stop"), name
+        if name == "single":
+            after = messages + [{"role": "assistant", "content": ours.text}, {"role": "user", "content": "More"}]
+            ref2 = tiny_models.reference_chat(folder, after, max_new_tokens=12, repetition_penalty=penalty)
+            again = served.generate(job(served, after, 12))
+            # ChatGLM3's template writes an answer back as "<|assistant|>\n" + text: the chain model answered
+            # without that "\n", so the graph's cache (which cannot be cut back) is not a prefix of the next turn
+            assert again.reused_tokens > 0 if family == "qwen" else again.reused_tokens == 0, name
+            assert (again.text, again.completion_tokens) == (ref2["text"], len(ref2["output_ids"])), name
+
+
+@needs_model_code
+def test_the_real_chatglm3_6b_config_gets_neural_speed(tmp_path):
+    real = json.loads((tiny_models.MODEL_CODE / "chatglm3" / "config.json.6b").read_text())
+    assert int8_runtime.resolve(Int8Settings(), folder_with(tmp_path, "chatglm3-6b", real)).runtime == "neural-speed"

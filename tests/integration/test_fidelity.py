@@ -48,13 +48,7 @@ MAX_TOKENS = 12
 QWEN_REPETITION_PENALTY = 1.1   # Qwen-7B-Chat's generation_config; the bundle applies it as Qwen's chat() does
 TURN_END_AFTER = 3
 
-CASES = {
-    "single": [{"role": "user", "content": "Hello"}],
-    "multi": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."},
-              {"role": "user", "content": "And 3+3?"}],
-    "system": [{"role": "system", "content": "You are a terse assistant."}, {"role": "user", "content": "Hello"}],
-    "chinese": [{"role": "user", "content": "你好，请介绍一下你自己。"}],
-}
+CASES = tiny_models.CHAT_CASES
 
 # Model folders (key -> folder name: nothing in it says which family it is).
 FOLDER_NAMES = {"glm": "glm-folder", "qwen": "some-model", "smol": "my-model",

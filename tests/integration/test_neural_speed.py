@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests import tiny_models
+
 ROOT = Path(__file__).resolve().parents[2]
 CASES = Path(__file__).with_name("neural_speed_cases.py")
 
@@ -21,4 +23,7 @@ def test_neural_speed_cases_pass_in_a_process_of_their_own(tmp_path):
                           timeout=1800)
     tail = proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, tail
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout, tail
+    assert " passed" in proc.stdout, tail
+    # the Qwen cases need ../shared/model-code (they skip with that reason where it is absent); nothing else skips
+    if tiny_models.model_code_missing() is None:
+        assert "skipped" not in proc.stdout, tail

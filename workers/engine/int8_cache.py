@@ -126,8 +126,7 @@ def _quantize_command(source: Path, staging: Path, inputs: dict) -> list[str]:
         graph, why = int8_runtime.graph_for(source)
         if graph is None:
             raise CacheBuildError(f"neural-speed cannot quantize {source.name}: {why}")
-        return [sys.executable, "-m", "workers.engine.ns_quantize", *common, "--module", graph.module,
-                "--layer-counts", ",".join(map(str, graph.layer_counts))]
+        return [sys.executable, "-m", "workers.engine.ns_quantize", *common]
     return [sys.executable, "-m", "workers.engine.quantize", *common]
 
 

@@ -49,7 +49,7 @@ def resolve(settings: Int8Settings, source: Path, shared_threads: bool = False) 
                                      f"use runtime: qbits (or auto)")
         return settings
     if graph is not None and settings.runtime == "auto":
-        layers = json.loads((source / "config.json").read_text()).get("num_hidden_layers", 0)
+        layers = json.loads((source / "config.json").read_text()).get(graph.layers_key, 0)
         padded = padded_layers(layers, graph.layer_counts)
         if padded > layers * (1 + MAX_PADDING):
             graph, why = None, (f"its {layers} layers would run as {padded} in neural-speed's graph "

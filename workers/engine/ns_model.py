@@ -22,6 +22,7 @@ import torch
 
 from workers.engine.generate import Job, Result
 from workers.engine.sequence import Sequence
+from workers.models.families import neural_speed_graph
 
 log = logging.getLogger("ns_model")
 
@@ -41,8 +42,9 @@ class NeuralSpeedModel:
         self.info = json.loads((entry / GRAPH_INFO).read_text())
         self._load()
         # Its llama graph refuses (and evaluates nothing for) a sequence whose first token is not the
-        # BOS id in the file header, which is config.json's bos_token_id.
-        self.bos_id = getattr(config, "bos_token_id", None)
+        # BOS id in the file header, which is config.json's bos_token_id (family data: bos_first).
+        self.graph, _ = neural_speed_graph(config)
+        self.bos_id = getattr(config, "bos_token_id", None) if self.graph.bos_first else None
 
     def _load(self) -> None:
         from neural_speed import Model
@@ -95,6 +97,8 @@ class NeuralSpeedModel:
 
         Measured with neural-speed 1.0: after one evaluation with all logits, the library's later
         last-token evaluations are wrong (also after reinit), so the graph is loaded afresh after it."""
+        if not self.graph.all_logits:
+            raise ValueError(f"neural-speed's {self.graph.module} graph gives only the last position's logits")
         self._model.model.reinit()
         self.state = []
         try:

@@ -36,7 +36,11 @@ _COPY_PATTERNS = ("*.py",)
 _ITREX_SKIPPED = ("lm_head", "output_layer", "embed_out")
 
 
-class NotEnoughMemory(RuntimeError):
+class NotEnoughRoom(RuntimeError):
+    """Refused before the work starts: the machine lacks the memory or disk it needs (exit code 3)."""
+
+
+class NotEnoughMemory(NotEnoughRoom):
     pass
 
 
@@ -143,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_quantizer(work) -> int:
-    """A quantizer child's exit code: 0 done, 3 refused for memory (int8_cache reports either)."""
+    """A quantizer child's exit code: 0 done, 3 refused for memory or disk (int8_cache reports either)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s quantize: %(message)s")
     try:
         work()
-    except NotEnoughMemory as exc:
+    except NotEnoughRoom as exc:
         log.error("%s", exc)
         return 3
     return 0

@@ -147,14 +147,48 @@ class NeuralSpeedGraph:
     model_types: tuple[str, ...]
     architectures: tuple[str, ...]
     layer_counts: tuple[int, ...]                 # the graph's scratch table (llama.h: 32 40 60 80)
-    # config.json values the graph assumes (anything else is computed differently there)
+    # config.json values the graph assumes (anything else is computed differently there); a key
+    # missing from config.json meets its requirement unless it is also in `present`
     requires: tuple[tuple[str, Any], ...] = ()
+    present: tuple[str, ...] = ()
+    # checkpoint names the converter needs: layer i's tensors start with f"{layer_prefix}{i}.", a tied
+    # output matrix is a copy of `embedding`, an identity layer's norm scales (names with `norm_marker`) are one
+    layer_prefix: str = "model.layers."
+    embedding: str = "model.embed_tokens.weight"
+    output: str = "lm_head.weight"
+    norm_marker: str = "norm"
+    layers_key: str = "num_hidden_layers"        # config.json's layer count
+    # the graph evaluates only sequences whose first token is the file header's BOS id
+    bos_first: bool = True
+    # the graph can give every position's logits (perplexity); chatglm2 computes only the last one's
+    all_logits: bool = True
 
 
 NEURAL_SPEED_GRAPHS: tuple[NeuralSpeedGraph, ...] = (
     NeuralSpeedGraph(
         module="llama", model_types=("llama",), architectures=("LlamaForCausalLM",), layer_counts=(32, 40, 60, 80),
         requires=(("hidden_act", "silu"), ("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False)),
+    ),
+    # Qwen-7B/14B (remote code). Its graph has no c_proj bias and rotates every head dimension;
+    # dynamic NTK and logn attention act only past seq_length (8192), beyond the served context.
+    # Measured with neural-speed 1.0: any first token works.
+    NeuralSpeedGraph(
+        module="qwen", model_types=("qwen",), architectures=("QWenLMHeadModel",), layer_counts=(24, 28, 32, 40, 80),
+        requires=(("no_bias", True), ("rotary_pct", 1.0)),
+        layer_prefix="transformer.h.", embedding="transformer.wte.weight", norm_marker="ln_", bos_first=False,
+    ),
+    # ChatGLM2/3-6B: multi-query attention, RMSNorm, a qkv bias and no other, half of each head rotated.
+    # Its graph knows only 28 layers (chatglm2.h) and, asked for all logits, returns the last position's
+    # followed by whatever memory follows it (measured with neural-speed 1.0).
+    NeuralSpeedGraph(
+        module="chatglm2", model_types=("chatglm",), architectures=("ChatGLMModel",), layer_counts=(28,),
+        requires=(("multi_query_attention", True), ("rmsnorm", True), ("add_qkv_bias", True),
+                  ("add_bias_linear", False), ("apply_residual_connection_post_layernorm", False),
+                  ("original_rope", True), ("post_layer_norm", True), ("pre_seq_len", None), ("rope_ratio", None)),
+        present=("multi_query_attention", "rmsnorm", "original_rope"),  # ChatGLM-6B (v1) has none of them
+        layer_prefix="transformer.encoder.layers.", embedding="transformer.embedding.word_embeddings.weight",
+        output="transformer.output_layer.weight", norm_marker="layernorm", layers_key="num_layers", bos_first=False,
+        all_logits=False,
     ),
 )
 
@@ -166,9 +200,11 @@ def neural_speed_graph(config: Mapping | PretrainedConfig) -> tuple[NeuralSpeedG
     for graph in NEURAL_SPEED_GRAPHS:
         if model_type in graph.model_types and architectures <= set(graph.architectures):
             for key, value in graph.requires:
+                if key in graph.present and _get(config, key, _MISSING) is _MISSING:
+                    return None, f"it has no {key}; neural-speed's {graph.module} graph assumes {value!r}"
                 if _get(config, key, value) != value:
                     return None, f"its {key} is {_get(config, key)!r}; neural-speed's {graph.module} graph assumes {value!r}"
-            if _get(config, "num_hidden_layers", 0) > max(graph.layer_counts):
+            if _get(config, graph.layers_key, 0) > max(graph.layer_counts):
                 return None, f"neural-speed's {graph.module} graph takes at most {max(graph.layer_counts)} layers"
             return graph, ""
     return None, f"neural-speed has no graph the bundle uses for model_type {model_type!r}"
@@ -178,6 +214,9 @@ NEUTRAL_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_p
 
 
 # ------------------------------------------------------------------------------------- choosing
+
+_MISSING = object()
+
 
 def _get(config: Mapping | PretrainedConfig, key: str, default=None):
     if isinstance(config, Mapping):
