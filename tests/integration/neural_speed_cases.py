@@ -122,14 +122,21 @@ def test_conversion_is_refused_before_writing_when_the_disk_cannot_hold_it(tmp_p
 
 # --- the graph is the model -------------------------------------------------------------------
 
-def test_padded_fp32_graph_file_computes_the_models_own_logits(embedded_model, fp32, paragraph, tmp_path):
-    """30 layers + 2 identity layers in neural-speed's llama graph, unquantized: HF's logits."""
-    from neural_speed import Model
-
-    f32 = tmp_path / "f32.bin"
+@pytest.fixture(scope="module")
+def f32_file(embedded_model, tmp_path_factory) -> Path:
+    """The embedded model's fp32 graph file (30 layers + 2 identity layers)."""
+    f32 = tmp_path_factory.mktemp("graph") / "f32.bin"
     graph, _ = neural_speed_graph(json.loads((embedded_model / "config.json").read_text()))
     info = ns_quantize.convert_f32(embedded_model, f32, graph, trust_remote_code=False)
     assert info == {"layers": 30, "graph_layers": 32}
+    return f32
+
+
+def test_padded_fp32_graph_file_computes_the_models_own_logits(f32_file, fp32, paragraph):
+    """30 layers + 2 identity layers in neural-speed's llama graph, unquantized: HF's logits."""
+    from neural_speed import Model
+
+    f32 = f32_file
     ids = [fp32[1].bos_token_id] + fp32[1](paragraph).input_ids[:200]  # the graph takes BOS-first sequences
     graph = Model()
     # an fp32 KV cache: this checks the converted graph. (The default, the library's own KV layout, is
@@ -151,6 +158,71 @@ def test_int8_perplexity_within_half_a_percent_of_fp32(ns, fp32, paragraph):
     assert ppl8 <= ppl32 * 1.005, (ppl32, ppl8)
     # and generation afterwards is what it was before (the library needs a reload after all-logits)
     assert ns.generate(job(ns, messages)).text == before
+
+
+def test_int8_perplexity_on_a_longer_text_stays_close_to_fp32(ns, fp32):
+    """558 tokens of prose and technical text. Measured on this model (AMX Xeon): INT8 per channel with
+    the embedding table in Q8_0 +1.1 %, top-1 agreement 95.2 %; with the table neural-speed writes
+    (Q4_0) +2.3 % and 93.5 %."""
+    text = (Path(__file__).parents[1] / "data" / "fidelity_text.txt").read_text()
+    ids = [fp32[1].bos_token_id] + fp32[1](text).input_ids
+    ours, theirs = ns.model.all_logits(ids), fp32_logits(fp32, ids)
+    ppl32, ppl8 = perplexity(theirs, ids), perplexity(ours, ids)
+    assert ppl8 <= ppl32 * 1.015, (ppl32, ppl8)
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.94
+
+
+def test_int8_file_keeps_the_embedding_table_in_int8(int8_entry, fp32):
+    """neural-speed's quantizer writes the input embedding in 4-bit GGML Q4_0; the bundle's file has it
+    in GGML Q8_0, each row within Q8_0's rounding of the model's own fp32 table."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from workers.engine import ns_file
+
+    path = int8_entry / ns_quantize.WEIGHTS
+    recs = {r.name: r for r in ns_file.records(path)}
+    assert not [r.name for r in recs.values() if r.type == ns_file.Q4_0]
+    table = recs["tok_embeddings.weight"]
+    assert table.type == ns_file.Q8_0
+    raw = np.fromfile(path, dtype=np.uint8, count=table.size, offset=table.data)
+    ours = dequantize(raw, GGMLQuantizationType.Q8_0).reshape(table.dims[1], table.dims[0])
+    theirs = fp32[0].get_input_embeddings().weight.detach().numpy()
+    blocks = np.abs(theirs).reshape(theirs.shape[0], -1, 32).max(-1, keepdims=True)
+    bound = np.repeat(blocks / 127 * 0.51 + 1e-6, 32, axis=-1).reshape(theirs.shape)
+    assert (np.abs(ours - theirs) <= bound).all()
+
+
+def test_rewriting_a_tensor_keeps_every_other_byte(f32_file, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from workers.engine import ns_file
+
+    copy = tmp_path / "copy.bin"
+    shutil.copyfile(f32_file, copy)
+    before = ns_file.records(copy)
+    new = np.arange(576, dtype=np.float32).tobytes()
+    ns_file.replace_tensors(copy, {"norm.weight": (ns_file.F32, new)})
+    after = ns_file.records(copy)
+    assert [(r.name, r.type, r.dims, r.size) for r in after] == [(r.name, r.type, r.dims, r.size) for r in before]
+    with open(f32_file, "rb") as a, open(copy, "rb") as b:
+        for old, now in zip(before, after):
+            a.seek(old.data)
+            b.seek(now.data)
+            assert b.read(now.size) == (new if now.name == "norm.weight" else a.read(old.size)), now.name
+    with pytest.raises(ns_file.UnexpectedLayout, match="no tensor"):
+        ns_file.replace_tensors(copy, {"nope": (ns_file.F32, b"")})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.bin"]  # no half-written file left
+
+
+def test_a_group_size_that_does_not_divide_the_rows_is_refused_before_writing(embedded_model, tmp_path):
+    settings = {"weight_dtype": "int8", "group_size": 128, "scale_dtype": "fp32", "compute_dtype": "fp32"}
+    with pytest.raises(ValueError, match=r"group_size 128 does not divide the 576-wide rows"):
+        ns_quantize.quantize_and_save(embedded_model, tmp_path, settings, trust_remote_code=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- generation ------------------------------------------------------------------------------
@@ -204,7 +276,9 @@ def test_a_prompt_the_graph_cannot_take_is_refused_with_what_to_do(ns):
 
 
 def test_stop_strings_penalties_and_sampling_apply(ns):
-    messages = [{"role": "user", "content": "Count from one to twenty in words, separated by commas."}]
+    # a long greedy answer whose words repeat, so a frequency penalty changes it (to "Count from one to
+    # twenty in words" this model now answers a 12-token sentence, as it does in fp32, which no penalty changes)
+    messages = [{"role": "user", "content": "Say hello three times."}]
     plain = ns.generate(job(ns, messages, 30))
     word = plain.text.split()[3]
     cut = ns.generate(job(ns, messages, 30, stop=[word]))

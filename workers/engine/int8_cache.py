@@ -21,7 +21,7 @@ from filelock import FileLock, Timeout
 
 from workers.config.files import publish_dir, sha256_files, write_atomic
 from workers.config.int8 import Int8Settings
-from workers.engine import int8_runtime
+from workers.engine import int8_runtime, ns_quantize
 
 log = logging.getLogger("int8_cache")
 
@@ -85,6 +85,7 @@ def key_inputs(source: Path, settings: Int8Settings, cache_root: Path) -> dict:
     if settings.runtime == "neural-speed":  # qbits entries keep the keys they had before runtimes existed
         inputs["runtime"] = settings.runtime
         inputs["versions"]["neural-speed"] = version("neural-speed")
+        inputs["ns_file_layout"] = ns_quantize.FILE_LAYOUT
     return inputs
 
 

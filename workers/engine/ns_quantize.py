@@ -14,7 +14,8 @@ and does the rest itself:
   only needs the table's size and the special ids from the header);
 - layers are padded with identity layers (all weights zero: attention and MLP add 0 to the residual)
   up to the next count the graph knows (Family data `NeuralSpeedGraph.layer_counts`).
-Then neural-speed's own `quant_model` writes the INT8 weights with its bestla kernels' layout.
+Then neural-speed's own `quant_model` writes the INT8 weights with its bestla kernels' layout, and
+the embedding table it leaves in 4-bit GGML Q4_0 is rewritten in INT8 GGML Q8_0 (ns_file).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from workers.engine import ns_file
 from workers.engine.quantize import NotEnoughRoom
 from workers.models.families import NeuralSpeedGraph, neural_speed_graph
 
@@ -33,6 +35,8 @@ log = logging.getLogger("ns_quantize")
 
 WEIGHTS = "model.bin"      # the INT8 file in the cache entry
 GRAPH_INFO = "neural_speed.json"
+# Part of the cache key: a new value rebuilds the entries written before. 2: embedding tables in Q8_0.
+FILE_LAYOUT = 2
 
 
 def padded_layers(n_layer: int, counts: tuple[int, ...]) -> int:
@@ -140,7 +144,20 @@ def _graph_tensors(graph: NeuralSpeedGraph, model: dict, params) -> dict:
     return {name: t for name, t in model.items() if name.endswith((".weight", ".bias"))}
 
 
-def convert_f32(source: Path, out: Path, graph: NeuralSpeedGraph, trust_remote_code: bool) -> dict:
+def check_group_size(tensors: dict, group_size: int) -> None:
+    """Refuse a group size that does not divide every weight row: neural-speed then quietly computes
+    nonsense (measured: group 128 on the embedded model's 576-wide rows answers only end-of-text)."""
+    if group_size <= 0:
+        return
+    for name, t in tensors.items():
+        if len(t.shape) == 2 and t.shape[-1] % group_size:
+            raise ValueError(f"int8.group_size {group_size} does not divide the {t.shape[-1]}-wide rows of {name}, "
+                             f"and neural-speed gives wrong results then; use -1 (per channel) or a group size that "
+                             f"divides every row width of this model")
+
+
+def convert_f32(source: Path, out: Path, graph: NeuralSpeedGraph, trust_remote_code: bool,
+                group_size: int = -1) -> dict:
     """Write the fp32 graph file; returns what the entry records about the layer padding.
     Tensors are read from the checkpoint one at a time (lazily), so memory stays near one tensor's size."""
     from neural_speed.convert import convert_llama as ne
@@ -158,6 +175,7 @@ def convert_f32(source: Path, out: Path, graph: NeuralSpeedGraph, trust_remote_c
         params.n_layer = target
     vocab = vocabulary(source, params.n_vocab, trust_remote_code)
     model = ne.convert_to_output_type(_graph_tensors(graph, model, params), ne.NEFileType.AllF32)
+    check_group_size(model, group_size)
     check_disk(out.parent, model)
     ne.OutputFile.write_all(out, params, model, vocab, ne.NEFileType.AllF32)
     with open(out, "r+b") as f:
@@ -198,15 +216,20 @@ def quantize_and_save(source: Path, staging: Path, settings: dict, trust_remote_
     # on the cache's disk rather than a tmpfs /tmp, and is deleted with it if anything fails.
     f32 = staging / "model-f32.bin.partial"
     log.info("[1/2] converting %s to neural-speed's %s graph file (fp32)", source.name, module)
-    info = convert_f32(source, f32, graph, trust_remote_code)
+    info = convert_f32(source, f32, graph, trust_remote_code, settings["group_size"])
     log.info("[2/2] quantizing to INT8 with neural-speed (%s)", settings)
     cpp = importlib.import_module(f"neural_speed.{module}_cpp")
     cpp.Model.quant_model(model_path=str(f32), out_path=str(staging / WEIGHTS), weight_dtype=settings["weight_dtype"],
                           alg="sym", group_size=settings["group_size"], scale_dtype=settings["scale_dtype"],
                           compute_dtype=settings["compute_dtype"], use_ggml=False)
-    f32.unlink()
     if not (staging / WEIGHTS).is_file():
         raise RuntimeError("neural-speed's quant_model wrote no file")
+    # its embedding table came out in 4-bit GGML Q4_0 (ns_file): made INT8 (Q8_0) from the fp32 file,
+    # read before that file is deleted, so the disk never holds more than the fp32 and INT8 files
+    tables = ns_file.q4_0_tables_as_q8_0(f32, staging / WEIGHTS)
+    f32.unlink()
+    ns_file.replace_tensors(staging / WEIGHTS, tables)
+    log.info("kept in INT8 (GGML Q8_0; neural-speed wrote Q4_0): %s", ", ".join(sorted(tables)) or "none")
     (staging / GRAPH_INFO).write_text(json.dumps({"module": module, **info, "settings": settings}, indent=2))
     log.info("quantized in %.0f s", time.monotonic() - t0)
 
