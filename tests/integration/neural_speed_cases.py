@@ -386,8 +386,14 @@ def test_remote_code_int8_answers_are_neural_speeds_own_greedy_generate(family, 
     graph == the library's own generate() on the same file. Neither prompt starts with a BOS token."""
     from neural_speed import Model
 
+    from workers.engine import ns_file
+
     folder = remote_folders[family, "random"]
     served = served_remote(family, folder, tmp_path / "cache")
+    # its embedding table is INT8 (Q8_0) too, not the 4-bit table neural-speed's quantizer writes
+    types = {r.name: r.type for r in ns_file.records(served.model.entry / ns_quantize.WEIGHTS)}
+    assert ns_file.Q4_0 not in types.values()
+    assert types[neural_speed_graph(json.loads((folder / "config.json").read_text()))[0].embedding] == ns_file.Q8_0
     with pytest.raises(ValueError, match="only the last position's logits") if family == "chatglm3" else nullcontext():
         served.model.all_logits(job(served, CHAT_CASES["single"]).prompt_ids)
     own = Model()
