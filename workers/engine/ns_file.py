@@ -21,10 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf.quants import quantize
 
 HEADER_BYTES = 128
-F32, F16, Q4_0, Q8_0 = 0, 1, 2, 8  # ggml's type numbers, which neural-speed's file keeps
-GGML_TYPES = (F32, F16, Q4_0, 3, 6, 7, Q8_0)  # those its loader reads; any other is its packed type
+# neural-speed's file keeps ggml's type numbers (gguf's enum); its loader reads these, and any other
+# type is its own packed one
+F32, F16, Q4_0, Q8_0 = T.F32.value, T.F16.value, T.Q4_0.value, T.Q8_0.value
+GGML_TYPES = {t.value for t in (T.F32, T.F16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)}
 ROWS_PER_CHUNK = 4096  # rows of a table quantized at once: memory stays near a few MB per chunk
 
 
@@ -43,9 +47,7 @@ class Record:
 
 
 def _ggml_size(kind: int, dims: tuple[int, ...]) -> int:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+    block, nbytes = GGML_QUANT_SIZES[T(kind)]
     return math.prod(dims) // block * nbytes
 
 
@@ -82,20 +84,19 @@ def records(path: Path) -> list[Record]:
 
 def q8_0_table(f32_file: Path, record: Record) -> bytes:
     """The fp32 tensor of `record` (a record of the fp32 file) as GGML Q8_0, by the gguf library."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import quantize
-
     if record.type != F32:
         raise UnexpectedLayout(f"{record.name} is not fp32 in {f32_file.name}")
-    row = record.dims[0]
-    table = np.memmap(f32_file, dtype=np.float32, mode="r", offset=record.data, shape=(math.prod(record.dims[1:]), row))
-    chunks = [quantize(np.asarray(table[i:i + ROWS_PER_CHUNK]), GGMLQuantizationType.Q8_0).tobytes()
+    rows, row = math.prod(record.dims[1:]), record.dims[0]
+    table = np.memmap(f32_file, dtype=np.float32, mode="r", offset=record.data, shape=(rows, row))
+    chunks = [quantize(np.asarray(table[i:i + ROWS_PER_CHUNK]), T.Q8_0).tobytes()
               for i in range(0, table.shape[0], ROWS_PER_CHUNK)]
     return b"".join(chunks)
 
 
 def replace_tensors(path: Path, new: dict[str, tuple[int, bytes]]) -> None:
     """Rewrite `path` with the tensors named in `new` as (type, data); every other byte is kept."""
+    if not new:
+        return
     recs = records(path)
     missing = set(new) - {r.name for r in recs}
     if missing:
