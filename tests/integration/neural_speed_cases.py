@@ -69,9 +69,9 @@ CHATGLM3_6B = {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "num_
 
 def test_auto_gives_llama_qwen_and_chatglm3_neural_speed_and_everything_else_qbits(embedded_model, tmp_path):
     auto = Int8Settings()
-    assert int8_runtime.resolve(auto, embedded_model).runtime == "neural-speed"
-    assert int8_runtime.resolve(auto, folder_with(tmp_path, "qwen-7b-shaped", QWEN_7B)).runtime == "neural-speed"
-    assert int8_runtime.resolve(auto, folder_with(tmp_path, "chatglm3-6b-shaped", CHATGLM3_6B)).runtime \
+    assert int8_runtime.resolve_runtime(auto, embedded_model).runtime == "neural-speed"
+    assert int8_runtime.resolve_runtime(auto, folder_with(tmp_path, "qwen-7b-shaped", QWEN_7B)).runtime == "neural-speed"
+    assert int8_runtime.resolve_runtime(auto, folder_with(tmp_path, "chatglm3-6b-shaped", CHATGLM3_6B)).runtime \
         == "neural-speed"
     llama = json.loads((embedded_model / "config.json").read_text())
     others = {
@@ -86,16 +86,16 @@ def test_auto_gives_llama_qwen_and_chatglm3_neural_speed_and_everything_else_qbi
         "tinyllama-shaped": {**llama, "num_hidden_layers": 22},
     }
     for name, config in others.items():
-        assert int8_runtime.resolve(auto, folder_with(tmp_path, name, config)).runtime == "qbits", name
-    assert int8_runtime.resolve(auto, folder_with(tmp_path, "llama-2-7b-shaped", {**llama, "num_hidden_layers": 32})) \
+        assert int8_runtime.resolve_runtime(auto, folder_with(tmp_path, name, config)).runtime == "qbits", name
+    assert int8_runtime.resolve_runtime(auto, folder_with(tmp_path, "llama-2-7b-shaped", {**llama, "num_hidden_layers": 32})) \
         .runtime == "neural-speed"
     # asked for explicitly, a model that needs many identity layers still gets it
-    assert int8_runtime.resolve(Int8Settings(runtime="neural-speed"), tmp_path / "tinyllama-shaped").runtime \
+    assert int8_runtime.resolve_runtime(Int8Settings(runtime="neural-speed"), tmp_path / "tinyllama-shaped").runtime \
         == "neural-speed"
     # neural-speed takes its thread count at load: cores shared by demand need qbits
-    assert int8_runtime.resolve(auto, embedded_model, shared_threads=True).runtime == "qbits"
+    assert int8_runtime.resolve_runtime(auto, embedded_model, shared_threads=True).runtime == "qbits"
     with pytest.raises(int8_runtime.RuntimeUnavailable, match="it has no multi_query_attention"):
-        int8_runtime.resolve(Int8Settings(runtime="neural-speed"), tmp_path / "chatglm-1")
+        int8_runtime.resolve_runtime(Int8Settings(runtime="neural-speed"), tmp_path / "chatglm-1")
     with pytest.raises(UnsupportedBackend, match="threads: shared"):
         load_model(embedded_model, "itrex-int8", int8=Int8Settings(runtime="neural-speed"), shared_threads=True)
 
@@ -160,16 +160,17 @@ def test_int8_perplexity_within_half_a_percent_of_fp32(ns, fp32, paragraph):
     assert ns.generate(job(ns, messages)).text == before
 
 
-def test_int8_perplexity_on_a_longer_text_stays_close_to_fp32(ns, fp32):
-    """558 tokens of prose and technical text. Measured on this model (AMX Xeon): INT8 per channel with
-    the embedding table in Q8_0 +1.1 %, top-1 agreement 95.2 %; with the table neural-speed writes
-    (Q4_0) +2.3 % and 93.5 %."""
+def test_int8_perplexity_on_a_longer_text_stays_within_half_a_percent_of_fp32(ns, fp32, int8_entry):
+    """558 tokens of prose and technical text, INT8 as served (group_size auto: 64 on this model).
+    Measured on this model (AMX Xeon): group 64 +0.29 %, top-1 agreement with fp32 97.0 %; per channel
+    +1.1 % and 95.2 %; per channel with neural-speed's own Q4_0 embedding table +2.3 % and 93.5 %."""
+    assert json.loads((int8_entry / ns_quantize.GRAPH_INFO).read_text())["settings"]["group_size"] == 64
     text = (Path(__file__).parents[1] / "data" / "fidelity_text.txt").read_text()
     ids = [fp32[1].bos_token_id] + fp32[1](text).input_ids
     ours, theirs = ns.model.all_logits(ids), fp32_logits(fp32, ids)
     ppl32, ppl8 = perplexity(theirs, ids), perplexity(ours, ids)
-    assert ppl8 <= ppl32 * 1.015, (ppl32, ppl8)
-    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.94
+    assert ppl8 <= ppl32 * 1.005, (ppl32, ppl8)
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.96
 
 
 def test_int8_file_keeps_the_embedding_table_in_int8(int8_entry, fp32):
@@ -440,4 +441,4 @@ def test_remote_code_int8_on_neural_speed_says_what_its_own_chat_says(family, re
 @needs_model_code
 def test_the_real_chatglm3_6b_config_gets_neural_speed(tmp_path):
     real = json.loads((tiny_models.MODEL_CODE / "chatglm3" / "config.json.6b").read_text())
-    assert int8_runtime.resolve(Int8Settings(), folder_with(tmp_path, "chatglm3-6b", real)).runtime == "neural-speed"
+    assert int8_runtime.resolve_runtime(Int8Settings(), folder_with(tmp_path, "chatglm3-6b", real)).runtime == "neural-speed"

@@ -47,7 +47,7 @@ def test_a_model_loaded_in_fp32_counts_four_bytes_per_weight(tmp_path):
 def test_llama_cpp_variants_are_opt_in_and_labelled():
     assert all(v.backend != "llama-cpp" for v in be.variants_for(False))
     labels = [v.label for v in be.variants_for(False, llama_cpp=True)]
-    assert labels == ["fp32 t2", "int8 qbits fp32 g-1 t2", "int8 neural-speed fp32 g-1 t2", "llama.cpp F16 t2",
+    assert labels == ["fp32 t2", "int8 qbits fp32 gauto t2", "int8 neural-speed fp32 gauto t2", "llama.cpp F16 t2",
                       "llama.cpp Q8_0 t2"]
 
 
@@ -56,22 +56,22 @@ def test_every_compute_dtype_the_cpu_runs_is_measured_on_both_int8_runtimes():
     assert be.cpu_compute_dtypes(frozenset({"avx2", "avx512_vnni"})) == ("fp32", "int8")
     assert be.cpu_compute_dtypes(frozenset({"avx2", "avx512_vnni", "amx_int8", "amx_bf16"})) == ("fp32", "int8", "bf16")
     labels = [v.label for v in be.variants_for(False, compute_dtypes=("fp32", "int8"))]
-    assert labels == ["fp32 t2", "int8 qbits fp32 g-1 t2", "int8 neural-speed fp32 g-1 t2",
-                      "int8 qbits int8 g-1 t2", "int8 neural-speed int8 g-1 t2"]
+    assert labels == ["fp32 t2", "int8 qbits fp32 gauto t2", "int8 neural-speed fp32 gauto t2",
+                      "int8 qbits int8 gauto t2", "int8 neural-speed int8 gauto t2"]
 
 
 def test_report_starts_with_the_cpu_and_gives_ratios_and_bandwidth():
     model = Path("m")
     variants = be.variants_for(False, llama_cpp=True)
     run = {"load_s": 1.0, "prompt_tok_s": 100.0, "steady_rss_gib": 1.0, "peak_rss_gib": 1.0, "ppl": 10.0}
-    speeds = {"fp32 t2": 10.0, "int8 qbits fp32 g-1 t2": 20.0, "int8 neural-speed fp32 g-1 t2": 30.0,
+    speeds = {"fp32 t2": 10.0, "int8 qbits fp32 gauto t2": 20.0, "int8 neural-speed fp32 gauto t2": 30.0,
               "llama.cpp F16 t2": 30.0, "llama.cpp Q8_0 t2": 40.0}
     results = {("m", label): [dict(run, decode_tok_s=tok_s)] for label, tok_s in speeds.items()}
     results[("m", "llama.cpp Q8_0 t2")][0].update(read_bytes_per_token=1e9, tensor_bytes=1.1e9)
     for label in ("llama.cpp F16 t2", "llama.cpp Q8_0 t2"):
         results[("m", label)][0]["system_info"] = "CPU : SSE3 = 1 | AVX512_VNNI = 1 | AMX_INT8 = 0 | OPENMP = 1 | "
     membw = [{"sum_t1_gb_s": 20.0, "sum_t2_gb_s": 40.0, "copy_t1_gb_s": 15.0, "copy_t2_gb_s": 25.0}]
-    read_bytes = {("m", "fp32 t2"): 4e9, ("m", "int8 qbits fp32 g-1 t2"): 1e9, ("m", "int8 neural-speed fp32 g-1 t2"): 1e9}
+    read_bytes = {("m", "fp32 t2"): 4e9, ("m", "int8 qbits fp32 gauto t2"): 1e9, ("m", "int8 neural-speed fp32 gauto t2"): 1e9}
     report = be.summarize(results, [model], variants, membw, read_bytes, {})
     assert report.splitlines()[0].startswith("CPU: ")
     assert "sum 20.0 GB/s on 1 thread, 40.0 GB/s on 2 threads" in report
@@ -81,8 +81,8 @@ def test_report_starts_with_the_cpu_and_gives_ratios_and_bandwidth():
     rows = {line.split(" | ")[1]: line.split(" | ") for line in report.splitlines() if line.startswith("| m |")}
     # | model | variant | tok/s | x fp32 | x Q8_0 | GB/token | GB/s | % | ...
     assert rows["fp32 t2"][2:8] == ["10.0", "1.00", "0.25", "4.000", "40.0", "100 %"]
-    assert rows["int8 qbits fp32 g-1 t2"][2:8] == ["20.0", "2.00", "0.50", "1.000", "20.0", "50 %"]
-    assert rows["int8 neural-speed fp32 g-1 t2"][2:8] == ["30.0", "3.00", "0.75", "1.000", "30.0", "75 %"]
+    assert rows["int8 qbits fp32 gauto t2"][2:8] == ["20.0", "2.00", "0.50", "1.000", "20.0", "50 %"]
+    assert rows["int8 neural-speed fp32 gauto t2"][2:8] == ["30.0", "3.00", "0.75", "1.000", "30.0", "75 %"]
     assert rows["llama.cpp F16 t2"][5:8] == ["-", "-", "-"]  # no byte count reported: no bandwidth
     assert rows["llama.cpp Q8_0 t2"][2:8] == ["40.0", "4.00", "1.00", "1.000", "40.0", "100 %"]
 

@@ -73,8 +73,8 @@ def source_fingerprint(source: Path, cache_root: Path) -> str:
 
 
 def key_inputs(source: Path, settings: Int8Settings, cache_root: Path) -> dict:
-    """What the entry's key covers (with "auto" resolved to the runtime this model gets)."""
-    if settings.runtime == "auto":
+    """What the entry's key covers (with "auto" resolved to the runtime and group size this model gets)."""
+    if "auto" in (settings.runtime, settings.group_size):
         settings = int8_runtime.resolve(settings, source)
     inputs = {
         "format": CACHE_FORMAT,

@@ -1,9 +1,10 @@
 """Which ITREX CPU runtime serves a model's INT8 weights: neural-speed or qbits (config `int8.runtime`).
 
-"auto" picks neural-speed when the model's architecture has a neural-speed graph (family data,
+`runtime: auto` picks neural-speed when the model's architecture has a neural-speed graph (family data,
 models/families.py) and the worker's thread count is fixed; otherwise qbits, which runs every
 family under the transformers model. neural-speed takes its thread count once, at load, so it cannot
 follow `threads: shared` (cores shared by demand change the count per step).
+`group_size: auto` becomes AUTO_GROUP_SIZE where it divides every weight row, else per channel.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import json
 import logging
 from pathlib import Path
 
-from workers.config.int8 import Int8Settings
+from workers.config.int8 import AUTO_GROUP_SIZE, Int8Settings
 from workers.engine.ns_quantize import padded_layers
 from workers.models.families import NeuralSpeedGraph, neural_speed_graph
+from workers.models.weight_shapes import matrix_row_widths
 
 log = logging.getLogger("int8_runtime")
 
@@ -37,7 +39,30 @@ def graph_for(source: Path) -> tuple[NeuralSpeedGraph | None, str]:
 
 
 def resolve(settings: Int8Settings, source: Path, shared_threads: bool = False) -> Int8Settings:
-    """`settings` with a concrete runtime for this model; RuntimeUnavailable when the asked one cannot run it."""
+    """`settings` with a concrete runtime and group size for this model; RuntimeUnavailable when the
+    asked runtime cannot run it."""
+    settings = resolve_runtime(settings, source, shared_threads)
+    if settings.group_size == "auto":
+        settings = settings.model_copy(update={"group_size": auto_group_size(source)})
+    return settings
+
+
+def auto_group_size(source: Path) -> int:
+    """AUTO_GROUP_SIZE when it divides every weight row of the model, else -1 (per channel)."""
+    try:
+        widths = matrix_row_widths(source)
+    except FileNotFoundError as exc:
+        raise RuntimeUnavailable(f"int8.group_size: auto reads the model's row widths from its weights: {exc}") from None
+    uneven = sorted(w for w in widths if w % AUTO_GROUP_SIZE)
+    if uneven:
+        log.info("INT8 group size for %s: per channel (%d does not divide its %s-wide rows)", source.name,
+                 AUTO_GROUP_SIZE, "/".join(map(str, uneven)))
+        return -1
+    return AUTO_GROUP_SIZE
+
+
+def resolve_runtime(settings: Int8Settings, source: Path, shared_threads: bool = False) -> Int8Settings:
+    """`settings` with a concrete runtime (decided from config.json alone)."""
     if settings.runtime == "qbits":
         return settings
     graph, why = graph_for(source)

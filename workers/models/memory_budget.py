@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workers.config.files import GIB
+from workers.config.int8 import AUTO_GROUP_SIZE
 KV_TOKENS_PER_REQUEST = 1024
 RUNTIME_GIB = 0.9
 SERVICES_GIB = 1.5
@@ -73,17 +74,19 @@ def shape_of_folder(folder: Path) -> ModelShape:
     return shape_from_config(config, total)
 
 
-def weight_bytes(shape: ModelShape, backend: str, group_size: int = -1) -> int:
+def weight_bytes(shape: ModelShape, backend: str, group_size: int | str = -1) -> int:
     if backend == "fp32":
         return shape.params * 4
     if backend == "bf16":
         return shape.params * 2
     linear = shape.params - shape.embedding - shape.output
+    if group_size == "auto":  # an upper bound: auto may also resolve to per channel (fewer scales)
+        group_size = AUTO_GROUP_SIZE
     per_weight = 1 + 4 / (group_size if group_size > 0 else 4096)
     return int(linear * per_weight) + (shape.embedding + shape.output) * 4
 
 
-def worker_bytes(shape: ModelShape, backend: str, limit_concurrency: int, group_size: int = -1,
+def worker_bytes(shape: ModelShape, backend: str, limit_concurrency: int, group_size: int | str = -1,
                  prefix_cache_tokens: int = 0) -> int:
     kv = shape.kv_bytes_per_token * (KV_TOKENS_PER_REQUEST * limit_concurrency + prefix_cache_tokens)
     return weight_bytes(shape, backend, group_size) + kv + int(RUNTIME_GIB * GIB)
@@ -106,7 +109,7 @@ class Need:
     backend: str
     shape: ModelShape
     limit_concurrency: int
-    group_size: int = -1
+    group_size: int | str = -1
     prefix_cache_tokens: int = 0
 
     @property

@@ -58,7 +58,7 @@ class Variant:
     backend: str  # fp32 | bf16 | itrex-int8 | llama-cpp
     threads: int = 2
     compute_dtype: str = "fp32"
-    group_size: int = -1
+    group_size: int | str = "auto"  # what the bundle serves by default (config/int8.py)
     gguf: str = ""  # llama-cpp: f16 | q8_0
     runtime: str = "qbits"  # itrex-int8: qbits | neural-speed
 
@@ -406,6 +406,7 @@ def variants_for(explore: bool, bf16_backend: bool = False, llama_cpp: bool = Fa
             variants += [Variant("llama-cpp", threads=t, gguf=g) for g in GGUF_TYPES]
     if explore:
         variants += [
+            Variant("itrex-int8", group_size=-1), Variant("itrex-int8", runtime="neural-speed", group_size=-1),
             Variant("itrex-int8", group_size=128), Variant("itrex-int8", group_size=32),
             Variant("fp32", threads=1), Variant("itrex-int8", threads=1),
             Variant("itrex-int8", threads=1, runtime="neural-speed"),
