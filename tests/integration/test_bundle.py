@@ -68,7 +68,8 @@ def test_start_prepares_int8_weights_before_any_worker_runs(bundle):
     int8_step, supervisord_step = out.index("[2/4] INT8 weights for 1 model(s)"), out.index("[3/4] starting supervisord")
     assert int8_step < out.index(f"  {INT8}: smollm2-135m-instruct-") < supervisord_step
     line = next(line for line in out.splitlines() if line.startswith(f"  {INT8}: smollm2-135m-instruct-"))
-    assert line.endswith("(neural-speed)")  # the runtime the worker then loads (a Llama, fixed threads)
+    # the runtime the worker then loads (a Llama, fixed threads) and the group size auto gave its 576/1536-wide rows
+    assert line.endswith("(neural-speed, groups of 64)")
 
 
 def test_int8_model_that_cannot_be_quantized_stops_the_start_before_supervisord(tmp_path, embedded_model):

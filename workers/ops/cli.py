@@ -223,7 +223,8 @@ def prepare_int8_weights(dep: Deployment, folders: dict[str, Path], host: str = 
             entry = int8_cache.ensure(folders[m.program], settings, int8_cache_dir(), m.trust_remote_code)
         except (int8_cache.CacheBuildError, int8_runtime.RuntimeUnavailable) as exc:
             return f"models[{m.program}]: {exc}"
-        _say(f"  {m.program}: {entry.name} ({settings.runtime})")
+        groups = f"groups of {settings.group_size}" if settings.group_size > 0 else "per channel"
+        _say(f"  {m.program}: {entry.name} ({settings.runtime}, {groups})")
     return None
 
 
