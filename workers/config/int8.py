@@ -34,9 +34,9 @@ class Int8Settings(Strict):
     compute_dtype: Literal["fp32", "bf16", "int8"] = "fp32"
     # Weights per scale along each row; -1 = one scale per output channel. "auto" (engine/int8_runtime):
     # AUTO_GROUP_SIZE when it divides every weight row of the model, else per channel. Measured on the
-    # embedded model, 558 tokens (README "Benchmarks"): per channel perplexity +1.1 % of fp32 and top-1
-    # agreement 95.2 %, group 64 +0.3 % and 97.0 % (the +0.5 % quality bound), with 0.97x per channel's
-    # decode speed; group 64 with fp32 scales stores 8.5 bits per weight, as llama.cpp's Q8_0 does.
+    # embedded model, 558 tokens (README "INT8 and the quantized-weight cache"): per channel perplexity
+    # +1.1 % of fp32 on neural-speed, group 64 +0.3 % (the +0.5 % quality bound), at 0.85-0.97x per
+    # channel's decode speed; group 64 with fp32 scales stores 8.5 bits per weight, as llama.cpp's Q8_0.
     group_size: int | Literal["auto"] = "auto"
     scale_dtype: Literal["fp32", "bf16"] = "fp32"
 
