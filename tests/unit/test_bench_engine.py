@@ -44,6 +44,22 @@ def test_a_model_loaded_in_fp32_counts_four_bytes_per_weight(tmp_path):
     assert be.read_bytes_per_token(tensors, 4) == 4 * (40 + 16 + 4)
 
 
+def test_models_are_chosen_by_name_in_order_each_once(monkeypatch):
+    """--models: 'both' is the embedded model and the 22-layer Llama; the 32-layer one is its own choice."""
+    from workers.models import embedded
+    from workers.tools import random_model
+
+    monkeypatch.setattr(embedded, "prepare", lambda: Path("smollm2"))
+    built = []
+    monkeypatch.setattr(random_model, "random_llama", lambda name, shape, dtype: built.append(shape) or Path(name))
+    assert be.bench_models(["both", "random-1.5b", "embedded"]) == [
+        Path("smollm2"), Path("random-llama-1.1b"), Path("random-llama-1.5b")]
+    assert [s["num_hidden_layers"] for s in built] == [22, 32]
+    assert {k: v for k, v in built[1].items() if k != "num_hidden_layers"} == \
+        {k: v for k, v in built[0].items() if k != "num_hidden_layers"}  # the same Llama but its layer count
+    assert be.MODEL_CHOICES == ("embedded", "random-1b", "random-1.5b", "both")
+
+
 def test_llama_cpp_variants_are_opt_in_and_labelled():
     assert all(v.backend != "llama-cpp" for v in be.variants_for(False))
     labels = [v.label for v in be.variants_for(False, llama_cpp=True)]

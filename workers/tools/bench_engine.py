@@ -11,6 +11,7 @@ to the machine's read bandwidth measured with numpy in each round. Prints figure
     python -m workers.tools.bench_engine --explore            # also group sizes and 1 thread
     python -m workers.tools.bench_engine --llama-cpp          # also llama.cpp F16 and Q8_0 (.venv-bench)
     python -m workers.tools.bench_engine --batch 4            # also 1 vs 4 sequences through the batcher
+    python -m workers.tools.bench_engine --models random-1.5b # a 32-layer Llama (neural-speed runs it unpadded)
 
 llama.cpp runs in .venv-bench (scripts/setup_bench.sh, llama-cpp-python built from source with
 native flags), through workers/tools/bench_llama_cpp.py: this environment never imports llama_cpp.
@@ -71,9 +72,21 @@ class Variant:
         return f"int8 {self.runtime} {self.compute_dtype} g{self.group_size} t{self.threads}"
 
 
-def random_llama_1b() -> Path:
-    """A TinyLlama-shaped model (1.1 B parameters) with random weights: speed does not depend on them."""
-    return random_model.random_llama("random-llama-1.1b", random_model.TINYLLAMA_EMBEDDED_VOCAB, "float32")
+# --models: random-weight Llamas (speed does not depend on the weights), by folder name and shape
+RANDOM_MODELS = {
+    "random-1b": ("random-llama-1.1b", random_model.TINYLLAMA_EMBEDDED_VOCAB),  # TinyLlama-shaped, 22 layers
+    "random-1.5b": ("random-llama-1.5b", random_model.TINYLLAMA_32_LAYERS),    # the same at 32 layers
+}
+MODEL_CHOICES = ("embedded", *RANDOM_MODELS, "both")  # both: embedded and random-1b
+
+
+def bench_models(names: list[str]) -> list[Path]:
+    """The model folders for --models, in the order given, each once (random ones built on first use)."""
+    from workers.models.embedded import prepare
+
+    wanted = [n for name in names for n in (("embedded", "random-1b") if name == "both" else (name,))]
+    return [prepare() if name == "embedded" else random_model.random_llama(*RANDOM_MODELS[name], "float32")
+            for name in dict.fromkeys(wanted)]
 
 
 def bench_job(model_path: Path, batch: int = 0) -> dict:
@@ -518,7 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--explore", action="store_true", help="also other group sizes and 1 thread")
-    p.add_argument("--models", choices=("embedded", "random-1b", "both"), default="both")
+    p.add_argument("--models", choices=MODEL_CHOICES, nargs="+", default=["both"],
+                   help="embedded: SmolLM2; random-1b: a TinyLlama-shaped 22-layer 1.1 B Llama; random-1.5b: the "
+                        "same at 32 layers (neural-speed runs it unpadded); both: embedded and random-1b")
     p.add_argument("--bf16-backend", action="store_true", help="also the plain bf16 backend (slow on CPUs without bf16 units)")
     p.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None,
                    help="also llama.cpp F16 and Q8_0 (default: when .venv-bench exists; scripts/bench_engine.sh "
@@ -538,9 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     from workers.config.int8 import Int8Settings, unsupported_reason
     from workers.config.paths import int8_cache_dir
     from workers.engine import int8_cache
-    from workers.models.embedded import prepare
 
-    models = ([prepare()] if args.models != "random-1b" else []) + ([random_llama_1b()] if args.models != "embedded" else [])
+    models = bench_models(args.models)
     variants = variants_for(args.explore, args.bf16_backend, use_llama_cpp, tuple(args.threads), cpu_compute_dtypes())
     cache_root = int8_cache_dir()
     int8_entries, gguf_files = {}, {}

@@ -22,6 +22,9 @@ SHAPES = {
 }
 # TinyLlama (1.1 B parameters) with the embedded tokenizer's vocabulary: bench_engine's model.
 TINYLLAMA_EMBEDDED_VOCAB = dict(SHAPES["llama-1.1b"], vocab_size=49152, max_position_embeddings=2048)
+# The same at 32 layers (1.5 B): neural-speed 1.0's llama graph knows 32 layers, so it runs this one
+# unpadded, as it runs Llama 2/3 7 B and Qwen-7B; the 22-layer one it runs as 32 (10 identity layers).
+TINYLLAMA_32_LAYERS = dict(TINYLLAMA_EMBEDDED_VOCAB, num_hidden_layers=32)
 
 
 def random_llama(name: str, shape: dict, dtype: str = "float32", max_shard_size: str = "5GB") -> Path:
