@@ -2,11 +2,13 @@
 
 The seed models cannot be downloaded here, so this builds a random-weight Llama with the same
 linear-layer and embedding sizes as Qwen-7B-Chat or ChatGLM3-6B, saved in bf16 like the real
-checkpoints. It builds the model's INT8 cache entry the way a first start does (int8_cache ->
-workers.engine.quantize) while sampling the memory of that process tree, then measures INT8 decode
-speed from the cache with bench_engine's measurement. Memory splits into anonymous memory (what
+checkpoints. It builds the model's INT8 cache entry the way a first start does (int8_cache, with
+the default settings resolved to this model's runtime and group size, and its quantizer child)
+while sampling the memory of that process tree, then measures INT8 decode speed from that entry
+with bench_engine's measurement. Memory splits into anonymous memory (what
 must fit in RAM) and file-backed pages of the memory-mapped checkpoint (page cache the kernel can
-drop and re-read). Prints figures; asserts nothing. Needs about 2.3x the bf16 size in free disk.
+drop and re-read). Prints figures; asserts nothing. Needs about 2.3x the bf16 size in free disk on qbits, 3.5x on
+neural-speed (its fp32 graph file, deleted once the INT8 file is written).
 
     python -m workers.tools.bench_quantize --shape qwen-7b
 """
@@ -76,21 +78,28 @@ def main(argv: list[str] | None = None) -> int:
     from workers.models import memory_budget
     from workers.tools.bench_engine import Variant, run_child
 
+    from workers.config.int8 import Int8Settings
+    from workers.engine.int8_runtime import resolve
+
     source = random_bf16_model(args.shape)
+    settings = resolve(Int8Settings(), source)  # what a first start with the default settings builds
     shape = memory_budget.shape_of_folder(source)
     checkpoint = sum(f.stat().st_size for f in source.glob("*.safetensors"))
     cache_root = var_dir() / "bench" / "int8-cache"
     built = sample_tree([sys.executable, "-m", "workers.tools.bench_quantize", "--child-build", str(source), str(cache_root)])
-    int8_bytes = sum(f.stat().st_size for d in cache_root.glob(f"{source.name}-*") for f in d.glob("*.safetensors"))
-    speeds = {t: run_child(source, Variant("itrex-int8", threads=t), cache_root) for t in (1, 2)} if built["exit"] == 0 else {}
+    int8_bytes = sum(f.stat().st_size for d in cache_root.glob(f"{source.name}-*") if d.is_dir() for f in d.iterdir())
+    variant = dict(runtime=settings.runtime, group_size=settings.group_size)  # the entry just built
+    speeds = {t: run_child(source, Variant("itrex-int8", threads=t, **variant), cache_root) for t in (1, 2)} \
+        if built["exit"] == 0 else {}
     print(f"\nfirst-start quantization of a {args.shape}-shaped model ({shape.params:,} parameters, "
           f"bf16 checkpoint {checkpoint / GIB:.1f} GiB), {os.cpu_count()} cores:")
     print(f"  CPU: {cpu.describe()}")
+    print(f"  INT8 runtime {settings.runtime}, group size {settings.group_size} (the defaults, resolved for it)")
     print(f"  exit code {built['exit']}, {built['seconds'] / 60:.1f} min (incl. fingerprint and checksums)")
     print(f"  peak anonymous memory {built['peak_anon_gib']:.2f} GiB "
           f"(the bundle's estimate: {memory_budget.quantize_peak_bytes(shape) / GIB:.2f} GiB)")
     print(f"  peak file-backed memory (mmapped checkpoint, reclaimable) {built['peak_file_gib']:.2f} GiB")
-    print(f"  INT8 checkpoint {int8_bytes / GIB:.2f} GiB")
+    print(f"  INT8 cache entry {int8_bytes / GIB:.2f} GiB")
     for threads, r in speeds.items():
         if "error" in r:
             print(f"  INT8 {threads} thread(s): error {r['error']}")
