@@ -153,3 +153,26 @@ def test_a_childs_peak_memory_is_its_own_not_its_big_parents():
     out = subprocess.run([sys.executable, "-c", PEAK_OF_A_CHILD, str(ROOT)], capture_output=True, text=True, check=True)
     child_peak = int(out.stdout)
     assert 0 < child_peak < 300 * 2**20, f"child reports {child_peak / 2**20:.0f} MiB; its parent holds {ballast.nbytes >> 20} MiB"
+
+
+def test_bench_quantize_measures_its_entry_beside_llama_cpp_q8_0_at_each_thread_count(capsys):
+    """bench_quantize --llama-cpp: the entry just built (runtime and group size as resolved) and Q8_0 alternate
+    per thread count, and INT8 is reported as a ratio to Q8_0 at the same count."""
+    from workers.tools import bench_quantize as bq
+
+    variants = bq.speed_variants("neural-speed", 64, llama_cpp=True)
+    assert [(v.backend, v.threads, v.runtime, v.group_size, v.gguf) for v in variants] == [
+        ("itrex-int8", 1, "neural-speed", 64, ""), ("llama-cpp", 1, "qbits", "auto", "q8_0"),
+        ("itrex-int8", 2, "neural-speed", 64, ""), ("llama-cpp", 2, "qbits", "auto", "q8_0")]
+    assert [v.backend for v in bq.speed_variants("qbits", -1, llama_cpp=False)] == ["itrex-int8"] * 2
+
+    def run(decode):
+        return {"decode_tok_s": decode, "prompt_tok_s": 10.0, "load_s": 5.0, "steady_rss_gib": 8.0}
+
+    i1, q1, i2, q2 = variants
+    bq.print_speeds({i1: [run(1.0), run(1.2), run(1.4)], q1: [run(1.0)] * 3,
+                     i2: [run(3.0)], q2: [{"error": "crashed"}]})
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("  INT8 1 thread(s): decode 1.20 tok/s (1.20x llama.cpp Q8_0)") and "median of 3" in out[0]
+    assert out[2].startswith("  INT8 2 thread(s): decode 3.00 tok/s, prompt")  # no ratio without Q8_0
+    assert out[3] == "  llama.cpp Q8_0 2 thread(s): error crashed"

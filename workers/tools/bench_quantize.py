@@ -15,6 +15,7 @@ neural-speed (its fp32 graph file, deleted once the INT8 file is written).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -58,28 +59,64 @@ def sample_tree(cmd: list[str]) -> dict:
 
 def build_cache(source: Path, cache_root: Path) -> None:
     """Child: what `start_all.sh` step [2/4] does for a model without an INT8 cache entry."""
-    from workers.engine import int8_cache
     from workers.config.int8 import Int8Settings
+    from workers.engine import int8_cache
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     int8_cache.ensure(source, Int8Settings(), cache_root)
 
 
+def speed_variants(runtime: str, group_size: int | str, llama_cpp: bool, threads=(1, 2)) -> list:
+    """The INT8 entry just built at each thread count, each beside llama.cpp Q8_0 at the same count."""
+    from workers.tools.bench_engine import Variant
+
+    return [v for t in threads for v in (Variant("itrex-int8", threads=t, runtime=runtime, group_size=group_size),
+                                         *([Variant("llama-cpp", threads=t, gguf="q8_0")] if llama_cpp else []))]
+
+
+def print_speeds(runs: dict) -> None:
+    """runs: Variant -> [result per round]; medians, and INT8 as a ratio to llama.cpp Q8_0 at its thread count."""
+    import statistics
+
+    def median(v, key):
+        return statistics.median(r[key] for r in runs[v])
+
+    q8 = {v.threads: median(v, "decode_tok_s") for v in runs if v.backend == "llama-cpp" and "error" not in runs[v][0]}
+    for v, results in runs.items():
+        name = "llama.cpp Q8_0" if v.backend == "llama-cpp" else "INT8"
+        if "error" in results[0]:
+            print(f"  {name} {v.threads} thread(s): error {results[0]['error']}")
+            continue
+        decode = median(v, "decode_tok_s")
+        ratio = f" ({decode / q8[v.threads]:.2f}x llama.cpp Q8_0)" if v.backend != "llama-cpp" and v.threads in q8 else ""
+        print(f"  {name} {v.threads} thread(s): decode {decode:.2f} tok/s{ratio}, prompt {median(v, 'prompt_tok_s'):.1f} "
+              f"tok/s, load {median(v, 'load_s'):.0f} s, steady RSS {median(v, 'steady_rss_gib'):.2f} GiB "
+              f"(median of {len(results)})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(random_model.SHAPES), default="llama-1.1b")
-    p.add_argument("--keep", action="store_true", help="keep the generated model and its INT8 cache entry")
+    p.add_argument("--keep", action="store_true", help="keep the generated model, its INT8 cache entry and GGUF files")
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="also llama.cpp Q8_0 on the same model, prompt and threads (.venv-bench, scripts/setup_bench.sh; "
+                        "converts to GGUF F16 and Q8_0: about 1.6x the bf16 size more disk)")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the speed runs (medians)")
     p.add_argument("--child-build", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child_build:
         build_cache(*args.child_build)
         return 0
     print(f"CPU: {cpu.describe()}", flush=True)
-    from workers.models import memory_budget
-    from workers.tools.bench_engine import Variant, run_child
-
     from workers.config.int8 import Int8Settings
     from workers.engine.int8_runtime import resolve
+    from workers.models import memory_budget
+    from workers.tools.bench_engine import (
+        BENCH_PYTHON,
+        bench_job,
+        ensure_gguf,
+        run_child,
+    )
 
     source = random_bf16_model(args.shape)
     settings = resolve(Int8Settings(), source)  # what a first start with the default settings builds
@@ -88,9 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     cache_root = var_dir() / "bench" / "int8-cache"
     built = sample_tree([sys.executable, "-m", "workers.tools.bench_quantize", "--child-build", str(source), str(cache_root)])
     int8_bytes = sum(f.stat().st_size for d in cache_root.glob(f"{source.name}-*") if d.is_dir() for f in d.iterdir())
-    variant = dict(runtime=settings.runtime, group_size=settings.group_size)  # the entry just built
-    speeds = {t: run_child(source, Variant("itrex-int8", threads=t, **variant), cache_root) for t in (1, 2)} \
-        if built["exit"] == 0 else {}
+    runs = {v: [] for v in speed_variants(settings.runtime, settings.group_size, args.llama_cpp)}
+    gguf = ensure_gguf(source, BENCH_PYTHON) if args.llama_cpp and built["exit"] == 0 else None
+    job_file = cache_root / f"{source.name}-job.json"  # the same token ids for every run
+    job_file.write_text(json.dumps(bench_job(source)))
+    for _ in range(args.rounds if built["exit"] == 0 else 0):
+        for v, results in runs.items():
+            results.append(run_child(source, v, cache_root, job_file, gguf))
     print(f"\nfirst-start quantization of a {args.shape}-shaped model ({shape.params:,} parameters, "
           f"bf16 checkpoint {checkpoint / GIB:.1f} GiB), {os.cpu_count()} cores:")
     print(f"  CPU: {cpu.describe()}")
@@ -100,15 +141,11 @@ def main(argv: list[str] | None = None) -> int:
           f"(the bundle's estimate: {memory_budget.quantize_peak_bytes(shape) / GIB:.2f} GiB)")
     print(f"  peak file-backed memory (mmapped checkpoint, reclaimable) {built['peak_file_gib']:.2f} GiB")
     print(f"  INT8 cache entry {int8_bytes / GIB:.2f} GiB")
-    for threads, r in speeds.items():
-        if "error" in r:
-            print(f"  INT8 {threads} thread(s): error {r['error']}")
-        else:
-            print(f"  INT8 {threads} thread(s): decode {r['decode_tok_s']:.2f} tok/s, prompt {r['prompt_tok_s']:.1f} tok/s, "
-                  f"load from cache {r['load_s']:.0f} s, steady RSS {r['steady_rss_gib']:.2f} GiB")
+    if built["exit"] == 0:
+        print_speeds(runs)
     if not args.keep:
         shutil.rmtree(source)
-        for entry in cache_root.glob(f"{source.name}-*"):
+        for entry in [*cache_root.glob(f"{source.name}-*"), *(var_dir() / "bench" / "gguf").glob(f"{source.name}-*")]:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     return built["exit"]
 
