@@ -1,4 +1,4 @@
-"""Process and network helpers for tests that run the real thing."""
+"""Helpers for tests that run the real thing: processes, ports, deployments, generations run together."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -146,3 +147,25 @@ def running_bundle(var: Path, models: list[dict], models_dir: Path, int8_cache: 
         bundle_cli(env, "stop")
         for p in bundle_processes(var):
             p.kill()
+
+
+def run_together(served, jobs, stagger_s=0.05) -> list:
+    """Each job through `served.generate` from its own thread, started a little apart so later ones join a batch
+    under way; the results in the jobs' order."""
+    results = [None] * len(jobs)
+
+    def one(i):
+        time.sleep(i * stagger_s)
+        results[i] = served.generate(jobs[i])
+
+    workers = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=600)
+    return results
+
+
+def outcome(result):
+    """What a client sees of a generation: its text, token count and finish reason."""
+    return result.text, result.completion_tokens, result.finish_reason

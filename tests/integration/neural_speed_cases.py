@@ -21,10 +21,12 @@ from workers.config.int8 import Int8Settings
 from workers.config.schema import ModelSpec
 from workers.engine import int8_runtime, ns_quantize
 from workers.engine.loader import UnsupportedBackend, load_model
-from workers.engine.ns_model import NeuralSpeedModel, scratch_ratio
+from workers.engine.ns_batcher import NeuralSpeedBatcher
+from workers.engine.ns_model import PREFILL_CHUNK, NeuralSpeedModel, SerialRunner, scratch_ratio
 from workers.engine.served_model import ServedModel
 from workers.models.families import neural_speed_graph
 from tests import tiny_models
+from tests.helpers import LONG_STORY, outcome, run_together
 
 QUESTIONS = ["What is the capital of France?", "Write one sentence about the sea.", "List three primary colors."]
 
@@ -252,13 +254,19 @@ def test_answers_are_neural_speeds_own_greedy_generate(ns):
     assert "Paris" in ns.generate(job(ns, [{"role": "user", "content": QUESTIONS[0]}])).text
 
 
-def test_next_turn_reuses_the_conversation_cache_and_answers_as_from_scratch(ns):
+def next_turn(sm: ServedModel) -> tuple:
+    """A two-turn chat on `sm`: the second turn's job, its result (which reused the first turn's cache), the chat."""
     turn = [{"role": "user", "content": "Name a large river."}]
-    first = ns.generate(job(ns, turn, 24))
+    first = sm.generate(job(sm, turn, 24))
     turn += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Where does it flow?"}]
-    second = job(ns, turn, 24)
-    reused = ns.generate(second)
+    second = job(sm, turn, 24)
+    reused = sm.generate(second)
     assert reused.reused_tokens > len(second.prompt_ids) // 2
+    return second, reused, turn
+
+
+def test_next_turn_reuses_the_conversation_cache_and_answers_as_from_scratch(ns):
+    second, reused, turn = next_turn(ns)
     ns.model.state = ["forgotten"]  # nothing matches: a fresh cache
     fresh = ns.generate(job(ns, turn, 24))
     assert fresh.reused_tokens == 0
@@ -314,6 +322,129 @@ def test_cancel_stops_a_running_generation_and_a_queued_one_leaves_at_once(ns):
     assert results["running"].finish_reason == "cancelled" and results["running"].completion_tokens <= 7
     assert results["queued"].finish_reason == "cancelled" and results["queued"].completion_tokens == 0
     assert ns.generate(job(ns, [{"role": "user", "content": QUESTIONS[0]}])).finish_reason == "stop"
+
+
+# --- continuous batching (the llama graph) ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def batched(embedded_model, int8_entry, int8_cache_root) -> ServedModel:
+    """The embedded model as a worker with limit_concurrency 4 serves it: 8 KV cache slots, one batcher."""
+    spec = ModelSpec(names=["m"], source={"path": str(embedded_model)}, port=1, limit_concurrency=4)
+    model, tokenizer = load_model(embedded_model, "itrex-int8", cache_root=int8_cache_root, concurrency=4)
+    assert model.entry == int8_entry and model.slots == 8
+    return ServedModel.build(spec, embedded_model, model, tokenizer)
+
+
+def test_batched_answers_equal_answers_alone(batched, ns):
+    """Four requests decode together, each with its own processors, and each answers as alone (greedy)."""
+    extra = [{}, {"repetition_penalty": 1.3}, {"presence_penalty": 1.5, "frequency_penalty": 0.5}, {"stop": [","]}]
+    jobs = [job(batched, [{"role": "user", "content": QUESTIONS[i % 3]}], 24 + 3 * i, **extra[i]) for i in range(4)]
+    results = run_together(batched, jobs)
+    assert isinstance(batched.ns_runner, NeuralSpeedBatcher) and isinstance(ns.ns_runner, SerialRunner)
+    alone = [ns.generate(job(ns, [{"role": "user", "content": QUESTIONS[i % 3]}], 24 + 3 * i, **extra[i]))
+             for i in range(4)]
+    assert [outcome(r) for r in results] == [outcome(r) for r in alone]
+    assert batched.ns_runner.widest >= 3, "the requests did not decode together"
+    assert batched.ns_runner.active == 0
+    # the next lone request (continuing none of them) takes slot 0: no filler rows below it
+    lone = job(batched, [{"role": "user", "content": "Hi!"}], 4)
+    batched.generate(lone)
+    slots = batched.ns_runner.slots
+    assert slots[0].kept[:len(lone.prompt_ids)] == lone.prompt_ids and all(s.fresh for s in slots[1:])
+
+
+def test_a_long_prompt_joins_in_chunks_while_the_others_decode(batched, ns):
+    long_chat = [{"role": "user", "content": "Summarise: " + "the river runs to the sea. " * 90}]
+    jobs = [job(batched, LONG_STORY, 60), job(batched, long_chat, 12)]
+    assert len(jobs[1].prompt_ids) > 2 * PREFILL_CHUNK
+    steps = batched.ns_runner.steps
+    results = run_together(batched, jobs, stagger_s=0.3)
+    assert [outcome(r) for r in results] == [outcome(ns.generate(job(ns, LONG_STORY, 60))),
+                                              outcome(ns.generate(job(ns, long_chat, 12)))]
+    # the story decoded one token a step throughout: one step per token, none spent on the long prompt alone
+    assert batched.ns_runner.steps - steps <= 60 + 1
+
+
+def test_the_next_turn_takes_its_conversations_slot_and_evaluates_only_its_new_tokens(batched, ns):
+    second, reused, turn = next_turn(batched)
+    ns.model.state = ["forgotten"]  # the serial model computes it from scratch
+    fresh = ns.generate(job(ns, turn, 24))
+    assert fresh.reused_tokens == 0 and outcome(fresh) == outcome(reused)
+    # the slot's cache holds the conversation once: only the new tokens were evaluated on top of the kept ones
+    # (this tiny model answers the same even with the conversation evaluated twice, so the text cannot tell)
+    held = [s for s in batched.ns_runner.slots if s.kept and s.kept[:len(second.prompt_ids)] == second.prompt_ids]
+    assert held and all(len(s.kept) == s.filled for s in held)
+
+
+def test_when_no_slot_is_fresh_the_slots_are_emptied_and_the_live_answer_stays_the_same(batched, ns):
+    """A long answer stays live while more short requests come than there are slots: the slots are emptied
+    (the library empties only all at once), the long one evaluates its tokens again and answers as alone."""
+    runner, results, started = batched.ns_runner, {}, threading.Event()
+    emptied = runner.emptied
+
+    def story():
+        results["story"] = batched.generate(job(batched, LONG_STORY, 200), lambda text, n: started.set())
+
+    thread = threading.Thread(target=story)
+    thread.start()
+    assert started.wait(60)
+    for i in range(len(runner.slots) + 1):
+        batched.generate(job(batched, [{"role": "user", "content": f"Say {i}."}], 3))
+    thread.join(timeout=300)
+    assert runner.emptied > emptied, "no request found the slots used up"
+    assert outcome(results["story"]) == outcome(ns.generate(job(ns, LONG_STORY, 200)))
+    assert runner.active == 0
+
+
+def test_more_requests_than_slots_wait_for_one_and_a_cancelled_waiting_one_leaves_at_once(
+        embedded_model, int8_cache_root, ns, monkeypatch):
+    """A model whose KV cache allows 2 slots (a Llama-2-7B on 4 GiB) with 4 requests at once: two wait."""
+    from workers.engine import ns_model
+
+    monkeypatch.setattr(ns_model, "MAX_SLOTS", 2)
+    spec = ModelSpec(names=["m"], source={"path": str(embedded_model)}, port=1, limit_concurrency=4)
+    model, tokenizer = load_model(embedded_model, "itrex-int8", cache_root=int8_cache_root, concurrency=4)
+    assert model.slots == 2
+    two = ServedModel.build(spec, embedded_model, model, tokenizer)
+    # two greedy stories that cannot end within 60 tokens hold both slots; the third request and the fourth wait
+    chats = [LONG_STORY, [{"role": "user", "content": "Tell me a long story about a ship."}],
+             [{"role": "user", "content": QUESTIONS[0]}]]
+    jobs = [job(two, chat, 60) for chat in chats]
+    waiting = job(two, [{"role": "user", "content": QUESTIONS[1]}], 20)
+    threading.Timer(0.25, waiting.cancel.set).start()
+    results = run_together(two, jobs + [waiting], stagger_s=0.02)
+    assert results[3].finish_reason == "cancelled" and results[3].completion_tokens == 0
+    assert results[0].completion_tokens == results[1].completion_tokens == 60
+    assert [outcome(r) for r in results[:3]] == [outcome(ns.generate(job(ns, chat, 60))) for chat in chats]
+    assert two.ns_runner.widest == 2 and two.ns_runner.active == 0
+
+
+def test_a_cancelled_request_leaves_the_batch_and_the_others_answer_as_alone(batched, ns):
+    jobs = [job(batched, [{"role": "user", "content": QUESTIONS[i]}], 40) for i in range(3)]
+    threading.Timer(0.5, jobs[1].cancel.set).start()
+    results = run_together(batched, jobs)
+    assert results[1].finish_reason == "cancelled" and results[1].completion_tokens < 40
+    for i in (0, 2):
+        assert outcome(results[i]) == outcome(ns.generate(job(ns, [{"role": "user", "content": QUESTIONS[i]}], 40)))
+    assert batched.ns_runner.active == 0
+
+
+def test_a_failing_step_fails_its_requests_and_the_next_request_is_served(batched, ns):
+    runner = batched.ns_runner
+    original = batched.model.evaluate_rows
+
+    def broken(rows):
+        raise RuntimeError("evaluate failed")
+
+    batched.model.evaluate_rows = broken
+    try:
+        with pytest.raises(RuntimeError, match="evaluate failed"):
+            batched.generate(job(batched, [{"role": "user", "content": QUESTIONS[0]}], 8))
+    finally:
+        batched.model.evaluate_rows = original
+    assert runner.active == 0 and all(s.fresh for s in runner.slots)
+    after = batched.generate(job(batched, [{"role": "user", "content": QUESTIONS[0]}], 8))
+    assert outcome(after) == outcome(ns.generate(job(ns, [{"role": "user", "content": QUESTIONS[0]}], 8)))
 
 
 # --- Qwen-7B-Chat and ChatGLM3-6B on neural-speed's qwen and chatglm2 graphs ---------------------------

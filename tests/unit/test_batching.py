@@ -5,11 +5,11 @@ positions from the cache length, which the batch shifts back per row)."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
 from tests import tiny_models
+from tests.helpers import outcome, run_together
 from workers.config.int8 import Int8Settings
 from workers.config.schema import ModelSpec
 from workers.engine.batcher import batch_axes
@@ -35,26 +35,6 @@ def job_for(sm: ServedModel, i: int, max_tokens: int, **extra):
     params = {"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], "temperature": 0,
               "max_new_tokens": max_tokens + 3 * i, **extra}
     return sm.job(params)[0]
-
-
-def run_together(sm: ServedModel, jobs, stagger_s=0.05) -> list:
-    """Each job from its own thread, started a little apart so later ones join a batch under way."""
-    results = [None] * len(jobs)
-
-    def one(i):
-        time.sleep(i * stagger_s)
-        results[i] = sm.generate(jobs[i])
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    return results
-
-
-def outcome(r):
-    return r.text, r.completion_tokens, r.finish_reason
 
 
 def assert_batched_equals_alone(folder, trust=False, backend="fp32", cache_root=None, extra=None, max_tokens=24):

@@ -41,9 +41,11 @@ def load_model(
     trust_remote_code: bool = False,
     n_threads: int = 1,
     shared_threads: bool = False,
+    concurrency: int = 1,
 ):
     """Return (model, tokenizer) in eval mode on CPU. `n_threads`/`shared_threads`: the worker's
-    thread setting (neural-speed takes its thread count at load)."""
+    thread setting (neural-speed takes its thread count at load). `concurrency`: the most generations the
+    worker batches at once (neural-speed allocates a KV cache slot per sequence at load)."""
     if backend not in BACKENDS:
         raise UnsupportedBackend(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     t0 = time.monotonic()
@@ -52,7 +54,8 @@ def load_model(
         # Loading repacks the INT8 weights with qbits kernels: with a thread team that differs from
         # qbits' count, part of every matrix is left unpacked (a garbage model from then on).
         threads.align_this_thread()
-        model = _load_int8(source, int8 or Int8Settings(), cache_root, trust_remote_code, n_threads, shared_threads)
+        model = _load_int8(source, int8 or Int8Settings(), cache_root, trust_remote_code, n_threads, shared_threads,
+                           concurrency)
     else:
         dtype = torch.float32 if backend == "fp32" else torch.bfloat16
         model = AutoModelForCausalLM.from_pretrained(
@@ -100,7 +103,7 @@ def release_freed_memory(collect: bool = True) -> None:
 
 
 def _load_int8(source: Path, settings: Int8Settings, cache_root: Path | None, trust_remote_code: bool,
-               n_threads: int, shared_threads: bool):
+               n_threads: int, shared_threads: bool, concurrency: int):
     try:
         settings = int8_runtime.resolve(settings, source, shared_threads)
     except int8_runtime.RuntimeUnavailable as exc:
@@ -118,8 +121,10 @@ def _load_int8(source: Path, settings: Int8Settings, cache_root: Path | None, tr
         from workers.engine.prompt import context_length
 
         config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
-        log.info("INT8 runtime neural-speed: %d threads, context %d", n_threads, context_length(config))
-        return NeuralSpeedModel(entry, config, n_threads, context_length(config))
+        model = NeuralSpeedModel(entry, config, n_threads, context_length(config), concurrency)
+        log.info("INT8 runtime neural-speed: %d threads, context %d, %d KV cache slot(s)", n_threads,
+                 context_length(config), model.slots)
+        return model
     from intel_extension_for_transformers.transformers import AutoModelForCausalLM as ItrexAuto
 
     return ItrexAuto.from_pretrained(

@@ -9,6 +9,9 @@ only at its eos id and cannot be cancelled.
 
 Prefix reuse: the cache holds the last conversation; a prompt that continues it (the next turn of
 a chat) evaluates only its new tokens. Anything else starts the cache afresh.
+
+A graph that batches (family data `continuous_batching`) is loaded with several KV cache slots, and its
+concurrent requests decode together (engine/ns_batcher.py); otherwise they run one at a time (SerialRunner).
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ import numpy as np
 import torch
 
 from workers.engine.generate import Job, Result
+from workers.engine.prompt import context_length
 from workers.engine.sequence import Sequence
+from workers.models import memory_budget
 from workers.models.families import neural_speed_graph
 
 log = logging.getLogger("ns_model")
@@ -32,29 +37,64 @@ def scratch_ratio(context: int) -> float:
     return 1 if context <= 2048 else 2 if context <= 4096 else 4 if context <= 8192 else 8
 
 
-class NeuralSpeedModel:
-    """The INT8 graph of one cache entry, loaded with a fixed thread count and context length."""
+# Batch slots. neural-speed sizes each scratch buffer as slots x scratch ratio x a per-graph base (4 GiB for a
+# 32-layer llama graph), one malloc each, so 2 slots at the 8192-token ratio of 4 already fail on a 24 GiB machine
+# (measured). A batched model keeps slots x ratio at SCRATCH_UNITS, what one 8192-token slot takes today, and
+# evaluates at most PREFILL_CHUNK tokens per row per call, which that smaller scratch holds (measured with 8 slots at
+# ratio 0.5: 8 prompts of 3000 tokens in chunks of 256, the same greedy tokens as alone).
+SCRATCH_UNITS = 4
+MAX_SLOTS = 8
+PREFILL_CHUNK = 256
+# Each slot's KV cache holds a whole context (f16, memory_budget.slot_bytes): the slots of one worker may hold at
+# most this much (SmolLM2's 8192-token slots: 0.18 GiB each; a Llama-2-7B's 4096-token ones: 2 GiB each).
+SLOTS_KV_BYTES = 4 * 2**30
 
-    def __init__(self, entry: Path, config, n_threads: int, context: int):
+
+def batch_slots(graph, concurrency: int, slot_bytes: int) -> int:
+    """KV cache slots for a model serving up to `concurrency` generations at once: twice as many as that (a finished
+    conversation's slot stays reusable for its next turn, and slots are only emptied all at once), at most
+    MAX_SLOTS and SLOTS_KV_BYTES, when the graph batches and at least 2 fit; else 1."""
+    if graph is None or not graph.continuous_batching or concurrency < 2:
+        return 1
+    slots = min(MAX_SLOTS, 2 * concurrency, SLOTS_KV_BYTES // max(1, slot_bytes))
+    return slots if slots >= 2 else 1
+
+
+def slots_for(config: dict, concurrency: int) -> int:
+    """The KV cache slots a neural-speed worker of this config.json batching `concurrency` generations loads with."""
+    context = context_length(config)
+    return batch_slots(neural_speed_graph(config)[0], concurrency, memory_budget.slot_bytes(config, context))
+
+
+class NeuralSpeedModel:
+    """The INT8 graph of one cache entry, loaded with a fixed thread count, context length and number of KV
+    cache slots (`slots` > 1: concurrent sequences, each in its own slot; see batch_slots)."""
+
+    def __init__(self, entry: Path, config, n_threads: int, context: int, concurrency: int = 1):
         from workers.engine.ns_quantize import GRAPH_INFO
 
         self.config, self.entry, self.n_threads, self.context = config, entry, n_threads, context
         self.info = json.loads((entry / GRAPH_INFO).read_text())
-        self._load()
         # Its llama graph refuses (and evaluates nothing for) a sequence whose first token is not the
         # BOS id in the file header, which is config.json's bos_token_id (family data: bos_first).
         self.graph, _ = neural_speed_graph(config)
         self.bos_id = getattr(config, "bos_token_id", None) if self.graph.bos_first else None
+        self.slots = slots_for(config.to_dict(), concurrency)
+        self._load()
 
     def _load(self) -> None:
         from neural_speed import Model
 
         from workers.engine.ns_quantize import WEIGHTS
 
+        if self.slots > 1:
+            layout = {"max_request_num": self.slots, "scratch_size_ratio": SCRATCH_UNITS / self.slots}
+        else:
+            layout = {"scratch_size_ratio": scratch_ratio(self.context)}
         self._model = Model()
         self._model.init_from_bin(self.info["module"], str(self.entry / WEIGHTS), threads=self.n_threads,
-                                  ctx_size=self.context, scratch_size_ratio=scratch_ratio(self.context))
-        self.state: list[int] = []  # the tokens the library's cache holds
+                                  ctx_size=self.context, **layout)
+        self.state: list[int] = []  # the tokens the library's cache holds (one slot)
 
     def refusal(self, ids: list[int]) -> str | None:
         """Why this runtime cannot evaluate `ids`, or None."""
@@ -92,6 +132,19 @@ class NeuralSpeedModel:
         self.state.append(token)
         return torch.from_numpy(logits[-1:].copy())
 
+    def evaluate_rows(self, rows: list[list[int]]) -> list[torch.Tensor]:
+        """One call for slots 0..len(rows)-1, each row's tokens after what its slot holds (at most PREFILL_CHUNK);
+        the last logits (1, vocab) of each row. A multi-slot model only: the caller keeps each slot's state."""
+        out = self._model.model.evaluate(rows, False)
+        if len(out) != len(rows) or any(np.asarray(o).shape[0] != 1 for o in out):
+            raise RuntimeError(f"neural-speed evaluated nothing for a batch of {len(rows)} rows (see its log line above)")
+        return [torch.from_numpy(np.array(o[-1:], copy=True)) for o in out]
+
+    def empty_slots(self) -> None:
+        """Empty every slot's cache (the library has no way to empty one)."""
+        self._model.model.reinit()
+        self.state = []
+
     def all_logits(self, ids: list[int]) -> torch.Tensor:
         """Logits (len(ids), vocab) of every position, from a fresh cache (perplexity); ids start with BOS.
 
@@ -99,6 +152,8 @@ class NeuralSpeedModel:
         last-token evaluations are wrong (also after reinit), so the graph is loaded afresh after it."""
         if not self.graph.all_logits:
             raise ValueError(f"neural-speed's {self.graph.module} graph gives only the last position's logits")
+        if self.slots > 1:  # its scratch holds PREFILL_CHUNK tokens a row, not a whole text
+            raise ValueError("all logits need a model loaded with one slot (concurrency 1)")
         self._model.model.reinit()
         self.state = []
         try:

@@ -18,6 +18,7 @@ from workers.engine import generate, prompt, threads
 from workers.engine.batcher import Batcher, batch_axes
 from workers.engine.generate import Job
 from workers.engine.core_share import CoreShare, share_forward
+from workers.engine.ns_batcher import NeuralSpeedBatcher
 from workers.engine.ns_model import NeuralSpeedModel, SerialRunner
 from workers.engine.prefix_cache import PrefixCache, crop
 
@@ -81,7 +82,8 @@ class ServedModel:
     prefixes: PrefixCache
     share: CoreShare | None = None
     batcher: Batcher | None = None  # None: one generate() per request
-    serial: SerialRunner | None = None  # a neural-speed model: its own cache, one generation at a time
+    # a neural-speed model (its own caches): batched when it has several slots, else one generation at a time
+    ns_runner: SerialRunner | NeuralSpeedBatcher | None = None
 
     @classmethod
     def build(cls, spec: ModelSpec, folder: Path, model, tokenizer, share: CoreShare | None = None) -> "ServedModel":
@@ -96,10 +98,12 @@ class ServedModel:
             share=share,
         )
         if isinstance(model, NeuralSpeedModel):
-            served.serial = SerialRunner(model, served.decode, chat.postprocess)
+            batched = model.slots > 1
+            served.ns_runner = (NeuralSpeedBatcher if batched else SerialRunner)(model, served.decode, chat.postprocess)
             log.info("%s: context %d, default answer %d tokens, sampling %s, stop ids %s, neural-speed INT8 "
-                     "(%d threads, one generation at a time)", spec.program, served.context_len,
-                     served.max_tokens_default, served.sampling, sorted(chat.stop_token_ids), model.n_threads)
+                     "(%d threads, %s)", spec.program, served.context_len, served.max_tokens_default, served.sampling,
+                     sorted(chat.stop_token_ids), model.n_threads,
+                     f"continuous batching in {model.slots} KV cache slots" if batched else "one generation at a time")
             return served
         if share is not None:
             share_forward(model, share)
@@ -145,7 +149,7 @@ class ServedModel:
 
     def job(self, params: dict) -> tuple[Job, list[int]]:
         ids = self.prompt_ids(params)
-        refusal = self.serial.model.refusal(ids) if self.serial is not None else None
+        refusal = self.ns_runner.model.refusal(ids) if self.ns_runner is not None else None
         if refusal:
             raise BadRequest(f"model {self.name} runs on the neural-speed INT8 runtime: {refusal}. Chat messages "
                              f"always do; for other prompts use an fp32 model or set int8: {{runtime: qbits}}",
@@ -225,8 +229,8 @@ class ServedModel:
         """Generate, reusing the cache of the longest earlier conversation this prompt continues."""
         if self.batcher is not None:
             return self.batcher.submit(job, on_text)
-        if self.serial is not None:
-            return self.serial.submit(job, on_text)
+        if self.ns_runner is not None:
+            return self.ns_runner.submit(job, on_text)
         pad = getattr(self.tokenizer, "pad_token_id", None)
         keep = self.prefixes.max_tokens > 0
         past, reused = self._reusable(job.prompt_ids)
@@ -246,7 +250,7 @@ class ServedModel:
     def embed(self, params: dict) -> dict:
         """Mean of the last hidden state over each input's tokens, L2-normalised; inputs one at a
         time, so no padding token is needed (Qwen's tokenizer has none)."""
-        if self.serial is not None:
+        if self.ns_runner is not None:
             raise BadRequest(f"model {self.name} runs on the neural-speed INT8 runtime, which gives no hidden "
                              f"states: ask an fp32 model for embeddings, or set int8: {{runtime: qbits}} for "
                              f"this one", "model")

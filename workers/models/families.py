@@ -162,12 +162,16 @@ class NeuralSpeedGraph:
     bos_first: bool = True
     # the graph can give every position's logits (perplexity); chatglm2 computes only the last one's
     all_logits: bool = True
+    # the graph evaluates several sequences in one call, each at its own position, new prompts beside
+    # decoding rows (neural-speed 1.0 does so for its llama and gptj graphs only: cont_batching_model_archs)
+    continuous_batching: bool = False
 
 
 NEURAL_SPEED_GRAPHS: tuple[NeuralSpeedGraph, ...] = (
     NeuralSpeedGraph(
         module="llama", model_types=("llama",), architectures=("LlamaForCausalLM",), layer_counts=(32, 40, 60, 80),
         requires=(("hidden_act", "silu"), ("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False)),
+        continuous_batching=True,
     ),
     # Qwen-7B/14B (remote code). Its graph has no c_proj bias and rotates every head dimension;
     # dynamic NTK and logn attention act only past seq_length (8192), beyond the served context.

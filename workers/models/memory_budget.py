@@ -5,7 +5,9 @@ Per worker, from the model's config.json and weight index:
   and the output layer stay fp32 (ITREX skips lm_head / output_layer), 4 bytes each;
 - fp32: 4 bytes per parameter; bf16: 2;
 - KV cache in fp32 for `limit_concurrency` requests of KV_TOKENS_PER_REQUEST tokens, plus the
-  prefix cache of recent conversations (`prefix_cache_tokens`);
+  prefix cache of recent conversations (`prefix_cache_tokens`); a neural-speed worker that batches
+  allocates a KV cache slot of a whole context per sequence at load, in f16 (slot_bytes), and its slots
+  count when they hold more;
 - RUNTIME_GIB for the Python process itself (torch, ITREX, FastChat: measured ~0.9 GiB).
 Plus SERVICES_GIB once, for the controller, the API server and the web UI.
 """
@@ -38,27 +40,43 @@ class UnknownShape(ValueError):
     pass
 
 
-def shape_from_config(config: dict, total_weight_bytes: int | None = None) -> ModelShape:
-    """ModelShape from a config.json (llama, qwen and chatglm families) and the index's total_size."""
+def _check_config(config: dict) -> None:
     missing = [k for k in ("hidden_size", "num_attention_heads") if k not in config]
     if missing or not (config.get("num_hidden_layers") or config.get("num_layers")):
         raise UnknownShape(f"config.json lacks {', '.join(missing) or 'num_hidden_layers'}")
-    hidden = config["hidden_size"]
-    vocab = config.get("padded_vocab_size") or config["vocab_size"]
+
+
+def kv_bytes_per_token(config: dict) -> int:
+    """fp32 K and V of one token over all layers, from a config.json (llama, qwen and chatglm families)."""
+    _check_config(config)
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
     layers = config.get("num_hidden_layers") or config.get("num_layers")
-    heads = config["num_attention_heads"]
     head_dim = config.get("kv_channels") or hidden // heads
     if config.get("multi_query_attention"):
         kv_heads = config["multi_query_group_num"]  # chatglm
     else:
         kv_heads = config.get("num_key_value_heads") or heads
+    return 2 * layers * kv_heads * head_dim * 4
+
+
+def slot_bytes(config: dict, context: int) -> int:
+    """One neural-speed KV cache slot: a whole context in f16 (its 'kv self size', measured), allocated at
+    load and resident as it fills. Identity layers (at most 1/8 more under int8.runtime auto) not counted."""
+    return kv_bytes_per_token(config) // 2 * context
+
+
+def shape_from_config(config: dict, total_weight_bytes: int | None = None) -> ModelShape:
+    """ModelShape from a config.json (llama, qwen and chatglm families) and the index's total_size."""
+    kv = kv_bytes_per_token(config)
+    hidden = config["hidden_size"]
+    vocab = config.get("padded_vocab_size") or config["vocab_size"]
     tied = bool(config.get("tie_word_embeddings", False)) and config.get("model_type") not in ("chatglm", "qwen")
     if total_weight_bytes is None:
         raise UnknownShape("total weight bytes unknown: the model folder has no weight index or weights")
     dtype = config.get("torch_dtype") or ("bfloat16" if config.get("bf16") else "float32")
     params = total_weight_bytes // DTYPE_BYTES.get(dtype, 4)
     return ModelShape(params=params, embedding=vocab * hidden, output=0 if tied else vocab * hidden,
-                      kv_bytes_per_token=2 * layers * kv_heads * head_dim * 4)
+                      kv_bytes_per_token=kv)
 
 
 def shape_of_folder(folder: Path) -> ModelShape:
@@ -87,9 +105,10 @@ def weight_bytes(shape: ModelShape, backend: str, group_size: int | str = -1) ->
 
 
 def worker_bytes(shape: ModelShape, backend: str, limit_concurrency: int, group_size: int | str = -1,
-                 prefix_cache_tokens: int = 0) -> int:
+                 prefix_cache_tokens: int = 0, slots_kv: int = 0) -> int:
+    """`slots_kv`: the KV cache slots a batching neural-speed worker allocates (slots x slot_bytes)."""
     kv = shape.kv_bytes_per_token * (KV_TOKENS_PER_REQUEST * limit_concurrency + prefix_cache_tokens)
-    return weight_bytes(shape, backend, group_size) + kv + int(RUNTIME_GIB * GIB)
+    return weight_bytes(shape, backend, group_size) + max(kv, slots_kv) + int(RUNTIME_GIB * GIB)
 
 
 def quantize_peak_bytes(shape: ModelShape) -> int:
@@ -111,13 +130,15 @@ class Need:
     limit_concurrency: int
     group_size: int | str = -1
     prefix_cache_tokens: int = 0
+    slots_kv: int = 0  # a batching neural-speed worker's KV cache slots (itrex-int8 only)
 
     @property
     def bytes(self) -> int:
-        return worker_bytes(self.shape, self.backend, self.limit_concurrency, self.group_size, self.prefix_cache_tokens)
+        return self.bytes_as(self.backend)
 
     def bytes_as(self, backend: str) -> int:
-        return worker_bytes(self.shape, backend, self.limit_concurrency, self.group_size, self.prefix_cache_tokens)
+        return worker_bytes(self.shape, backend, self.limit_concurrency, self.group_size, self.prefix_cache_tokens,
+                            self.slots_kv if backend == "itrex-int8" else 0)
 
 
 def check(needs: list[Need], available_bytes: int) -> str | None:

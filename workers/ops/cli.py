@@ -183,6 +183,27 @@ def wait_ready(dep: Deployment, timeout: float, host: str = hosts.LOCAL,
     return "timeout"
 
 
+def neural_speed_slots_kv(m) -> int:
+    """The KV cache slots model `m`'s worker allocates when it batches on neural-speed (engine/ns_batcher), else 0."""
+    import json
+
+    from workers.engine import int8_runtime, ns_model
+    from workers.engine.prompt import context_length
+    from workers.models import memory_budget
+
+    if m.backend != "itrex-int8" or not m.batching:
+        return 0
+    folder = model_sources.model_dir(m.source)
+    try:
+        if int8_runtime.resolve_runtime(m.int8, folder, m.shared).runtime != "neural-speed":
+            return 0
+        config = json.loads((folder / "config.json").read_text())
+        slots = ns_model.slots_for(config, m.limit_concurrency)
+        return slots * memory_budget.slot_bytes(config, context_length(config)) if slots > 1 else 0
+    except (int8_runtime.RuntimeUnavailable, OSError, ValueError):  # reported when its worker starts
+        return 0
+
+
 def memory_problem(dep: Deployment, host: str = hosts.LOCAL) -> str | None:
     """Whether `host`'s workers fit in this machine's free RAM (and in the host's memory_gib)."""
     from workers.config.files import GIB
@@ -196,7 +217,7 @@ def memory_problem(dep: Deployment, host: str = hosts.LOCAL) -> str | None:
             _say(f"  {m.program}: cannot estimate its memory ({exc}); not counted")
             continue
         needs.append(memory_budget.Need(m.program, m.backend, shape, m.limit_concurrency, m.int8.group_size,
-                                        m.prefix_cache_tokens))
+                                        m.prefix_cache_tokens, neural_speed_slots_kv(m)))
     available = psutil.virtual_memory().available
     budget = dep.hosts[host].memory_gib if host in dep.hosts else None
     problem = memory_budget.check(needs, min(available, int(budget * GIB)) if budget else available)

@@ -314,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
              f"shared, up to {n_threads}" if spec.shared else spec.threads, spec.cpu_cores or "all")
     try:
         model, tokenizer = load_model(folder, spec.backend, int8=spec.int8, trust_remote_code=spec.trust_remote_code,
-                                      n_threads=n_threads, shared_threads=spec.shared)
+                                      n_threads=n_threads, shared_threads=spec.shared,
+                                      concurrency=spec.limit_concurrency if spec.batching else 1)
         threads.apply_to_torch(n_threads)  # after loading: ITREX resets the thread count
         share = None
         if spec.shared:  # next to the snapshot: one folder per running deployment
