@@ -125,7 +125,9 @@ def measure(model_path: Path, variant: Variant, cache_root: Path, job: dict | No
     load_s = time.perf_counter() - t0
     threads.apply_to_torch(variant.threads)
     if variant.runtime == "neural-speed":
-        return {**measure_neural_speed(model, job), "load_s": load_s}
+        figures = measure_neural_speed(model, job)
+        del model  # the batched copy below allocates its own slots
+        return {**figures, **neural_speed_batched_decode(model_path, variant, cache_root, job), "load_s": load_s}
 
     class TokenTimes(StoppingCriteria):  # generate() calls it once per new token, right after it
         def __init__(self):
@@ -190,6 +192,46 @@ def measure_neural_speed(model, job: dict) -> dict:
     }
 
 
+def neural_speed_batched_decode(model_path: Path, variant: Variant, cache_root: Path, job: dict) -> dict:
+    """batched_decode for neural-speed: the same INT8 file loaded as a worker with limit_concurrency `batch`
+    loads it (KV cache slots for the sequences), through the bundle's neural-speed batcher. {} when batch < 2
+    or the graph does not batch."""
+    from workers.config.int8 import Int8Settings
+    from workers.engine.loader import load_model
+    from workers.engine.ns_batcher import NeuralSpeedBatcher
+
+    batch = job.get("batch", 0)
+    if batch < 2:
+        return {}
+    model, _ = load_model(model_path, variant.backend, cache_root=cache_root, n_threads=variant.threads,
+                          int8=Int8Settings(compute_dtype=variant.compute_dtype, group_size=variant.group_size,
+                                            runtime=variant.runtime), concurrency=batch)
+    if model.slots < 2:
+        return {}
+    runner = NeuralSpeedBatcher(model, decode=lambda ids: "", postprocess=lambda text: text)
+    return decode_rates(runner.submit, lambda: runner.widest, job["prompt_ids"], job["decode_tokens"], batch)
+
+
+def decode_rates(submit, widest, prompt_ids: list[int], n_new: int, batch: int) -> dict:
+    """Decode tok/s of one sequence, then of `batch` sequences at once (aggregate, over the steps where all
+    of them decode), each submitted to a batcher's `submit` from its own thread."""
+    from workers.engine.generate import Job
+
+    def rate(n: int) -> float:
+        jobs = [Job(prompt_ids=list(prompt_ids), max_new_tokens=n_new, temperature=0.0, top_p=1.0, top_k=0,
+                    repetition_penalty=1.0) for _ in range(n)]  # no stop tokens: every sequence runs n_new
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            results = list(pool.map(submit, jobs))
+        all_decoding = max(t0 + r.first_token_s for r in results)  # the last one's first token: all joined
+        end = max(t0 + r.first_token_s + r.decode_s for r in results)
+        return n * (n_new - 1) / (end - all_decoding)
+
+    one = rate(1)
+    many = rate(batch)
+    return {"batch1_tok_s": one, "batchN_tok_s": many, "batch": batch, "widest": widest()}
+
+
 def batched_decode(model, prompt_ids: list[int], n_new: int, batch: int) -> dict:
     """Decode tok/s through the bundle's continuous batcher: one sequence, then `batch` sequences at
     once (aggregate, over the steps where all of them decode). {} when batch < 2 or the model's code
@@ -198,28 +240,14 @@ def batched_decode(model, prompt_ids: list[int], n_new: int, batch: int) -> dict
 
     from workers.engine import generate
     from workers.engine.batcher import Batcher, batch_axes
-    from workers.engine.generate import Job
 
     axes = batch_axes(None, model)
     if batch < 2 or axes is None:
         return {}
     batcher = Batcher(model, axes, decode=lambda ids: "", postprocess=lambda text: text,
                       prefill=lambda ids: (*generate.prefill(model, ids, None, 0), 0))
-
-    def rate(n: int) -> float:
-        jobs = [Job(prompt_ids=list(prompt_ids), max_new_tokens=n_new, temperature=0.0, top_p=1.0, top_k=0,
-                    repetition_penalty=1.0) for _ in range(n)]  # no stop tokens: every sequence runs n_new
-        t0 = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(n) as pool:
-            results = list(pool.map(batcher.submit, jobs))
-        all_decoding = max(t0 + r.first_token_s for r in results)  # the last one's first token: all joined
-        end = max(t0 + r.first_token_s + r.decode_s for r in results)
-        return n * (n_new - 1) / (end - all_decoding)
-
     with torch.inference_mode():
-        one = rate(1)
-        many = rate(batch)
-    return {"batch1_tok_s": one, "batchN_tok_s": many, "batch": batch, "widest": batcher.widest}
+        return decode_rates(batcher.submit, lambda: batcher.widest, prompt_ids, n_new, batch)
 
 
 def measure_read_bandwidth(repeats: int = 5) -> dict:
