@@ -233,6 +233,28 @@ def test_eight_concurrent_clients_all_get_complete_answers(served_bundle):
     assert all(reason in ("stop", "length") and "Paris" in text for reason, text in all_results), all_results
 
 
+def test_int8_requests_at_once_decode_together_and_answer_as_each_alone(client, served_bundle):
+    """The INT8 worker (neural-speed's llama graph, KV cache slots) batches concurrent requests: each greedy answer
+    is token for token what the request gets alone, and its batcher's widest step held more than one."""
+    questions = ["What is the capital of France?", "Name three colours.", "Write one sentence about the sea.",
+                 "What is 2+2?"]
+
+    def ask(question):
+        r = client.chat.completions.create(model=SERVED_INT8, messages=[{"role": "user", "content": question}],
+                                           temperature=0, max_tokens=24)
+        return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
+
+    alone = [ask(q) for q in questions]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(ask, questions))
+    assert together == alone
+    worker = requests.post(served_bundle["controller"] + "/get_worker_address", json={"model": SERVED_INT8},
+                           timeout=10).json()["address"]
+    details = requests.post(worker + "/model_details", timeout=10).json()
+    assert details["batching"]["mode"] == "continuous batching" and details["batching"]["kv_cache_slots"] == 8
+    assert details["batching"]["widest_step"] >= 2, details
+
+
 # --- every OpenAI input shape: 200 with the right result, or a 4xx naming the problem ----------------------------
 
 def test_content_as_a_list_of_text_parts(client):

@@ -191,6 +191,16 @@ class ServedModel:
     def decode(self, ids: list[int]) -> str:
         return self.chat.decode(ids)
 
+    def batching_state(self) -> dict:
+        """How this model's concurrent requests run, and what its batcher has done so far (GET /model_details)."""
+        if self.batcher is not None:
+            return {"mode": "continuous batching", "steps": self.batcher.steps, "widest_step": self.batcher.widest}
+        if isinstance(self.ns_runner, NeuralSpeedBatcher):
+            runner = self.ns_runner
+            return {"mode": "continuous batching", "kv_cache_slots": len(runner.slots), "steps": runner.steps,
+                    "widest_step": runner.widest, "slots_emptied": runner.emptied}
+        return {"mode": "one at a time"}
+
     def generate(self, job: Job, on_text=None) -> generate.Result:
         """Generate, counted as demand on the shared cores while it runs."""
         threads.align_this_thread()

@@ -210,7 +210,7 @@ def build_app(worker):
     @app.post("/model_details")
     async def model_details(request: Request):
         return {"context_length": served.context_len, "max_tokens_default": served.max_tokens_default,
-                "sampling": served.sampling}
+                "sampling": served.sampling, "batching": served.batching_state()}
 
     return app
 
