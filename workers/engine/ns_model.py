@@ -39,7 +39,7 @@ def scratch_ratio(context: int) -> float:
 
 # Batch slots. neural-speed sizes each scratch buffer as slots x scratch ratio x a per-graph base (4 GiB for a
 # 32-layer llama graph), one malloc each, so 2 slots at the 8192-token ratio of 4 already fail on a 24 GiB machine
-# (measured). A batched model keeps slots x ratio at SCRATCH_UNITS, what one 8192-token slot takes today, and
+# (measured). A batched model keeps slots x ratio at SCRATCH_UNITS, what one 8192-token slot takes alone, and
 # evaluates at most PREFILL_CHUNK tokens per row per call, which that smaller scratch holds (measured with 8 slots at
 # ratio 0.5: 8 prompts of 3000 tokens in chunks of 256, the same greedy tokens as alone).
 SCRATCH_UNITS = 4
