@@ -192,7 +192,7 @@ class ServedModel:
         return self.chat.decode(ids)
 
     def batching_state(self) -> dict:
-        """How this model's concurrent requests run, and what its batcher has done so far (GET /model_details)."""
+        """How this model's concurrent requests run, and what its batcher has done so far (POST /model_details)."""
         if self.batcher is not None:
             return {"mode": "continuous batching", "steps": self.batcher.steps, "widest_step": self.batcher.widest}
         if isinstance(self.ns_runner, NeuralSpeedBatcher):

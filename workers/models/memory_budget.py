@@ -40,15 +40,11 @@ class UnknownShape(ValueError):
     pass
 
 
-def _check_config(config: dict) -> None:
+def kv_bytes_per_token(config: dict) -> int:
+    """fp32 K and V of one token over all layers, from a config.json (llama, qwen and chatglm families)."""
     missing = [k for k in ("hidden_size", "num_attention_heads") if k not in config]
     if missing or not (config.get("num_hidden_layers") or config.get("num_layers")):
         raise UnknownShape(f"config.json lacks {', '.join(missing) or 'num_hidden_layers'}")
-
-
-def kv_bytes_per_token(config: dict) -> int:
-    """fp32 K and V of one token over all layers, from a config.json (llama, qwen and chatglm families)."""
-    _check_config(config)
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     layers = config.get("num_hidden_layers") or config.get("num_layers")
     head_dim = config.get("kv_channels") or hidden // heads
