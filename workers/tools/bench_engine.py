@@ -199,15 +199,14 @@ def neural_speed_batched_decode(model_path: Path, variant: Variant, cache_root: 
     from workers.config.int8 import Int8Settings
     from workers.engine.loader import load_model
     from workers.engine.ns_batcher import NeuralSpeedBatcher
+    from workers.engine.ns_model import slots_for
 
     batch = job.get("batch", 0)
-    if batch < 2:
-        return {}
+    if batch < 2 or slots_for(json.loads((model_path / "config.json").read_text()), batch) < 2:
+        return {}  # from config.json alone: no second copy loaded to find out
     model, _ = load_model(model_path, variant.backend, cache_root=cache_root, n_threads=variant.threads,
                           int8=Int8Settings(compute_dtype=variant.compute_dtype, group_size=variant.group_size,
                                             runtime=variant.runtime), concurrency=batch)
-    if model.slots < 2:
-        return {}
     runner = NeuralSpeedBatcher(model, decode=lambda ids: "", postprocess=lambda text: text)
     return decode_rates(runner.submit, lambda: runner.widest, job["prompt_ids"], job["decode_tokens"], batch)
 
