@@ -19,6 +19,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from workers.engine.reasoning import Thinking
+
 log = logging.getLogger("generate")
 
 
@@ -37,6 +39,7 @@ class Job:
     stop_token_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
     cancel: threading.Event = field(default_factory=threading.Event)
+    thinking: Thinking | None = None  # a reasoning model's chat answer: how its thinking is marked
 
 
 @dataclass

@@ -134,6 +134,49 @@ CHAT_TEMPLATE = Family(name="chat_template", prompt=PROMPT_CHAT_TEMPLATE)
 
 FAMILIES: tuple[Family, ...] = (CHATGLM3, QWEN)
 
+# ---------------------------------------------------------------------------------- reasoning
+
+@dataclass(frozen=True)
+class ReasoningMarkers:
+    """How a reasoning model marks its thinking before the answer (workers/engine/reasoning.py splits it).
+
+    A model uses these markers when its config.json model_type is one of `model_types`, its tokenizer
+    has both markers as single tokens and its chat template writes the opening one: the same
+    model_type also names models that do not reason (Qwen2.5 and the R1-Distill-Qwen models are both
+    "qwen2"; their tokenizers and templates tell them apart). Whether the template opens the thinking
+    block in the prompt itself is read from each request's prompt (the R1 distills always do; Qwen3
+    leaves it to the model, and closes an empty block when `enable_thinking` is false).
+    """
+
+    start: str
+    end: str
+    model_types: tuple[str, ...]
+    notes: str = field(default="", compare=False)
+
+
+REASONING_MARKERS: tuple[ReasoningMarkers, ...] = (
+    ReasoningMarkers(
+        start="<think>", end="</think>",
+        # qwen3: Qwen3 dense (<think> 151667, </think> 151668); qwen2: DeepSeek-R1-Distill-Qwen and QwQ
+        # (151648/151649); llama: DeepSeek-R1-Distill-Llama (128013/128014); smollm3: SmolLM3 (128002/128003)
+        model_types=("qwen3", "qwen2", "llama", "smollm3"),
+        notes="R1 distills: the template ends with '<｜Assistant｜><think>\\n'; Qwen3: '<think>\\n\\n</think>\\n\\n' "
+              "when enable_thinking is false; SmolLM3: an empty block unless reasoning mode is /think",
+    ),
+)
+
+
+def reasoning_markers(config: Mapping | PretrainedConfig, has_token, template: str) -> ReasoningMarkers | None:
+    """The reasoning markers this model writes, or None. `has_token(text)`: the tokenizer has it as one
+    token; `template`: its chat template text ("" without one)."""
+    model_type = _get(config, "model_type")
+    for markers in REASONING_MARKERS:
+        if (model_type in markers.model_types and markers.start in template
+                and has_token(markers.start) and has_token(markers.end)):
+            return markers
+    return None
+
+
 @dataclass(frozen=True)
 class NeuralSpeedGraph:
     """A model architecture neural-speed (ITREX's own CPU runtime) has a graph for, and what it needs.
