@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.models.sources import model_dir
 
     folder = model_dir(spec.source)
-    incomplete = model_check.problems(folder)
+    incomplete = model_check.problems(folder, spec.source.modelscope)
     if incomplete:
         log.error("cannot serve %s: %s", folder, "; ".join(incomplete))
         return 2
