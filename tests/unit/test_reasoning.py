@@ -92,6 +92,12 @@ def test_nothing_is_sent_while_the_opening_marker_may_still_come():
     assert split("Hello", START, END, final=False) == (None, "Hello")
 
 
+def test_a_chunk_that_adds_to_both_sends_the_reasoning_first():
+    reasoning, content = R1.split("hmm\n</think>\n\n4")
+    chunk = {"text": R1.text("hmm\n</think>\n\n4"), "reasoning_content": reasoning, "content": content}
+    assert AnswerDeltas().feed(chunk, final=True) == [{"reasoning_content": "hmm"}, {"content": "4"}]
+
+
 def test_a_model_without_markers_keeps_its_plain_content():
     assert message_fields({"text": "Hi"}) == {"content": "Hi"}
     assert message_fields({"text": "<think>x", "reasoning_content": "", "content": "Hi"}) == {
