@@ -28,6 +28,18 @@ def test_a_familys_own_markers():
     assert split_reasoning("<think>x</think>y", ("[THINK]", "[/THINK]")) == ("", "<think>x</think>y")
 
 
+def test_stream_chunks_with_or_without_the_workers_own_split():
+    answer = web_chat.Answer()
+    answer.take({"text": "<think>hmm</think>Paris"})
+    assert (answer.reasoning, answer.text) == ("hmm", "Paris")
+    answer.take({"text": "<think>hmm</think>Paris", "reasoning_content": "hmm", "content": "Paris"})
+    assert (answer.reasoning, answer.text) == ("hmm", "Paris")
+    answer.take({"text": "Paris", "reasoning_content": None, "content": "Paris"})
+    assert (answer.reasoning, answer.text) == ("", "Paris")
+    answer.done, answer.stats = True, web_chat.stats_line({"completion_tokens": 2}, 1.0)
+    assert answer.messages() == [{"role": "assistant", "content": "Paris\n\n<sub>⏱ 2 tokens, 2.0 tok/s</sub>"}]
+
+
 def test_answer_shows_reasoning_folded_under_a_title_then_the_text():
     shown = web_chat.assistant_messages("step 1", "Done.")
     assert shown == [{"role": "assistant", "content": "step 1", "metadata": {"title": web_chat.REASONING_TITLE}},

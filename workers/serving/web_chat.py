@@ -176,6 +176,16 @@ class Answer:
     done: bool = False
     extra: dict = field(default_factory=dict)
 
+    def take(self, chunk: dict, markers: tuple[str, str] = DEFAULT_REASONING_MARKERS) -> None:
+        """The answer so far from a worker's stream chunk (its `text` is the whole answer so far). A
+        worker that splits reasoning itself sends `reasoning_content` (None: no reasoning) and
+        `content`; otherwise the page splits `text` by the family's markers."""
+        if "reasoning_content" in chunk:
+            self.reasoning = (chunk["reasoning_content"] or "").strip()
+            self.text = chunk.get("content", chunk.get("text", ""))
+        else:
+            self.reasoning, self.text = split_reasoning(chunk.get("text", ""), markers)
+
     def messages(self) -> list[dict]:
         if self.error:
             return [{"role": "assistant", "content": f"**Error:** {self.error}"}]
@@ -223,11 +233,7 @@ def stream_answer(controller: str, model: str, chat: list[dict], params: dict, s
                     answer.error, answer.done = str(data.get("text", "")), True
                     yield answer
                     return
-                text = data.get("text", "")
-                if data.get("reasoning_content") is not None:
-                    answer.reasoning, answer.text = str(data["reasoning_content"]).strip(), text
-                else:
-                    answer.reasoning, answer.text = split_reasoning(text, markers)
+                answer.take(data, markers)
                 if data.get("finish_reason"):
                     answer.done = True
                     answer.stats = stats_line(data.get("usage") or {}, time.monotonic() - first)
@@ -241,6 +247,12 @@ def stream_answer(controller: str, model: str, chat: list[dict], params: dict, s
     if not answer.done:  # the stream ended without a finish reason (worker gone)
         answer.done = True
         yield answer
+
+
+def answering(session: str | None) -> bool:
+    """Whether an answer for this browser session is streaming now."""
+    with _lock:
+        return bool(session and _active.get(session))
 
 
 def stop_answers(session: str) -> int:

@@ -84,16 +84,22 @@ class Page:
 
     # -- one conversation -------------------------------------------------------------------------
     @staticmethod
-    def user_turn(text: str, *chats):
+    def _add_user_turn(text: str, chats, request):
         text = (text or "").strip()
-        if not text:
-            return (gr.update(),) + tuple(chats)
+        if not text or web_chat.answering(getattr(request, "session_hash", None)):
+            return (gr.update(),) + tuple(gr.update() for _ in chats)  # keep the text until the answer ends
         return ("",) + tuple((chat or []) + [{"role": "user", "content": text}] for chat in chats)
+
+    def user_turn(self, text: str, chat, request: gr.Request):
+        return self._add_user_turn(text, [chat], request)
+
+    def user_turn_both(self, text: str, chat_a, chat_b, request: gr.Request):
+        return self._add_user_turn(text, [chat_a, chat_b], request)
 
     def bot_turn(self, model, chat, temperature, top_p, max_new_tokens, defaults, request: gr.Request):
         chat = chat or []
         if not chat or chat[-1].get("role") != "user":
-            yield chat  # nothing to answer (an empty message)
+            yield gr.update()  # nothing to answer: an empty message, or one sent while an answer streamed
             return
         model = model or next(iter(self.models()), None)  # sent before the page's first load finished
         if not model:
@@ -248,8 +254,13 @@ def build(page: Page, models: list[str]):
         model.change(page.show_defaults, [model], panel, queue=False)
         sampling = [temperature, top_p, max_tokens, defaults]
 
+        # While an answer streams, what would switch or rewrite the conversation under it waits.
+        switchers = [send, regen_btn, edit_btn, new_btn, delete_btn, chat_list]
+
         def answer_then_store(event):
-            (event.then(page.bot_turn, [model, chat] + sampling, [chat])
+            (event.then(lambda: [gr.update(interactive=False)] * len(switchers), None, switchers, queue=False)
+                  .then(page.bot_turn, [model, chat] + sampling, [chat])
+                  .then(lambda: [gr.update(interactive=True)] * len(switchers), None, switchers, queue=False)
                   .then(page.remember, [conv_id, model, chat, chats], [conv_id, chat_list, chats, to_store])
                   .then(None, [to_store], None, js=web_storage.STORE_JS))
 
@@ -273,7 +284,7 @@ def build(page: Page, models: list[str]):
             event.then(page.bot_turn, [model_b, chat_b] + sampling2, [chat_b])
 
         for trigger in (box2.submit, send2.click):
-            both_answer(trigger(page.user_turn, [box2, chat_a, chat_b], [box2, chat_a, chat_b], queue=False))
+            both_answer(trigger(page.user_turn_both, [box2, chat_a, chat_b], [box2, chat_a, chat_b], queue=False))
         both_answer(regen2.click(page.without_answer, [chat_a, chat_b], [chat_a, chat_b], queue=False))
         stop2.click(page.stop, None, None, queue=False)
         clear2.click(lambda: ([], []), None, [chat_a, chat_b], queue=False)
