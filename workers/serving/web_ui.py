@@ -200,6 +200,10 @@ def chatbot(label: str, **kw):
                       **kw)
 
 
+PLACEHOLDER = ("**Ask anything.** Answers stream in with their tokens and speed; "
+               "chats are kept in this browser, listed on the left.")
+
+
 def input_row():
     with gr.Row():
         box = gr.Textbox(show_label=False, placeholder="Type a message; Enter sends (Shift+Enter: new line)",
@@ -224,7 +228,7 @@ def build(page: Page, models: list[str]):
                     with gr.Column(scale=4):
                         with gr.Row(elem_id="model_selector_row"):
                             model = model_dropdown(models, first)
-                        chat = chatbot("Chat")
+                        chat = chatbot("Chat", placeholder=PLACEHOLDER)
                         box, send = input_row()
                         with gr.Row():
                             stop_btn = gr.Button("⏹  Stop", elem_id="stop_single", variant="stop")
