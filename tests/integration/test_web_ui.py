@@ -208,6 +208,7 @@ def test_stored_chat_renders_code_with_copy_and_folded_reasoning(page, served_bu
     chatbot.get_by_text("The user wants one line of code.").wait_for(timeout=5_000)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web-stored-chat.png"), full_page=True)
+    assert page.external_requests == [], page.external_requests  # code highlighting and fonts are local too
 
 
 def decode_steps(served_bundle, model: str) -> int:
