@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.serving.offline_page import OfflinePage
 
     demo.queue(default_concurrency_limit=CONCURRENCY, status_update_rate=10, api_open=False)
+    demo.show_api = False  # no "Use via API" footer: the page's events are not an API (the bundle's is on 8000)
     app = gr.mount_gradio_app(FastAPI(), demo, path="", auth=auth, show_error=True)
     app.add_middleware(OfflinePage)
     uvicorn.run(app, host=launch.bind_address(dep, "web"), port=web.port, log_level="warning")
