@@ -333,6 +333,13 @@ def test_stop_button_ends_the_generation_on_the_worker(page, served_bundle, tab)
     send(page, "Write a very long story about a lighthouse keeper, with many chapters.")
     wait_for(lambda: all(len(" ".join(bot_messages(c))) > 40 for c in chatbots), 120, "the answers to stream")
     assert all(worker_queue(served_bundle, m) == 1 for m in models)
+    box = visible(page, "#input_box textarea").first
+    box.fill("Another question")
+    box.press("Enter")  # while an answer streams, a message waits in the box (Send is off)
+    page.wait_for_timeout(1500)
+    assert box.input_value() == "Another question"
+    assert all(c.locator('[data-testid="user"]').count() == 1 for c in chatbots)
+    assert visible(page, "button:text-is('Send')").first.is_disabled() == (tab == "Chat")
     visible(page, "button:text-is('⏹  Stop')").first.click()
     wait_for(lambda: all(worker_queue(served_bundle, m) == 0 for m in models), 10, "the workers to stop generating")
     answers = wait_for_answers(page, chatbots, 1, timeout_s=30)

@@ -138,10 +138,17 @@ class Page:
 
     # -- saved conversations ----------------------------------------------------------------------
     @staticmethod
-    def remember(conv_id, model, chat, chats):
+    def controls(count: int, request: gr.Request):
+        """Switching controls back on once no answer of this session streams (a message sent with
+        Enter while one did ends its own chain at once)."""
+        busy = web_chat.answering(getattr(request, "session_hash", None))
+        return [gr.update(interactive=not busy)] * count
+
+    @staticmethod
+    def remember(conv_id, model, chat, chats, request: gr.Request):
         chats = dict(chats or {})
-        if not chat:
-            return conv_id, gr.update(), chats, None
+        if not chat or web_chat.answering(getattr(request, "session_hash", None)):
+            return conv_id, gr.update(), chats, None  # nothing yet, or saved when the streaming answer ends
         rec = web_storage.record(conv_id, model, chat, web_chat.title_of(chat))
         chats[rec["id"]] = rec
         return rec["id"], gr.update(choices=web_storage.listing(chats), value=rec["id"]), chats, rec
@@ -261,10 +268,13 @@ def build(page: Page, models: list[str]):
         # While an answer streams, what would switch or rewrite the conversation under it waits.
         switchers = [send, regen_btn, edit_btn, new_btn, delete_btn, chat_list]
 
+        def unlock(request: gr.Request):
+            return page.controls(len(switchers), request)
+
         def answer_then_store(event):
             (event.then(lambda: [gr.update(interactive=False)] * len(switchers), None, switchers, queue=False)
                   .then(page.bot_turn, [model, chat] + sampling, [chat])
-                  .then(lambda: [gr.update(interactive=True)] * len(switchers), None, switchers, queue=False)
+                  .then(unlock, None, switchers, queue=False)
                   .then(page.remember, [conv_id, model, chat, chats], [conv_id, chat_list, chats, to_store])
                   .then(None, [to_store], None, js=web_storage.STORE_JS))
 
