@@ -24,6 +24,10 @@ CODE_SPAN = re.compile(r"(`+)(.+?)\1", re.S)
 LINK = re.compile(r"\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$", re.M)
 SCRIPT = re.compile(r"(?<![\w./-])scripts/([A-Za-z0-9_.-]+)")
+REPO_PATH = re.compile(r"(?<![\w./<-])((?:workers|tests|conf|deploy|docs)/[\w./-]*[\w/])")  # no placeholders
+EXAMPLES = {"conf/mine.yaml"}  # a file the README shows how to write
+MODULE = re.compile(r"-m (workers(?:\.\w+)+)")
+CONSOLE_SCRIPT = re.compile(r"(?<![\w./-])(bundle-[a-z-]*[a-z])")
 BUNDLE_COMMAND = re.compile(r"(?:^|[;&|(]\s*|\$\s*)bundle ([a-z][a-z-]*)", re.M)  # a command: starts a line or span
 
 
@@ -114,6 +118,24 @@ def test_every_script_mentioned_exists(doc):
     text = doc.read_text(encoding="utf-8")
     missing = sorted({name for name in SCRIPT.findall(text) if not (ROOT / "scripts" / name).is_file()})
     assert not missing, f"{doc.name} mentions scripts that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_repository_path_mentioned_exists(doc):
+    """workers/..., tests/..., conf/..., deploy/..., docs/... paths (files moved by a refactor leave stale docs)."""
+    text = doc.read_text(encoding="utf-8")
+    missing = sorted({p for p in REPO_PATH.findall(text) if p not in EXAMPLES and not (ROOT / p).exists()})
+    assert not missing, f"{doc.name} mentions paths that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_module_and_console_command_mentioned_exists(doc):
+    text = doc.read_text(encoding="utf-8")
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    modules = [m for m in MODULE.findall(text) if not (ROOT / (m.replace(".", "/") + ".py")).is_file()]
+    commands = [c for c in CONSOLE_SCRIPT.findall(text) if not re.search(rf"^{re.escape(c)} = ", pyproject, re.M)]
+    assert not modules and not commands, f"{doc.name} mentions modules or console commands that do not exist: " \
+                                         f"{sorted(set(modules + commands))}"
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
