@@ -488,6 +488,7 @@ def worker_payload(model: str, s: Sampling, *, max_new_tokens: Optional[int], re
 
 
 def finish_reason(reason: Any) -> str:
+    """OpenAI's finish_reason for the engine's (stop, length, cancelled) or a worker chunk's."""
     return "length" if reason == "length" else "stop"
 
 
