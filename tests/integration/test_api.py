@@ -303,12 +303,6 @@ def test_unsupported_parameters_are_400_naming_them(client, name, value):
     assert info.value.param == name and name in info.value.message, info.value.message
 
 
-def test_parameters_that_ask_for_nothing_are_accepted(client):
-    r = client.chat.completions.create(model=SERVED_INT8, messages=QUESTION, max_tokens=4, temperature=0,
-                                       response_format={"type": "text"}, tool_choice="none", user="u-1")
-    assert r.choices[0].message.content
-
-
 def test_presence_and_frequency_penalties_in_range_are_served(client):
     r = client.chat.completions.create(model=SERVED_FP32, messages=QUESTION, max_tokens=8, temperature=0,
                                        presence_penalty=1.5, frequency_penalty=-1.0)

@@ -215,7 +215,8 @@ def test_unsupported_chat_parameters_are_400_naming_them(name, value):
     {"user": "u-1"}, {"parallel_tool_calls": False}, {"some_future_field": 1},
 ])
 def test_parameters_that_ask_for_nothing_are_accepted(body):
-    chat(**body)
+    plan, plain = chat(**body), chat()
+    assert (plan.messages, plan.sampling, plan.n, plan.stream) == (plain.messages, plain.sampling, plain.n, plain.stream)
 
 
 @pytest.mark.parametrize("name,value", [("suffix", "end"), ("best_of", 3), ("use_beam_search", True),
