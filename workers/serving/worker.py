@@ -30,7 +30,7 @@ from fastapi import FastAPI, Request  # module level: FastAPI resolves the `Requ
 from fastapi.responses import JSONResponse
 
 from workers.engine import threads
-from workers.serving import launch
+from workers.serving import api_policy, launch
 
 log = logging.getLogger("bundle_worker")
 STREAM_MIN_INTERVAL_S = 0.05  # coalesce tokens that arrive faster than this into one chunk
@@ -278,8 +278,8 @@ def make_worker_class():
             """One stream chunk. For a reasoning model's chat answer (`thinking`, engine/reasoning.py) `text`
             has its markers balanced and `reasoning_content` / `content` split it; `final=False` while it
             may still grow (a marker being written is held back)."""
-            if finish_reason == "cancelled":
-                finish_reason = "stop"
+            if finish_reason is not None:  # the worker protocol's reasons are OpenAI's: a cancelled answer stopped
+                finish_reason = api_policy.finish_reason(finish_reason)
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                      "total_tokens": prompt_tokens + completion_tokens}
             data = {"text": text, "error_code": 0, "usage": usage, "finish_reason": finish_reason}
