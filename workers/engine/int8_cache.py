@@ -12,16 +12,16 @@ import json
 import logging
 import shutil
 import subprocess
-import sys
 import tempfile
-from importlib.metadata import version
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
 from workers.config.files import publish_dir, sha256_files, write_atomic
+from workers.config import environments
 from workers.config.int8 import Int8Settings
 from workers.engine import int8_runtime, ns_quantize
+from workers.models.families import environment_for
 
 log = logging.getLogger("int8_cache")
 
@@ -76,17 +76,23 @@ def key_inputs(source: Path, settings: Int8Settings, cache_root: Path) -> dict:
     """What the entry's key covers (with "auto" resolved to the runtime and group size this model gets)."""
     if "auto" in (settings.runtime, settings.group_size):
         settings = int8_runtime.resolve(settings, source)
+    env = model_environment(source)
     inputs = {
         "format": CACHE_FORMAT,
         "source": source_fingerprint(source, cache_root),
         "settings": settings.rtn_kwargs(),
-        "versions": {name: version(name) for name in _VERSIONED},
+        "versions": environments.versions(env, _VERSIONED),  # of the environment that quantizes and loads it
     }
     if settings.runtime == "neural-speed":  # qbits entries keep the keys they had before runtimes existed
         inputs["runtime"] = settings.runtime
-        inputs["versions"]["neural-speed"] = version("neural-speed")
+        inputs["versions"]["neural-speed"] = environments.versions(env, ("neural-speed",))["neural-speed"]
         inputs["ns_file_layout"] = ns_quantize.FILE_LAYOUT
     return inputs
+
+
+def model_environment(source: Path) -> environments.Environment:
+    """The environment the model's worker runs in (families.environment_for): it quantizes the model too."""
+    return environment_for(json.loads((Path(source) / "config.json").read_text()))[0]
 
 
 def entry_dir(source: Path, inputs: dict, cache_root: Path) -> Path:
@@ -127,15 +133,15 @@ def _quantize_command(source: Path, staging: Path, inputs: dict) -> list[str]:
         graph, why = int8_runtime.graph_for(source)
         if graph is None:
             raise CacheBuildError(f"neural-speed cannot quantize {source.name}: {why}")
-        return [sys.executable, "-m", "workers.engine.ns_quantize", *common]
-    return [sys.executable, "-m", "workers.engine.quantize", *common]
+        return [model_environment(source).python(), "-m", "workers.engine.ns_quantize", *common]
+    return [model_environment(source).python(), "-m", "workers.engine.quantize", *common]
 
 
 def _build(source: Path, entry: Path, inputs: dict, trust_remote_code: bool) -> None:
     with publish_dir(entry) as staging, tempfile.TemporaryDirectory(prefix="quantize-") as work:
         cmd = _quantize_command(source, staging, inputs) + (["--trust-remote-code"] if trust_remote_code else [])
         # cwd=work: neural-compressor writes an nc_workspace/ folder into the current directory.
-        proc = subprocess.run(cmd, cwd=work)  # the project is installed (editable), so no PYTHONPATH
+        proc = subprocess.run(cmd, cwd=work)  # the project is installed (editable) in each environment
         if proc.returncode != 0:
             other = ("; models[].int8: {runtime: qbits} quantizes with the other runtime"
                      if inputs.get("runtime") == "neural-speed" else "")

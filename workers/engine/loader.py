@@ -125,8 +125,6 @@ def _load_int8(source: Path, settings: Int8Settings, cache_root: Path | None, tr
         log.info("INT8 runtime neural-speed: %d threads, context %d, %d KV cache slot(s)", n_threads,
                  context_length(config), model.slots)
         return model
-    from intel_extension_for_transformers.transformers import AutoModelForCausalLM as ItrexAuto
+    from workers.engine.qbits_load import load_saved
 
-    return ItrexAuto.from_pretrained(
-        str(entry), use_neural_speed=False, trust_remote_code=trust_remote_code
-    )
+    return load_saved(entry, trust_remote_code)
