@@ -23,7 +23,7 @@ from tests import tiny_families
 from tests.tiny_families import CHAT_CASES, COMPLETION_PROMPT
 
 FAMILIES = list(tiny_families.FAMILIES)
-INT8 = ("qwen3",)  # DEV  # tied + qk-norm, tied + llama3 rope, fused qkv, qkv bias
+INT8 = ("qwen3", "llama3.2", "phi3.5", "glm4-0414")  # tied + qk-norm, tied + llama3 rope, fused qkv, qkv bias
 MAX_TOKENS = 16
 COMPLETION_TOKENS = 8
 
