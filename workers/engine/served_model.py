@@ -18,6 +18,7 @@ from workers.engine.generate import Job
 from workers.engine.prefix_cache import PrefixCache
 from workers.engine.runtimes import registry
 from workers.engine.runtimes.base import Engine
+from workers.engine.sampling_limits import LIMITS
 
 log = logging.getLogger("served_model")
 
@@ -31,15 +32,6 @@ class BadRequest(ValueError):
         self.param, self.code = param, code
 
 
-# Accepted ranges of the sampling parameters: the API's (OpenAI's where it has them), so nothing the API lets through
-# is refused here; outside: 400. top_p 0 is its limit (only the most likely token survives, as TopPLogitsWarper keeps
-# one); a top_k above the vocabulary keeps every token.
-RANGES = {
-    "temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "top_k": (-1, 2**31 - 1), "repetition_penalty": (1e-3, 10.0),
-    "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0),
-}
-
-
 def _number(params: dict, key: str, default, kind=float):
     value = params.get(key)
     if value is None:
@@ -47,7 +39,7 @@ def _number(params: dict, key: str, default, kind=float):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
         raise BadRequest(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}", key)
     value = kind(value)
-    low, high = RANGES.get(key, (None, None))
+    low, high = LIMITS.get(key, (None, None))
     if low is not None and not (low <= value <= high):  # also refuses NaN
         raise BadRequest(f"{key}={value!r} is out of range: use {low:g} to {high:g}", key)
     return value
