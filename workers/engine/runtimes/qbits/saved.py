@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-log = logging.getLogger("qbits_load")
+log = logging.getLogger("qbits")
 
 _ITREX_RELOADS_BELOW = (4, 50)
 
