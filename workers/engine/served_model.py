@@ -21,6 +21,8 @@ from workers.engine.core_share import CoreShare, share_forward
 from workers.engine.ns_batcher import NeuralSpeedBatcher
 from workers.engine.ns_model import NeuralSpeedModel, SerialRunner
 from workers.engine.prefix_cache import PrefixCache, crop
+from workers.engine.token_bytes import TokenPieces
+from workers.engine.token_choice import MAX_TOP_LOGPROBS, TokenLogprob, prompt_logprobs
 
 log = logging.getLogger("served_model")
 # A one-token forward pass costs about this many tokens of a batched prompt pass (Qwen-7B-shaped
@@ -59,6 +61,47 @@ def _number(params: dict, key: str, default, kind=float):
     return value
 
 
+def _top_count(params: dict, key: str) -> int | None:
+    """None (no logprobs) or how many top logprobs per token, 0..MAX_TOP_LOGPROBS."""
+    value = params.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise BadRequest(f"{key} must be an integer from 0 to {MAX_TOP_LOGPROBS} (top logprobs per token), "
+                         f"got {value!r}", key)
+    return value
+
+
+def logit_bias(value, vocab_size: int) -> dict[int, float]:
+    """OpenAI's logit_bias {token id (a string in JSON): bias -100..100} with ids the model has."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"logit_bias must be an object mapping token ids to a bias from -100 to 100, got {value!r}",
+                         "logit_bias")
+    out = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise BadRequest(f"logit_bias: {key!r} is not a token id (an integer)", "logit_bias") from None
+        if not 0 <= token < vocab_size:
+            raise BadRequest(f"logit_bias: token id {token} is not in this model's vocabulary (0..{vocab_size - 1})",
+                             "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise BadRequest(f"logit_bias[{key!r}] must be a number from -100 to 100, got {bias!r}", "logit_bias")
+        out[token] = float(bias)
+    return out
+
+
+def _seed(value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not -2**63 <= value < 2**64:
+        raise BadRequest(f"seed must be an integer, got {value!r}", "seed")
+    return value % 2**64  # torch.Generator takes 0..2**64-1
+
+
 def _stop_strings(value) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -84,6 +127,7 @@ class ServedModel:
     batcher: Batcher | None = None  # None: one generate() per request
     # a neural-speed model (its own caches): batched when it has several slots, else one generation at a time
     ns_runner: SerialRunner | NeuralSpeedBatcher | None = None
+    pieces: TokenPieces | None = None  # each token's text and bytes, for logprobs
 
     @classmethod
     def build(cls, spec: ModelSpec, folder: Path, model, tokenizer, share: CoreShare | None = None) -> "ServedModel":
@@ -96,6 +140,7 @@ class ServedModel:
             context_len=prompt.context_length(config),
             prefixes=PrefixCache(spec.prefix_cache_tokens),
             share=share,
+            pieces=TokenPieces(tokenizer),
         )
         if isinstance(model, NeuralSpeedModel):
             batched = model.slots > 1
@@ -148,12 +193,9 @@ class ServedModel:
     # --- generation ------------------------------------------------------------------------------
 
     def job(self, params: dict) -> tuple[Job, list[int]]:
-        ids = self.prompt_ids(params)
-        refusal = self.ns_runner.model.refusal(ids) if self.ns_runner is not None else None
-        if refusal:
-            raise BadRequest(f"model {self.name} runs on the neural-speed INT8 runtime: {refusal}. Chat messages "
-                             f"always do; for other prompts use an fp32 model or set int8: {{runtime: qbits}}",
-                             "prompt")
+        client_ids = self.prompt_ids(params)
+        # A runtime may evaluate a token before the client's prompt (neural-speed's BOS, see ns_model.evaluable)
+        ids = self.ns_runner.model.evaluable(client_ids) if self.ns_runner is not None else client_ids
         room = self.context_len - len(ids)
         if room <= 0:
             raise BadRequest(f"the prompt has {len(ids)} tokens, which does not fit in the {self.context_len}-token "
@@ -183,10 +225,19 @@ class ServedModel:
             frequency_penalty=_number(params, "frequency_penalty", 0.0),
             stop_token_ids=self.chat.stop_token_ids | frozenset(extra_ids),  # a user's stops add, never replace
             stop_strings=self.chat.stop_strings + _stop_strings(params.get("stop")),
+            logprobs=_top_count(params, "logprobs"),
+            prompt_logprobs=_top_count(params, "prompt_logprobs"),
+            logit_bias=logit_bias(params.get("logit_bias"), self.vocab_size),
+            seed=_seed(params.get("seed")),
+            added_prefix=len(ids) - len(client_ids),
         )
+        if job.prompt_logprobs is not None and self.ns_runner is not None:
+            raise BadRequest(f"model {self.name} runs on the neural-speed INT8 runtime, which gives the logits of the "
+                             f"last prompt token only: prompt logprobs (echo with logprobs) need an fp32 model or "
+                             f"int8: {{runtime: qbits}}; logprobs without echo work", "echo")
         if job.top_k is not None and job.top_k < 0:  # FastChat clients send -1 for "no top-k"
             job.top_k = 0
-        return job, ids
+        return job, client_ids
 
     def decode(self, ids: list[int]) -> str:
         return self.chat.decode(ids)
@@ -204,6 +255,8 @@ class ServedModel:
     def generate(self, job: Job, on_text=None) -> generate.Result:
         """Generate, counted as demand on the shared cores while it runs."""
         threads.align_this_thread()
+        if job.prompt_logprobs is not None:
+            job.prompt_entries = self.prompt_entries(job)
         if self.share is None:
             return self._generate(job, on_text)
         self.share.begin()
@@ -254,6 +307,25 @@ class ServedModel:
             self.prefixes.store(result.cached_ids, result.past)
             result.past = None
         return result
+
+    # --- logprobs ---------------------------------------------------------------------------------
+
+    def prompt_entries(self, job: Job) -> list[TokenLogprob]:
+        """The logprob of each of the client's prompt tokens given those before it (the first has none)."""
+        ids = job.prompt_ids
+        with torch.inference_mode():
+            x = torch.tensor([ids])
+            logits = self.model(input_ids=x, attention_mask=torch.ones_like(x), return_dict=True).logits[0]
+        entries = prompt_logprobs(ids, logits, job.prompt_logprobs)[job.added_prefix:]
+        return [TokenLogprob(entries[0].token, None, None)] + entries[1:]
+
+    def logprob_json(self, entries: list[TokenLogprob]) -> list[dict]:
+        """Entries as the worker sends them: {"id", "token", "bytes", "logprob", "top": [{"id", ...}]}."""
+        def one(token: int, logprob: float | None) -> dict:
+            text, raw = self.pieces.get(token)
+            return {"id": token, "token": text, "bytes": list(raw), "logprob": logprob}
+        return [{**one(e.token, e.logprob), "top": None if e.top is None else [one(t, lp) for t, lp in e.top]}
+                for e in entries]
 
     # --- embeddings ------------------------------------------------------------------------------
 
