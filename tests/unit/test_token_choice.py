@@ -93,7 +93,7 @@ def test_seeded_answers_and_logprobs_are_the_same_batched_and_alone(smol, embedd
     batched, alone = smol
     jobs = [sampled(batched, i, seed=100 + i) for i in range(4)]
     together = run_together(batched, jobs)
-    assert batched.batcher.widest >= 3, "the requests did not decode together"
+    assert batched.engine.batcher.widest >= 3, "the requests did not decode together"
     again = [sampled(alone, i, seed=100 + i) for i in range(4)]
     for j, r, k in zip(jobs, together, again):
         assert r.text == alone.generate(k).text

@@ -1,7 +1,7 @@
 """The row widths of a model folder's weight matrices, read from the checkpoint headers (no weights loaded).
 
 INT8 group quantization splits every row of a matrix into groups of `group_size` values, so a
-group size is usable only when it divides every row width (engine/int8_runtime picks one).
+group size is usable only when it divides every row width (engine/runtimes/registry picks one).
 """
 from __future__ import annotations
 
