@@ -22,6 +22,8 @@ def test_chat_logprobs_top_logprobs_bias_and_seed_make_the_plan_and_the_worker_p
                                     logprobs=plan.logprobs)
     assert (payload["logprobs"], payload.get("prompt_logprobs"), payload["logit_bias"], payload["seed"]) == \
         (3, None, {"42": -100.0, "7": 5.5}, -3)
+    second = policy.worker_payload("m", plan.sampling, max_new_tokens=4, request_id="r", messages=[], choice=1)
+    assert second["seed"] == -2 and "logprobs" not in second  # the next of n answers: the next seed
 
 
 def test_completion_logprobs_are_0_to_5():

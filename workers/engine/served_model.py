@@ -91,7 +91,7 @@ def logit_bias(value, vocab_size: int) -> dict[int, float]:
 def _seed(value) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not -2**63 <= value < 2**64:
+    if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest(f"seed must be an integer, got {value!r}", "seed")
     return value % 2**64  # torch.Generator takes 0..2**64-1
 

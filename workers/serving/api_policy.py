@@ -521,16 +521,18 @@ def fastchat_prompt(conv: dict, messages: list[dict]) -> str:
 def worker_payload(model: str, s: Sampling, *, max_new_tokens: Optional[int], request_id: str,
                    messages: list[dict] | None = None, prompt: str | None = None,
                    prompt_token_ids: list[int] | None = None, logprobs: Optional[int] = None,
-                   prompt_logprobs: Optional[int] = None) -> dict:
+                   prompt_logprobs: Optional[int] = None, choice: int = 0) -> dict:
     """The JSON for /worker_generate_stream (see the contract in workers/serving/api_server.py). `echo` is
-    always false: the API echoes the prompt itself."""
+    always false: the API echoes the prompt itself. With a seed, the `choice`-th of n answers is drawn with
+    seed + choice: n answers differ, and each repeats."""
     payload = {
         "model": model, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
         "repetition_penalty": s.repetition_penalty, "presence_penalty": s.presence_penalty,
         "frequency_penalty": s.frequency_penalty, "max_new_tokens": max_new_tokens, "stop": list(s.stop),
         "stop_token_ids": [], "echo": False, "request_id": request_id,
     }
-    asked = {"logprobs": logprobs, "prompt_logprobs": prompt_logprobs, "logit_bias": s.logit_bias, "seed": s.seed}
+    seed = s.seed + choice if s.seed is not None else None
+    asked = {"logprobs": logprobs, "prompt_logprobs": prompt_logprobs, "logit_bias": s.logit_bias, "seed": seed}
     payload.update({k: v for k, v in asked.items() if v is not None})  # absent: none asked
     if messages is not None:
         payload["messages"] = messages

@@ -298,7 +298,7 @@ class BundleApi:
         id_ = f"chatcmpl-{shortuuid.random()}"
         jobs = [(0, api_policy.worker_payload(plan.model, plan.sampling, max_new_tokens=max_new,
                                               request_id=f"{id_}-{i}", messages=plan.messages, prompt=prompt,
-                                              logprobs=plan.logprobs), "")
+                                              logprobs=plan.logprobs, choice=i), "")
                 for i in range(plan.n)]
         if plan.stream:
             return await self.stream(request, plan.model, addr, jobs, id_, "chat", plan.include_usage)
@@ -339,7 +339,7 @@ class BundleApi:
             for i in range(plan.n):
                 jobs.append((p, api_policy.worker_payload(plan.model, plan.sampling, max_new_tokens=max_new,
                                                           request_id=f"{id_}-{p * plan.n + i}", logprobs=plan.logprobs,
-                                                          prompt_logprobs=prompt_logprobs, **text), echoed))
+                                                          prompt_logprobs=prompt_logprobs, choice=i, **text), echoed))
         if plan.stream:
             return await self.stream(request, plan.model, addr, jobs, id_, "completions", plan.include_usage)
         results = await self.generate_all(request, plan.model, addr, [job[1] for job in jobs])
