@@ -1,4 +1,4 @@
-"""How the bundle's web page talks to a worker (patches to FastChat 0.2.36's Gradio chat code).
+"""How the bundle's web page talks to a worker (fastchat_compat.apply_web routes FastChat 0.2.36's Gradio chat here).
 
 FastChat's web UI renders the prompt itself, with a conversation template chosen from the model's
 NAME, and sends it as text. Here it sends the conversation as `messages`, so the worker renders
@@ -12,7 +12,6 @@ to the model. It also:
 """
 from __future__ import annotations
 
-import functools
 import json
 import re
 import threading
@@ -23,8 +22,6 @@ import requests
 STATS = re.compile(r"\n\n<sub>⏱ [^<\n]*</sub>$")
 WORKER_TIMEOUT_S = 600  # a long answer on a busy CPU; the stream itself keeps the connection busy
 
-_active: dict[str, dict[str, str]] = {}  # browser session -> {request_id: worker address}
-_lock = threading.Lock()
 
 
 def conversation_messages(conv) -> list[dict]:
@@ -50,78 +47,63 @@ def stats_line(usage: dict, seconds: float) -> str:
     return f"\n\n<sub>⏱ {n} tokens{speed}</sub>"
 
 
-def stream_from_worker(conv, model_name, worker_addr, prompt, temperature, repetition_penalty, top_p,
-                       max_new_tokens, images, session: str | None = None):
-    """Replacement for gradio_web_server.model_worker_stream_iter (same arguments; `prompt` and
-    `repetition_penalty` from FastChat's template are not used)."""
-    import time
+class WebChat:
+    """The web UI's answers: streamed from the workers through `http` (auth.RequestsShim: the worker secret, a
+    connect timeout), each registered by browser session so that Stop can cancel it."""
 
-    request_id = uuid.uuid4().hex[:12]
-    params = {"model": model_name, "messages": conversation_messages(conv), "temperature": temperature,
-              "top_p": top_p, "max_new_tokens": max_new_tokens, "request_id": request_id, "echo": False}
-    if session:
-        with _lock:
-            _active.setdefault(session, {})[request_id] = worker_addr
+    def __init__(self, http):
+        self.http = http
+        self._active: dict[str, dict[str, str]] = {}  # browser session -> {request_id: worker address}
+        self._lock = threading.Lock()
 
-    def chunks():
-        first = None
-        try:
-            with requests.post(worker_addr + "/worker_generate_stream", json=params, stream=True,
-                               timeout=WORKER_TIMEOUT_S) as response:
-                if response.status_code != 200:
-                    try:
-                        message = response.json()["error"]["message"]
-                    except (ValueError, KeyError, TypeError):
-                        message = response.text
-                    yield {"text": message, "error_code": response.status_code}
-                    return
-                for raw in response.iter_lines(decode_unicode=False, delimiter=b"\0"):
-                    if not raw:
-                        continue
-                    data = json.loads(raw.decode())
-                    first = first or time.monotonic()
-                    if data.get("finish_reason") and data.get("error_code", 0) == 0:
-                        data = {**data, "text": data["text"].strip() + stats_line(data.get("usage", {}),
-                                                                                  time.monotonic() - first)}
-                    yield data
-        finally:
-            if session:
-                with _lock:
-                    _active.get(session, {}).pop(request_id, None)
+    def stream_from_worker(self, conv, model_name, worker_addr, prompt, temperature, repetition_penalty, top_p,
+                           max_new_tokens, images, session: str | None = None):
+        """Replacement for gradio_web_server.model_worker_stream_iter (same arguments; `prompt` and
+        `repetition_penalty` from FastChat's template are not used)."""
+        import time
 
-    return chunks()
+        request_id = uuid.uuid4().hex[:12]
+        params = {"model": model_name, "messages": conversation_messages(conv), "temperature": temperature,
+                  "top_p": top_p, "max_new_tokens": max_new_tokens, "request_id": request_id, "echo": False}
+        if session:
+            with self._lock:
+                self._active.setdefault(session, {})[request_id] = worker_addr
 
+        def chunks():
+            first = None
+            try:
+                with self.http.post(worker_addr + "/worker_generate_stream", json=params, stream=True,
+                                    timeout=WORKER_TIMEOUT_S) as response:
+                    if response.status_code != 200:
+                        try:
+                            message = response.json()["error"]["message"]
+                        except (ValueError, KeyError, TypeError):
+                            message = response.text
+                        yield {"text": message, "error_code": response.status_code}
+                        return
+                    for raw in response.iter_lines(decode_unicode=False, delimiter=b"\0"):
+                        if not raw:
+                            continue
+                        data = json.loads(raw.decode())
+                        first = first or time.monotonic()
+                        if data.get("finish_reason") and data.get("error_code", 0) == 0:
+                            data = {**data, "text": data["text"].strip() + stats_line(data.get("usage", {}),
+                                                                                      time.monotonic() - first)}
+                        yield data
+            finally:
+                if session:
+                    with self._lock:
+                        self._active.get(session, {}).pop(request_id, None)
 
-def stop_answers(session: str) -> int:
-    """Cancel every answer the session is waiting for; returns how many were asked to stop."""
-    with _lock:
-        running = dict(_active.get(session, {}))
-    for request_id, worker_addr in running.items():
-        try:
-            requests.post(worker_addr + "/worker_cancel", json={"request_id": request_id}, timeout=5)
-        except requests.RequestException:
-            pass  # the worker is gone: its answer ends anyway
-    return len(running)
+        return chunks()
 
-
-def install() -> None:
-    """Route FastChat's single and side-by-side chat through stream_from_worker, with sessions."""
-    from fastchat.serve import gradio_block_arena_named as named
-    from fastchat.serve import gradio_web_server as single
-
-    if getattr(single.bot_response, "_bundle", False):
-        return
-    original = single.bot_response
-
-    @functools.wraps(original)
-    def bot_response(state, temperature, top_p, max_new_tokens, request, apply_rate_limit=True):
-        state.conv.bundle_session = getattr(request, "session_hash", None)
-        yield from original(state, temperature, top_p, max_new_tokens, request, apply_rate_limit=False)
-
-    def stream_iter(conv, *args):
-        return stream_from_worker(conv, *args, session=getattr(conv, "bundle_session", None))
-
-    bot_response._bundle = True
-    single.bot_response = bot_response
-    named.bot_response = bot_response
-    single.model_worker_stream_iter = stream_iter
+    def stop_answers(self, session: str) -> int:
+        """Cancel every answer the session is waiting for; returns how many were asked to stop."""
+        with self._lock:
+            running = dict(self._active.get(session, {}))
+        for request_id, worker_addr in running.items():
+            try:
+                self.http.post(worker_addr + "/worker_cancel", json={"request_id": request_id}, timeout=5)
+            except requests.RequestException:
+                pass  # the worker is gone: its answer ends anyway
+        return len(running)

@@ -74,10 +74,10 @@ def first_model_list(model_list) -> list[str]:
             time.sleep(2)
 
 
-def stop_button(elem_id: str) -> None:
+def stop_button(elem_id: str, chat: web_chat.WebChat) -> None:
     """Stops the answers this browser session is waiting for, on their workers."""
     def stop(request: gr.Request):
-        web_chat.stop_answers(request.session_hash)
+        chat.stop_answers(request.session_hash)
 
     gr.Button("⏹  Stop", elem_id=elem_id, variant="stop").click(stop, None, None, concurrency_limit=None,
                                                                queue=False)
@@ -89,14 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     web, controller = dep.web, launch.controller_url(dep)
     from workers.serving import auth as worker_auth, fastchat_compat
 
-    fastchat_compat.apply()
-    web_chat.install()
+    # calls to the controller and workers carry the worker secret and a connect timeout
+    http = worker_auth.RequestsShim(worker_auth.secret(dep), who="web UI")
+    chat = web_chat.WebChat(http)
+    fastchat_compat.apply_web(http, chat.stream_from_worker)
 
     from fastchat.serve import gradio_block_arena_named as named
     from fastchat.serve import gradio_web_server as single
     from fastchat.utils import get_window_url_params_js
 
-    worker_auth.install_web(single, dep)  # calls to the controller and workers carry the worker secret
     single.set_global_vars(controller, False)
     named.set_global_vars_named(False)
 
@@ -110,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         with gr.Tabs() as tabs:
             with gr.Tab("Chat", id=0):
                 single_components = single.build_single_model_ui(models)
-                stop_button("stop_single")
+                stop_button("stop_single", chat)
             with gr.Tab("Side by side", id=1):
                 named_components = named.build_side_by_side_ui_named(models)
-                stop_button("stop_side_by_side")
+                stop_button("stop_side_by_side", chat)
         url_params = gr.JSON(visible=False)
 
         def load_demo(url_params, request: gr.Request):
