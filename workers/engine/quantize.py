@@ -136,10 +136,17 @@ def quantize_and_save(source: Path, staging: Path, settings: dict, trust_remote_
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="quantize one model into an INT8 cache folder")
+    return quantizer_cli(quantize_and_save, "quantize one model into an INT8 cache folder",
+                         "RtnConfig keyword arguments as JSON", argv)
+
+
+def quantizer_cli(quantize_and_save, description: str, settings_help: str, argv: list[str] | None) -> int:
+    """The command line of a quantizer child (int8_cache starts one per runtime):
+    --source DIR --staging DIR --settings JSON [--trust-remote-code]."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--source", type=Path, required=True)
     parser.add_argument("--staging", type=Path, required=True)
-    parser.add_argument("--settings", required=True, help="RtnConfig keyword arguments as JSON")
+    parser.add_argument("--settings", required=True, help=settings_help)
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
     return run_quantizer(lambda: quantize_and_save(args.source, args.staging, json.loads(args.settings),
