@@ -44,7 +44,6 @@ import shortuuid
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials
 from fastchat.protocol.openai_api_protocol import (ChatCompletionRequest, ChatCompletionResponse,
                                                    ChatCompletionResponseChoice, ChatMessage, CompletionRequest,
@@ -66,7 +65,6 @@ log = logging.getLogger("api_server")
 PREFILL_ALLOWANCE_S = 600.0  # beyond the worker's own queue timeout, before the API gives up on a first chunk
 EMBEDDING_BATCH = 4  # inputs per /worker_get_embeddings call (FastChat's WORKER_API_EMBEDDING_BATCH_SIZE)
 REPLACED_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/engines/{model_name}/embeddings"}
-OPEN_ROUTES = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 
 
 async def _next_or_none(chunks):
@@ -464,19 +462,6 @@ def install(api_module, dep=None, http_options: dict | None = None) -> BundleApi
     app.add_middleware(MetricsMiddleware, metrics=bundle.metrics)  # outermost: counts 413s too
     app.openapi_schema = None
     return bundle
-
-
-def unguarded_routes(app, api_module) -> list[str]:
-    """Routes that answer without the API-key check, other than the open ones (health, metrics, docs)."""
-    found = []
-    for route in app.routes:
-        path = getattr(route, "path", "")
-        if path in OPEN_ROUTES:
-            continue
-        deps = [d.call for d in getattr(getattr(route, "dependant", None), "dependencies", [])]
-        if not isinstance(route, APIRoute) or api_module.check_api_key not in deps:
-            found.append(path)
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:
