@@ -27,10 +27,11 @@ failed() {
 }
 
 # step LABEL pip-arguments...: one pip run, its output counted into one line by workers/ops/pip_progress.py
+# (unbuffered: pip writes to a pipe, and the line should move as pip works)
 step() {
   local label=$1; shift
   echo "== $label: pip install $*" >> "$log"
-  "$venv/bin/python" -m pip install --progress-bar off "$@" 2>&1 | python3 workers/ops/pip_progress.py "$log" "setup: $label" \
+  PYTHONUNBUFFERED=1 "$venv/bin/python" -m pip install --progress-bar off "$@" 2>&1 | python3 workers/ops/pip_progress.py "$log" "setup: $label" \
     || failed "$label"
 }
 
