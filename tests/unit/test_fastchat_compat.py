@@ -81,15 +81,6 @@ def test_2_the_controllers_status_calls_go_through_the_given_requests(controller
     assert controller_module.requests.calls[-1] == "http://w/worker_get_status"
 
 
-def test_2_the_web_uis_controller_calls_go_through_the_given_requests():
-    from fastchat.serve import gradio_web_server as single
-
-    calls = Recorder(answer={"models": ["m"]})
-    fastchat_compat.apply_web(calls, lambda *args, **kw: iter(()))
-    single.get_model_list(CLOSED, None, False)
-    assert calls.calls[0] == CLOSED + "/refresh_all_workers"
-
-
 def test_3_a_silent_worker_is_dropped_within_the_check_interval_of_its_expiry(controller_module):
     controller = controller_module.controller
     controller.register_worker("http://silent", True, {"model_names": ["m"], "speed": 1, "queue_length": 0}, False)
@@ -130,23 +121,7 @@ def test_6_fetch_remote_opens_its_sessions_through_the_given_aiohttp_with_a_boun
         fastchat_compat.apply_api(aiohttp, 3.0)
 
 
-def test_7_the_web_chat_streams_through_the_given_function_with_the_browser_session():
-    from fastchat.serve import gradio_web_server as single
-
-    seen = []
-    fastchat_compat.apply_web(Recorder(), lambda conv, *args, session=None: seen.append((args[0], session)) or iter(()))
-    conv = SimpleNamespace(bundle_session="browser-1")
-    single.model_worker_stream_iter(conv, "m", "http://w", "prompt", 0.7, 1.0, 1.0, 16, [])
-    assert seen == [("m", "browser-1")]
-
-
 def test_applying_twice_wraps_once(api):
-    from fastchat.serve import gradio_block_arena_named as named
-    from fastchat.serve import gradio_web_server as single
-
     for _ in range(2):
         fastchat_compat.apply_api(aiohttp, 3.0)
-        fastchat_compat.apply_web(Recorder(), lambda *a, **kw: iter(()))
-    for patched in (api.fetch_remote, single.bot_response):
-        assert not hasattr(patched.__wrapped__, "__wrapped__"), patched  # FastChat's own function inside, once
-    assert named.bot_response is single.bot_response
+    assert not hasattr(api.fetch_remote.__wrapped__, "__wrapped__")  # FastChat's own function inside, once

@@ -1,4 +1,4 @@
-"""group_size: auto (engine/int8_runtime.auto_group_size): group 64 where it divides every weight row, per channel
+"""group_size: auto (engine/runtimes/registry.auto_group_size): group 64 where it divides every weight row, per channel
 where it does not; the row widths come from real checkpoint files (safetensors and torch .bin)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from workers.config.int8 import AUTO_GROUP_SIZE, Int8Settings
-from workers.engine import int8_runtime
+from workers.engine.runtimes import registry as int8_runtime
 from workers.models.memory_budget import ModelShape, weight_bytes
 from workers.models.weight_shapes import StoredTensor, checkpoint_tensors, matrix_row_widths
 

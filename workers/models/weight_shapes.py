@@ -2,7 +2,7 @@
 and stored size, and the row widths of its weight matrices. The one reader of checkpoint headers.
 
 INT8 group quantization splits every row of a matrix into groups of `group_size` values, so a
-group size is usable only when it divides every row width (engine/int8_runtime picks one).
+group size is usable only when it divides every row width (engine/runtimes/registry picks one).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Every patch of FastChat 0.2.36, in one place: each names the upstream behaviour it corrects and has a test that
 fails without it (tests/unit/test_fastchat_compat.py). The bundle's own code is never patched: what a patch needs
-from it (the worker-secret clients of workers/serving/auth.py, the web chat's stream) is passed in.
+from it (the worker-secret clients of workers/serving/auth.py) is passed in.
 
 One entry point per program, called before FastChat serves anything; each is idempotent (a patched function is
 wrapped once however often it is called):
@@ -8,13 +8,14 @@ wrapped once however often it is called):
     apply_worker(requests_shim)                                  a model worker
     apply_controller(requests_shim, expiry_check_s) -> Controller    the controller
     apply_api(aiohttp_shim, connect_timeout_s)                   the API server
-    apply_web(requests_shim, stream_iter)                        the web UI
+
+(The web UI uses no FastChat code: workers/serving/web_chat.py talks to the controller and the workers.)
 
 The patches:
 1. stream_json_pydantic2 (API): openai_api_server streams `chunk.json(exclude_unset=True, ensure_ascii=False)`;
    pydantic 2 rejects `ensure_ascii` ("`dumps_kwargs` keyword arguments are no longer supported"), the TypeError
    escapes the generator and streaming responses arrive with empty bodies.
-2. module_requests (worker, controller, web UI): FastChat's modules call each other with their module's own
+2. module_requests (worker, controller): FastChat's modules call each other with their module's own
    `requests` global: no header can be added (the worker secret) and no connect timeout is set (a call to a host
    whose link is down waits for the kernel's SYN retries, about 2 minutes). That global becomes the bundle's
    RequestsShim in each module, never process-wide.
@@ -27,9 +28,6 @@ The patches:
    WorkerUnavailable instead, which the API answers as 503 naming the address (api_server.install).
 6. api_aiohttp (API): `fetch_remote` opens its aiohttp sessions through the module's `aiohttp` global, without
    the worker secret and with only a total timeout: the bundle's AiohttpShim, and a bounded connect.
-7. web_chat (web UI): FastChat's web page renders the prompt with a template chosen by the model's NAME and cannot
-   cancel an answer: `bot_response` and `model_worker_stream_iter` route through the bundle's stream (messages,
-   sessions; workers/serving/web_chat.py), and the browser session reaches it.
 """
 from __future__ import annotations
 
@@ -126,26 +124,3 @@ def apply_api(aiohttp_shim, connect_timeout_s: float):
     api.aiohttp = aiohttp_shim  # 6
     api.fetch_timeout = aiohttp.ClientTimeout(total=api.fetch_timeout.total, sock_connect=connect_timeout_s)
     return api
-
-
-def apply_web(requests_shim, stream_iter) -> None:
-    """`stream_iter(conv, *model_worker_stream_iter's arguments, session=...)` streams one answer."""
-    from fastchat.serve import gradio_block_arena_named as named
-    from fastchat.serve import gradio_web_server as single
-
-    single.requests = requests_shim  # 2: model list and worker address from the controller
-
-    def session_stream(conv, *args):
-        return stream_iter(conv, *args, session=getattr(conv, "bundle_session", None))
-
-    single.model_worker_stream_iter = session_stream  # 7
-    if _wrapped_once(single.bot_response):
-        return
-    original = single.bot_response
-
-    @functools.wraps(original)
-    def bot_response(state, temperature, top_p, max_new_tokens, request, apply_rate_limit=True):
-        state.conv.bundle_session = getattr(request, "session_hash", None)
-        yield from original(state, temperature, top_p, max_new_tokens, request, apply_rate_limit=False)
-
-    single.bot_response = named.bot_response = _mark(bot_response)
