@@ -289,8 +289,9 @@ def test_unknown_model_is_404_listing_the_served_ones(client):
 def test_an_unsupported_parameter_is_400_naming_it(client):
     """End to end through the official client; each parameter's refusal: tests/unit/test_api_policy.py."""
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=SERVED_INT8, messages=QUESTION, max_tokens=4, logit_bias={"1": 10})
-    assert info.value.param == "logit_bias" and "logit_bias" in info.value.message, info.value.message
+        client.chat.completions.create(model=SERVED_INT8, messages=QUESTION, max_tokens=4,
+                                       prediction={"type": "content", "content": "x"})
+    assert info.value.param == "prediction" and "prediction" in info.value.message, info.value.message
 
 
 def test_presence_and_frequency_penalties_in_range_are_served(client):
