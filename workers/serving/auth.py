@@ -11,7 +11,7 @@ One hook per process, each called before its server starts:
     install_controller(fastchat.serve.controller, dep)   controller -> worker status calls; its app
     install_worker(dep, app)                             worker -> register, heartbeat; its app
     install_api(fastchat.serve.openai_api_server, dep)   API -> controller, worker (worker_client, fetch_remote)
-    install_web(fastchat.serve.gradio_web_server, dep)   web -> controller, worker (and web_chat)
+    install_web(dep)                                     web -> controller, worker (web_chat)
     client(dep)                                          the bundle CLI, tests
 
 The clients also get a connect timeout (CONNECT_TIMEOUT_S): FastChat's own calls have none or
@@ -270,12 +270,11 @@ async def _aiohttp_refused(response) -> None:
         raise _refused_error(response.url)
 
 
-def install_web(web_module, dep) -> str | None:
-    """In the web UI: FastChat's gradio_web_server (controller calls: model list, worker address)
-    and the bundle's web_chat (worker stream, cancel) send the secret and a connect timeout."""
+def install_web(dep) -> str | None:
+    """In the web UI: the bundle's web_chat (model list, worker address and defaults, stream,
+    cancel) sends the secret and a connect timeout."""
     from workers.serving import web_chat
 
     value = secret(dep)
-    web_module.requests = RequestsShim(value, who="web UI")
     web_chat.requests = RequestsShim(value, who="web UI")
     return value
