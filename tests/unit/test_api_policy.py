@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from workers.engine.sampling_limits import LIMITS
 from workers.serving import api_policy as policy
 from workers.serving import errors
 from workers.serving.errors import ApiError
@@ -214,7 +215,8 @@ def test_unsupported_chat_parameters_are_400_naming_them(name, value):
     {"user": "u-1"}, {"parallel_tool_calls": False}, {"some_future_field": 1},
 ])
 def test_parameters_that_ask_for_nothing_are_accepted(body):
-    chat(**body)
+    plan, plain = chat(**body), chat()
+    assert (plan.messages, plan.sampling, plan.n, plan.stream) == (plain.messages, plain.sampling, plain.n, plain.stream)
 
 
 @pytest.mark.parametrize("name,value", [("suffix", "end"), ("best_of", 3), ("use_beam_search", True)])
@@ -235,7 +237,7 @@ def test_unsupported_embedding_parameters():
     ({"temperature": -1}, "temperature", "less than the minimum of 0"),
     ({"temperature": "hot"}, "temperature", "valid number"),
     ({"top_p": 1.5}, "top_p", "'top_p'"),
-    ({"top_k": 0}, "top_k", "-1 (off) or at least 1"),
+    ({"top_k": -2}, "top_k", "-2 is less than the minimum of -1 - 'top_k'"),
     ({"n": 100}, "n", "100 is greater than the maximum of 8 - 'n'"),
     ({"n": 0}, "n", "'n'"),
     ({"n": 2.5}, "n", "integer"),
@@ -246,7 +248,7 @@ def test_unsupported_embedding_parameters():
     ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens", "give one of them"),
     ({"presence_penalty": 2.5}, "presence_penalty", "maximum of 2"),
     ({"frequency_penalty": -3}, "frequency_penalty", "minimum of -2"),
-    ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "less than the minimum of 0.001"),
     ({"repetition_penalty": 11}, "repetition_penalty", "maximum of 10"),
     ({"stop": 5}, "stop", "stop"),
     ({"stop": [""]}, "stop[0]", "must not be an empty string"),
@@ -259,6 +261,17 @@ def test_unsupported_embedding_parameters():
 def test_bad_parameters_name_the_field(body, param, fragment):
     err = refused(chat, **body)
     assert err.param == param and fragment in err.message, (err.param, err.message)
+
+
+@pytest.mark.parametrize("name", sorted(LIMITS))
+def test_the_api_takes_each_sampling_value_the_worker_takes(name):
+    """One table (workers/engine/sampling_limits.py): its ends pass, top_k 0 (off) included, and just past them is 400."""
+    low, high = LIMITS[name]
+    assert getattr(chat(**{name: low}).sampling, name) == low
+    assert getattr(chat(**{name: high}).sampling, name) == high
+    assert refused(chat, **{name: high + 1}).param == name
+    if name == "top_k":
+        assert chat(top_k=0).sampling.top_k == 0
 
 
 def test_nan_never_passes_a_range_check():
@@ -375,14 +388,11 @@ def test_worker_payload_follows_the_contract():
 
 
 def test_fastchat_prompt_from_a_template():
-    from workers.serving import fastchat_compat
-
-    fastchat_compat.apply()
     import dataclasses
 
     from fastchat.conversation import get_conv_template
 
-    conv = dataclasses.asdict(get_conv_template("smollm2"))
+    conv = dataclasses.asdict(get_conv_template("qwen-7b-chat"))  # ChatML
     conv["sep_style"] = int(conv["sep_style"])
     prompt = policy.fastchat_prompt(conv, [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}])
     assert prompt == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -442,12 +452,12 @@ def api(tmp_path_factory):
     import os
 
     os.environ.setdefault("LOGDIR", str(tmp_path_factory.mktemp("logs")))  # FastChat logs to a file on import
+    import aiohttp
+    from fastapi.testclient import TestClient
+
     from workers.serving import api_server, fastchat_compat
 
-    fastchat_compat.apply_api()
-    from fastapi.testclient import TestClient
-    from fastchat.serve import openai_api_server as fastchat_api
-
+    fastchat_api = fastchat_compat.apply_api(aiohttp, 3.0)
     api_server.install(fastchat_api)
     fastchat_api.app_settings.controller_address = "http://127.0.0.1:9"  # nothing listens there
     fastchat_api.app_settings.api_keys = ["sk-unit"]
@@ -456,11 +466,29 @@ def api(tmp_path_factory):
     fastchat_api.app_settings.api_keys = None
 
 
+OPEN_ROUTES = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+
+
+def unguarded_routes(app, api_module) -> list[str]:
+    """Routes that answer without the API-key check, other than the open ones (health, metrics, docs)."""
+    from fastapi.routing import APIRoute
+
+    found = []
+    for route in app.routes:
+        path = getattr(route, "path", "")
+        if path in OPEN_ROUTES:
+            continue
+        deps = [d.call for d in getattr(getattr(route, "dependant", None), "dependencies", [])]
+        if not isinstance(route, APIRoute) or api_module.check_api_key not in deps:
+            found.append(path)
+    return found
+
+
 def test_no_route_bypasses_the_api_key_check(api):
     from workers.serving import api_server
 
     app, module = api["module"].app, api["module"]
-    assert api_server.unguarded_routes(app, module) == []
+    assert unguarded_routes(app, module) == []
     paths = {getattr(r, "path", "") for r in app.routes}
     assert not [p for p in paths if p.startswith("/api/")], paths
     assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics"} <= paths
@@ -509,6 +537,8 @@ def test_controller_down_is_503_not_500(api):
     client, h = api["client"], api["headers"]
     r = client.post("/v1/chat/completions", json={"model": "m", "messages": USER}, headers=h)
     assert r.status_code == 503 and "stopped answering" in r.json()["error"]["message"]
+    r = client.get("/v1/models", headers=h)  # FastChat's own handler (fastchat_compat patch 5)
+    assert r.status_code == 503 and "at http://127.0.0.1:9 stopped answering" in r.json()["error"]["message"]
     assert r.headers["retry-after"]
     r = client.get("/v1/models", headers=h)  # FastChat's own handler, through compat patch 4
     assert r.status_code == 503 and "stopped answering" in r.json()["message"]

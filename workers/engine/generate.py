@@ -153,6 +153,21 @@ class TextAssembler:
         raw, _ = self._raw()
         return self.postprocess(raw)
 
+    def conclude(self, job: Job, last_token: int | None, reason: str | None = None) -> tuple[str, str]:
+        """Why the answer ended, unless `reason` says (cancelled; stop: a stop string or token, or the model's own
+        end; length: max_new_tokens reached), and its final text."""
+        if reason is None:
+            if job.cancel.is_set():
+                reason = "cancelled"
+            elif self.stopped_by_string or (last_token is not None and last_token in job.stop_token_ids):
+                reason = "stop"
+            else:
+                reason = "length" if len(self.ids) >= job.max_new_tokens else "stop"
+        text = self.finish()
+        if reason == "length":  # cut inside a character: its first bytes decode to U+FFFD, not a character
+            text = text.rstrip("\ufffd")
+        return reason, text
+
 
 def run(model, tokenizer_decode: Callable[[list[int]], str], postprocess: Callable[[str], str], job: Job,
         on_text: Callable[[str, int], None] | None = None, pad_token_id: int | None = None,
@@ -205,17 +220,7 @@ def run(model, tokenizer_decode: Callable[[list[int]], str], postprocess: Callab
             do_sample=False, temperature=None, top_p=None, top_k=None,
         )
     end = time.monotonic()
-    if job.cancel.is_set():
-        reason = "cancelled"
-    elif assembler.stopped_by_string or (last_token and last_token[0] in job.stop_token_ids):
-        reason = "stop"
-    elif len(assembler.ids) >= job.max_new_tokens:
-        reason = "length"
-    else:
-        reason = "stop"
-    text = assembler.finish()
-    if reason == "length":  # cut inside a character: its first bytes decode to U+FFFD, not a character
-        text = text.rstrip("\ufffd")
+    reason, text = assembler.conclude(job, last_token[0] if last_token else None)
     return Result(
         text=text,
         completion_tokens=len(assembler.ids),

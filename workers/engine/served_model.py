@@ -18,8 +18,9 @@ from workers.engine.generate import Job
 from workers.engine.prefix_cache import PrefixCache
 from workers.engine.runtimes import registry
 from workers.engine.runtimes.base import Engine
+from workers.engine.sampling_limits import LIMITS, LOGIT_BIAS, TOP_LOGPROBS
 from workers.engine.token_bytes import TokenPieces
-from workers.engine.token_choice import MAX_TOP_LOGPROBS, TokenLogprob, prompt_logprobs
+from workers.engine.token_choice import TokenLogprob, prompt_logprobs
 
 log = logging.getLogger("served_model")
 
@@ -33,15 +34,6 @@ class BadRequest(ValueError):
         self.param, self.code = param, code
 
 
-# Accepted ranges of the sampling parameters: the API's (OpenAI's where it has them), so nothing the API lets through
-# is refused here; outside: 400. top_p 0 is its limit (only the most likely token survives, as TopPLogitsWarper keeps
-# one); a top_k above the vocabulary keeps every token.
-RANGES = {
-    "temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "top_k": (-1, 2**31 - 1), "repetition_penalty": (1e-3, 10.0),
-    "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0),
-}
-
-
 def _number(params: dict, key: str, default, kind=float):
     value = params.get(key)
     if value is None:
@@ -49,20 +41,19 @@ def _number(params: dict, key: str, default, kind=float):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
         raise BadRequest(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}", key)
     value = kind(value)
-    low, high = RANGES.get(key, (None, None))
+    low, high = LIMITS.get(key, (None, None))
     if low is not None and not (low <= value <= high):  # also refuses NaN
         raise BadRequest(f"{key}={value!r} is out of range: use {low:g} to {high:g}", key)
     return value
 
 
 def _top_count(params: dict, key: str) -> int | None:
-    """None (no logprobs) or how many top logprobs per token, 0..MAX_TOP_LOGPROBS."""
-    value = params.get(key)
+    """None (no logprobs) or how many top logprobs per token (at most chat's limit)."""
+    value, most = params.get(key), max(TOP_LOGPROBS.values())
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
-        raise BadRequest(f"{key} must be an integer from 0 to {MAX_TOP_LOGPROBS} (top logprobs per token), "
-                         f"got {value!r}", key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+        raise BadRequest(f"{key} must be an integer from 0 to {most} (top logprobs per token), got {value!r}", key)
     return value
 
 
@@ -82,8 +73,9 @@ def logit_bias(value, vocab_size: int) -> dict[int, float]:
         if not 0 <= token < vocab_size:
             raise BadRequest(f"logit_bias: token id {token} is not in this model's vocabulary (0..{vocab_size - 1})",
                              "logit_bias")
-        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
-            raise BadRequest(f"logit_bias[{key!r}] must be a number from -100 to 100, got {bias!r}", "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not LOGIT_BIAS[0] <= bias <= LOGIT_BIAS[1]:
+            raise BadRequest(f"logit_bias[{key!r}] must be a number from {LOGIT_BIAS[0]:g} to {LOGIT_BIAS[1]:g}, "
+                             f"got {bias!r}", "logit_bias")
         out[token] = float(bias)
     return out
 

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import pydantic
 from fastchat.protocol.openai_api_protocol import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest
 
+from workers.engine.sampling_limits import LIMITS, LOGIT_BIAS, TOP_LOGPROBS
 from workers.serving import errors
 from workers.serving.errors import ApiError
 
@@ -34,8 +35,6 @@ MAX_CHOICES = 16  # prompts x n in one /v1/completions request
 MAX_EMBEDDING_INPUTS = 256
 MAX_STOP = 16
 MAX_TOKEN_ID = 2**31 - 1
-MAX_TOP_LOGPROBS = {"chat": 20, "completions": 5}  # OpenAI's limits: top_logprobs (chat), logprobs (completions)
-MAX_LOGIT_BIAS = 100
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions (chat: the model's default)
 ROLES = ("system", "user", "assistant")
 NON_TEXT_PARTS = ("image_url", "input_image", "image", "input_audio", "audio", "file", "input_file", "video_url")
@@ -189,17 +188,18 @@ def validate(model_cls, data: dict):
         raise ApiError(errors.INVALID_REQUEST, "the request is nested too deeply") from None
 
 
-def check_range(name: str, value, lo=None, hi=None, lo_open: bool = False) -> None:
+def check_range(name: str, value, lo=None, hi=None) -> None:
     """OpenAI's wording: "5 is greater than the maximum of 2 - 'temperature'". NaN never passes."""
     if value is None:
         return
-    shown = int(value) if isinstance(value, float) and value.is_integer() else value
-    if lo is not None and not (value > lo if lo_open else value >= lo):
-        bound = f"greater than {lo}" if lo_open else f"the minimum of {lo}"
-        raise _invalid(f"{shown} is less than {bound} - '{name}'" if not lo_open
-                       else f"{shown} must be {bound} - '{name}'", name)
+    if lo is not None and not value >= lo:
+        raise _invalid(f"{_shown(value)} is less than the minimum of {_shown(lo)} - '{name}'", name)
     if hi is not None and not value <= hi:
-        raise _invalid(f"{shown} is greater than the maximum of {hi} - '{name}'", name)
+        raise _invalid(f"{_shown(value)} is greater than the maximum of {_shown(hi)} - '{name}'", name)
+
+
+def _shown(number):
+    return int(number) if isinstance(number, float) and number.is_integer() else number
 
 
 def _require_model(body: dict) -> str:
@@ -351,9 +351,9 @@ def logit_bias(value: Optional[dict]) -> Optional[dict[str, float]]:
         if not 0 <= int(key) <= MAX_TOKEN_ID:
             raise _invalid(f"logit_bias: token id {int(key)} is out of range", "logit_bias")
         if isinstance(bias, bool) or not isinstance(bias, (int, float)):
-            raise _invalid(f"{at} must be a number from -{MAX_LOGIT_BIAS} to {MAX_LOGIT_BIAS} "
+            raise _invalid(f"{at} must be a number from {LOGIT_BIAS[0]:g} to {LOGIT_BIAS[1]:g} "
                            f"(got {errors.short(bias)})", "logit_bias")
-        check_range("logit_bias", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+        check_range("logit_bias", bias, int(LOGIT_BIAS[0]), int(LOGIT_BIAS[1]))
         out[str(int(key))] = float(bias)
     return out
 
@@ -371,13 +371,8 @@ def sampling(body: dict, protocol, extras: Extras) -> Sampling:
         logit_bias=logit_bias(extras.logit_bias),
         seed=extras.seed,
     )
-    check_range("temperature", s.temperature, 0, 2)
-    check_range("top_p", s.top_p, 0, 1)
-    if s.top_k is not None and not (s.top_k == -1 or 1 <= s.top_k <= MAX_TOKEN_ID):
-        raise _invalid(f"top_k must be -1 (off) or at least 1 (got {s.top_k}) - 'top_k'", "top_k")
-    check_range("presence_penalty", s.presence_penalty, -2, 2)
-    check_range("frequency_penalty", s.frequency_penalty, -2, 2)
-    check_range("repetition_penalty", s.repetition_penalty, 0, 10, lo_open=True)
+    for name, (low, high) in LIMITS.items():  # the worker's own table
+        check_range(name, getattr(s, name), low, high)
     check_range("max_tokens", s.max_tokens, 1)
     if s.seed is not None and not -2**63 <= s.seed < 2**64:
         raise _invalid(f"seed {s.seed} is out of range (a 64-bit integer)", "seed")
@@ -388,7 +383,7 @@ def chat_logprobs_asked(body: dict) -> Optional[int]:
     """Chat: None without `logprobs: true`, else its `top_logprobs` (0..20, default 0)."""
     asked = validate(ChatLogprobs, body)
     top = asked.top_logprobs
-    check_range("top_logprobs", top, 0, MAX_TOP_LOGPROBS[CHAT])
+    check_range("top_logprobs", top, 0, TOP_LOGPROBS[CHAT])
     if not asked.logprobs:
         if top:
             raise _invalid("top_logprobs needs logprobs: true", "top_logprobs")
@@ -448,7 +443,7 @@ def completion_request(body: dict) -> CompletionPlan:
     if echo and any(isinstance(p, list) for p in prompts):
         raise ApiError(errors.UNSUPPORTED_PARAMETER, "echo is not supported with token-id prompts: send the prompt "
                        "as text to have it echoed", "echo")
-    check_range("logprobs", protocol.logprobs, 0, MAX_TOP_LOGPROBS[COMPLETIONS])
+    check_range("logprobs", protocol.logprobs, 0, TOP_LOGPROBS[COMPLETIONS])
     stream = bool(protocol.stream)
     return CompletionPlan(model, prompts, s, n, stream, _include_usage(extras, stream), echo, protocol,
                           protocol.logprobs)
@@ -544,6 +539,7 @@ def worker_payload(model: str, s: Sampling, *, max_new_tokens: Optional[int], re
 
 
 def finish_reason(reason: Any) -> str:
+    """OpenAI's finish_reason for the engine's (stop, length, cancelled) or a worker chunk's."""
     return "length" if reason == "length" else "stop"
 
 

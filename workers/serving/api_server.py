@@ -51,7 +51,6 @@ import shortuuid
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials
 from fastchat.protocol.openai_api_protocol import (ChatCompletionRequest, ChatCompletionResponse,
                                                    ChatCompletionResponseChoice, ChatMessage, CompletionRequest,
@@ -59,11 +58,12 @@ from fastchat.protocol.openai_api_protocol import (ChatCompletionRequest, ChatCo
                                                    EmbeddingsResponse, UsageInfo)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from workers.config import secrets
-from workers.serving import api_policy, errors, launch
+from workers.config import hosts, secrets
+from workers.serving import api_policy, errors, launch, placement
 from workers.serving.api_metrics import Metrics, MetricsMiddleware
 from workers.serving.api_policy import TextDeltas, Usage, finish_reason, sse
 from workers.serving.errors import ApiError
+from workers.serving.fastchat_compat import WorkerUnavailable
 from workers.serving.worker_client import (DEFAULT_FIRST_CHUNK_TIMEOUT_S, Upstream, all_or_nothing,
                                            unless_disconnected)
 
@@ -72,7 +72,6 @@ log = logging.getLogger("api_server")
 PREFILL_ALLOWANCE_S = 600.0  # beyond the worker's own queue timeout, before the API gives up on a first chunk
 EMBEDDING_BATCH = 4  # inputs per /worker_get_embeddings call (FastChat's WORKER_API_EMBEDDING_BATCH_SIZE)
 REPLACED_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/engines/{model_name}/embeddings"}
-OPEN_ROUTES = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 
 
 async def _next_or_none(chunks):
@@ -127,15 +126,17 @@ class StreamLogprobs:
 class BundleApi:
     """The bundle's handlers, bound to one deployment, one upstream client and one metrics registry."""
 
-    def __init__(self, api_module, dep=None):
+    def __init__(self, api_module, dep=None, http_options: dict | None = None):
         self.settings = api_module.app_settings
-        self.configure(dep)
         self.registered: set[str] = set()
-        self.upstream = Upstream(lambda: self.settings.controller_address)
+        self.upstream = Upstream(lambda: self.settings.controller_address, http_options)
+        self.configure(dep)
         self.metrics = Metrics()
 
     def configure(self, dep) -> None:
         self.specs = {name: m for m in dep.models for name in m.names} if dep is not None else {}
+        # with hosts: errors for a model whose host is away name model and host
+        self.not_registered, self.upstream.unavailable = placement.outage_errors(dep)
 
     # --- shared steps ------------------------------------------------------------------------------------
     def first_chunk_timeout(self, model: str) -> float:
@@ -157,12 +158,12 @@ class BundleApi:
         self.registered = set(served)
         if model not in served:
             if model in self.specs:
-                raise errors.not_registered(model)
+                raise self.not_registered(model)
             raise api_policy.unknown_model(model, sorted(set(served) | set(self.specs)))
         self.metrics.started(request, model)
         addr = await self.upstream.worker_address(model)
         if not addr:
-            raise errors.not_registered(model)
+            raise self.not_registered(model)
         return addr
 
     async def generate(self, request: Request, model: str, addr: str, payload: dict) -> dict:
@@ -433,14 +434,15 @@ def _inline_refs(schema):
     return walk(schema)
 
 
-def install(api_module, dep=None) -> BundleApi:
-    """Make FastChat's openai_api_server app (module passed in) the bundle's API; returns the handlers."""
+def install(api_module, dep=None, http_options: dict | None = None) -> BundleApi:
+    """Make FastChat's openai_api_server app (module passed in, fastchat_compat.apply_api done) the bundle's API;
+    returns the handlers. `http_options`: auth.httpx_options for the calls to the controller and workers."""
     app = api_module.app
     existing = getattr(app.state, "bundle_api", None)
     if existing is not None:  # installed already (tests): only the deployment changes
         existing.configure(dep)
         return existing
-    bundle = app.state.bundle_api = BundleApi(api_module, dep)
+    bundle = app.state.bundle_api = BundleApi(api_module, dep, http_options)
 
     async def check_api_key(auth: Optional[HTTPAuthorizationCredentials] = Depends(api_module.get_bearer_token)):
         keys = bundle.settings.api_keys
@@ -455,6 +457,9 @@ def install(api_module, dep=None) -> BundleApi:
 
     async def on_api_error(request: Request, exc: ApiError):
         return exc.response()
+
+    async def on_fetch_unavailable(request: Request, exc: WorkerUnavailable):  # FastChat's own /v1/models
+        return bundle.upstream.unavailable(exc.url, exc.exc).response()
 
     async def on_validation_error(request: Request, exc: RequestValidationError):
         return errors.from_validation(list(exc.errors())).response()
@@ -479,7 +484,8 @@ def install(api_module, dep=None) -> BundleApi:
         return ApiError(errors.INTERNAL, f"internal error: {type(exc).__name__}: {exc}").response()
 
     app.dependency_overrides[api_module.check_api_key] = check_api_key
-    for exc_class, handler in ((ApiError, on_api_error), (RequestValidationError, on_validation_error),
+    for exc_class, handler in ((ApiError, on_api_error), (WorkerUnavailable, on_fetch_unavailable),
+                               (RequestValidationError, on_validation_error),
                                (StarletteHTTPException, on_http_exception), (errors.ClientDisconnected, on_client_gone),
                                (Exception, on_unexpected)):
         app.add_exception_handler(exc_class, handler)
@@ -506,19 +512,6 @@ def install(api_module, dep=None) -> BundleApi:
     return bundle
 
 
-def unguarded_routes(app, api_module) -> list[str]:
-    """Routes that answer without the API-key check, other than the open ones (health, metrics, docs)."""
-    found = []
-    for route in app.routes:
-        path = getattr(route, "path", "")
-        if path in OPEN_ROUTES:
-            continue
-        deps = [d.call for d in getattr(getattr(route, "dependant", None), "dependencies", [])]
-        if not isinstance(route, APIRoute) or api_module.check_api_key not in deps:
-            found.append(path)
-    return found
-
-
 def main(argv: list[str] | None = None) -> int:
     args = launch.parser(__doc__).parse_args(argv)
     dep, _ = launch.settings(args)
@@ -528,18 +521,17 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start the API server: %s", exc)
         return 2
 
-    from workers.serving import auth, fastchat_compat, placement
-
-    fastchat_compat.apply_api()
     import uvicorn
-    from fastchat.serve import openai_api_server as fastchat_api
 
+    from workers.serving import auth, fastchat_compat
+
+    secret = auth.secret(dep)
+    # FastChat's own calls (/v1/models) carry the worker secret too
+    fastchat_api = fastchat_compat.apply_api(auth.AiohttpShim(secret), auth.CONNECT_TIMEOUT_S)
     controller = launch.controller_url(dep)
     fastchat_api.app_settings.controller_address = controller
     fastchat_api.app_settings.api_keys = keys or None
-    install(fastchat_api, dep)
-    auth.install_api(fastchat_api, dep)  # calls to the controller and workers carry the worker secret
-    placement.install_api(dep)  # with hosts: errors for a model whose host is away name model and host
+    install(fastchat_api, dep, auth.httpx_options(secret, hosts.several(dep)))
     log.info("API on http://%s:%d/v1, controller %s, %s", dep.api.host, dep.api.port, controller,
              f"{len(keys)} API key(s) required" if keys else "no API key required")
     uvicorn.run(fastchat_api.app, host=launch.bind_address(dep, "api"), port=dep.api.port, log_level="info")

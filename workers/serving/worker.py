@@ -30,11 +30,12 @@ from fastapi import FastAPI, Request  # module level: FastAPI resolves the `Requ
 from fastapi.responses import JSONResponse
 
 from workers.engine import threads
-from workers.serving import launch
+from workers.serving import api_policy, launch
 
 log = logging.getLogger("bundle_worker")
 STREAM_MIN_INTERVAL_S = 0.05  # coalesce tokens that arrive faster than this into one chunk
 INTERNAL_ERROR = 50001  # FastChat's ErrorCode.INTERNAL_ERROR, which its API server and web UI understand
+REGISTER_RETRY_S = 2.0  # between registration attempts while the controller is not up
 
 
 def error_response(kind, message: str, param: str | None = None, headers: dict | None = None):
@@ -254,7 +255,10 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> None:
 
 
 def make_worker_class():
+    import requests
     from fastchat.serve.base_model_worker import BaseModelWorker
+
+    from workers.serving import auth
 
     class BundleWorker(BaseModelWorker):
         """FastChat's registration, heartbeat and status; the bundle's generation and admission."""
@@ -268,6 +272,23 @@ def make_worker_class():
             super().__init__(controller_addr, worker_addr, uuid.uuid4().hex[:8], str(served.folder), spec.names,
                              spec.limit_concurrency, conv_template=conv_template_name)
             self.tokenizer, self.context_len = served.tokenizer, served.context_len
+
+        def register_to_controller(self):
+            """FastChat's registration is one bare POST that kills the worker when the controller is not up yet
+            (supervisord starts every program at once): retry, with a log line, until it answers."""
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    return super().register_to_controller()
+                except auth.RegistrationRefused as exc:
+                    log.error("%s (HTTP 401, attempt %d); this worker is not registered. Give every host the same "
+                              "worker secret; retrying in %.0f s", exc, attempt, auth.REFUSED_RETRY_S)
+                    time.sleep(auth.REFUSED_RETRY_S)
+                except (requests.exceptions.RequestException, AssertionError) as exc:
+                    log.warning("controller at %s is not reachable yet (attempt %d: %s); retrying in %.0f s",
+                                self.controller_addr, attempt, type(exc).__name__, REGISTER_RETRY_S)
+                    time.sleep(REGISTER_RETRY_S)
 
         def make_conv_template(self, conv_template=None, model_path=None):
             from fastchat.conversation import get_conv_template
@@ -296,8 +317,8 @@ def make_worker_class():
         @staticmethod
         def chunk(text: str, job, completion_tokens: int, finish_reason: str | None,
                   logprobs: dict | None = None) -> bytes:
-            if finish_reason == "cancelled":
-                finish_reason = "stop"
+            if finish_reason is not None:  # the worker protocol's reasons are OpenAI's: a cancelled answer stopped
+                finish_reason = api_policy.finish_reason(finish_reason)
             prompt_tokens = len(job.prompt_ids) - job.added_prefix  # the client's prompt, as it sent it
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                      "total_tokens": prompt_tokens + completion_tokens}
@@ -327,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from workers.serving import auth, fastchat_compat
 
-    fastchat_compat.apply()
+    secret = auth.secret(dep)
+    fastchat_compat.apply_worker(auth.RequestsShim(secret, who="worker"))  # registration and heartbeats carry it
     import uvicorn
 
     from workers.engine.loader import UnsupportedBackend, load_model
@@ -355,9 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     worker = make_worker_class()(launch.controller_url(dep), launch.worker_url(dep, spec), spec, served,
                                  spec.conv_template)
     app = build_app(worker)
-    auth.install_worker(dep, app)  # registration and heartbeats carry the worker secret; the app requires it
+    auth.install_server(app, secret)
 
-    # Registration retries until the controller answers (compat patch), so not on the event loop.
+    # Registration retries until the controller answers (register_to_controller), so not on the event loop.
     threading.Thread(target=worker.init_heart_beat, name="register", daemon=True).start()
 
     log.info("worker ready: %s (context length %s)", worker.model_names, worker.context_len)

@@ -23,11 +23,9 @@ import argparse
 import concurrent.futures
 import hashlib
 import json
-import math
 import os
 import resource
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -42,6 +40,7 @@ from workers.config import cpu
 from workers.config.files import GIB
 from workers.config.paths import ROOT, reports_dir, var_dir
 from workers.models import memory_budget
+from workers.models.weight_shapes import StoredTensor, checkpoint_tensors
 from workers.tools import random_model
 
 PROMPT_TOKENS = 128
@@ -356,26 +355,12 @@ EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "trans
 OUTPUT_NAMES = ("lm_head.weight", "transformer.output_layer.weight")
 
 
-def safetensors_tensors(folder: Path) -> dict[str, tuple[str, int, int]]:
-    """name -> (dtype, elements, bytes) of every tensor in the folder's safetensors files (headers only)."""
-    tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with open(path, "rb") as f:
-            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = meta["data_offsets"]
-            tensors[name] = (meta["dtype"], math.prod(meta["shape"]), end - start)
-    return tensors
-
-
-def read_bytes_per_token(tensors: dict[str, tuple[str, int, int]], bytes_per_element: float | None = None) -> int:
+def read_bytes_per_token(tensors: dict[str, StoredTensor], bytes_per_element: float | None = None) -> int:
     """Weight bytes one decode step reads: every tensor (in its stored size, or at `bytes_per_element`
     for a model loaded in another dtype), except the input embedding table when a separate output
     matrix exists: a step reads one row of it. With tied embeddings the table is the output matrix."""
-    def size(meta):
-        return meta[1] * bytes_per_element if bytes_per_element else meta[2]
+    def size(t: StoredTensor):
+        return t.elements * bytes_per_element if bytes_per_element else t.nbytes
 
     total = sum(size(m) for m in tensors.values())
     if any(name in tensors for name in OUTPUT_NAMES):
@@ -386,7 +371,7 @@ def read_bytes_per_token(tensors: dict[str, tuple[str, int, int]], bytes_per_ele
 def weight_read_bytes(model_path: Path, variant: Variant, int8_entries: dict) -> int | None:
     """For the HF variants (llama.cpp children report their own, from the GGUF file)."""
     if variant.backend in ("fp32", "bf16"):
-        return read_bytes_per_token(safetensors_tensors(model_path), 4 if variant.backend == "fp32" else 2)
+        return read_bytes_per_token(checkpoint_tensors(model_path), 4 if variant.backend == "fp32" else 2)
     from workers.engine.runtimes.neural_speed.quantize import WEIGHTS
 
     entry = int8_entries.get((model_path.name, variant.runtime, variant.compute_dtype, variant.group_size))
@@ -397,7 +382,7 @@ def weight_read_bytes(model_path: Path, variant: Variant, int8_entries: dict) ->
         return (entry / WEIGHTS).stat().st_size - config["vocab_size"] * config["hidden_size"]
     if variant.backend == "itrex-int8" and entry:
         # ITREX's checkpoint as stored: INT8 weights + scales, the embedding and lm_head kept in fp32.
-        return read_bytes_per_token(safetensors_tensors(entry))
+        return read_bytes_per_token(checkpoint_tensors(entry))
     return None
 
 

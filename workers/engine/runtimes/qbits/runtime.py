@@ -36,6 +36,9 @@ class QbitsRuntime(TransformersRuntime):
         return [sys.executable, "-m", "workers.engine.runtimes.qbits.quantize", "--source", str(source),
                 "--staging", str(staging), "--settings", json.dumps(inputs["settings"])]
 
+    def owns(self, model) -> bool:  # ITREX records its RtnConfig on the model's config
+        return super().owns(model) and getattr(getattr(model, "config", None), "quantization_config", None) is not None
+
     def load(self, request: LoadRequest, tokenizer):
         from intel_extension_for_transformers.transformers import AutoModelForCausalLM as ItrexAuto
 
