@@ -20,6 +20,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from workers.engine.prefix_cache import model_cache, takes_cache_objects
+from workers.engine.reasoning import Thinking
 
 log = logging.getLogger("generate")
 
@@ -39,6 +40,7 @@ class Job:
     stop_token_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
     cancel: threading.Event = field(default_factory=threading.Event)
+    thinking: Thinking | None = None  # a reasoning model's chat answer: how its thinking is marked
 
 
 @dataclass

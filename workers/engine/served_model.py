@@ -95,7 +95,7 @@ class ServedModel:
         text `prompt` (completions), or `prompt_token_ids` given by the client."""
         try:
             if params.get("messages") is not None:
-                return self.chat.render(params["messages"])
+                return self.chat.render(params["messages"], params.get("chat_template_kwargs"))
             if params.get("prompt_token_ids") is not None:
                 ids = params["prompt_token_ids"]
                 if not (isinstance(ids, list) and ids and all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids)):
@@ -105,7 +105,7 @@ class ServedModel:
             if isinstance(params.get("prompt"), str) and params["prompt"]:
                 return self.chat.encode_text(params["prompt"])
         except prompt.PromptError as exc:
-            raise BadRequest(str(exc), "messages") from None
+            raise BadRequest(str(exc), exc.param) from None
         raise BadRequest("give messages, a non-empty prompt, or prompt token ids", "messages")
 
     @property
@@ -151,6 +151,7 @@ class ServedModel:
             frequency_penalty=_number(params, "frequency_penalty", 0.0),
             stop_token_ids=self.chat.stop_token_ids | frozenset(extra_ids),  # a user's stops add, never replace
             stop_strings=self.chat.stop_strings + _stop_strings(params.get("stop")),
+            thinking=self.chat.thinking(ids) if params.get("messages") is not None else None,
         )
         if job.top_k is not None and job.top_k < 0:  # FastChat clients send -1 for "no top-k"
             job.top_k = 0

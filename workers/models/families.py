@@ -134,6 +134,128 @@ CHAT_TEMPLATE = Family(name="chat_template", prompt=PROMPT_CHAT_TEMPLATE)
 
 FAMILIES: tuple[Family, ...] = (CHATGLM3, QWEN)
 
+# ---------------------------------------------------------------------------------- reasoning
+
+@dataclass(frozen=True)
+class ReasoningMarkers:
+    """How a reasoning model marks its thinking before the answer (workers/engine/reasoning.py splits it).
+
+    A model uses these markers when its config.json model_type is one of `model_types`, its tokenizer
+    has both markers as single tokens and its chat template writes the opening one: the same
+    model_type also names models that do not reason (Qwen2.5 and the R1-Distill-Qwen models are both
+    "qwen2"; their tokenizers and templates tell them apart). Whether the template opens the thinking
+    block in the prompt itself is read from each request's prompt (the R1 distills always do; Qwen3
+    leaves it to the model, and closes an empty block when `enable_thinking` is false).
+    """
+
+    start: str
+    end: str
+    model_types: tuple[str, ...]
+    notes: str = field(default="", compare=False)
+
+
+REASONING_MARKERS: tuple[ReasoningMarkers, ...] = (
+    ReasoningMarkers(
+        start="<think>", end="</think>",
+        # qwen3: Qwen3 dense (<think> 151667, </think> 151668); qwen2: DeepSeek-R1-Distill-Qwen and QwQ
+        # (151648/151649); llama: DeepSeek-R1-Distill-Llama (128013/128014); smollm3: SmolLM3 (128002/128003)
+        model_types=("qwen3", "qwen2", "llama", "smollm3"),
+        notes="R1 distills: the template ends with '<｜Assistant｜><think>\\n'; Qwen3: '<think>\\n\\n</think>\\n\\n' "
+              "when enable_thinking is false; SmolLM3: an empty block unless reasoning mode is /think",
+    ),
+)
+
+
+def reasoning_markers(config: Mapping | PretrainedConfig, has_token, template: str) -> ReasoningMarkers | None:
+    """The reasoning markers this model writes, or None. `has_token(text)`: the tokenizer has it as one
+    token; `template`: its chat template text ("" without one)."""
+    model_type = _get(config, "model_type")
+    for markers in REASONING_MARKERS:
+        if (model_type in markers.model_types and markers.start in template
+                and has_token(markers.start) and has_token(markers.end)):
+            return markers
+    return None
+
+
+# ------------------------------------------------------------------------ files and ModelScope ids
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What a model folder of these model_types needs besides config.json and its weights (the
+    completeness check, workers/models/check.py): tokenizer files, each group a set of alternatives
+    of which one must be there, and a chat template (tokenizer_config.json's `chat_template`, or the
+    chat_template.jinja / chat_template.json files newer transformers versions write)."""
+
+    model_types: tuple[str, ...]
+    tokenizer: tuple[tuple[str, ...], ...]
+    chat_template: bool = True
+
+
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+_FAST_TOKENIZER = (("tokenizer_config.json",), ("tokenizer.json",))
+_FAST_OR_SENTENCEPIECE = (("tokenizer_config.json",), ("tokenizer.json", "tokenizer.model"))
+
+MODEL_FILES: tuple[ModelFiles, ...] = (
+    # byte-level BPE with its tokenizer.json (Qwen2.5/Qwen3/R1-Distill-Qwen also ship vocab.json + merges.txt)
+    ModelFiles(("qwen2", "qwen3", "llama", "glm", "glm4", "smollm3"), _FAST_TOKENIZER),
+    # sentencepiece families: tokenizer.model, and tokenizer.json in their current repositories
+    ModelFiles(("phi3", "gemma", "gemma2", "gemma3", "gemma3_text", "mistral"), _FAST_OR_SENTENCEPIECE),
+)
+
+
+def model_files(config: Mapping | PretrainedConfig) -> ModelFiles | None:
+    model_type = _get(config, "model_type")
+    return next((f for f in MODEL_FILES if model_type in f.model_types), None)
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A ModelScope repository the bundle knows, and the config.json model_type its folder must have."""
+
+    modelscope: str
+    model_type: str
+    notes: str = field(default="", compare=False)
+
+
+# Ids checked against ModelScope references on 2026-12-06 (docs/reasoning-and-current-models.md says how).
+KNOWN_MODELS: tuple[KnownModel, ...] = (
+    KnownModel("ZhipuAI/chatglm3-6b", "chatglm", "seed model"),
+    KnownModel("qwen/Qwen-7B-Chat", "qwen", "seed model"),
+    KnownModel("Qwen/Qwen3-8B", "qwen3", "thinks: <think> ... </think>; enable_thinking switch"),
+    KnownModel("Qwen/Qwen3-4B", "qwen3"),
+    KnownModel("Qwen/Qwen3-1.7B", "qwen3"),
+    KnownModel("Qwen/Qwen3-0.6B", "qwen3"),
+    KnownModel("Qwen/Qwen2.5-7B-Instruct", "qwen2"),
+    KnownModel("Qwen/Qwen2.5-3B-Instruct", "qwen2"),
+    KnownModel("Qwen/Qwen2.5-1.5B-Instruct", "qwen2"),
+    KnownModel("LLM-Research/Meta-Llama-3.1-8B-Instruct", "llama"),
+    KnownModel("LLM-Research/Llama-3.2-3B-Instruct", "llama"),
+    KnownModel("LLM-Research/Llama-3.2-1B-Instruct", "llama"),
+    KnownModel("LLM-Research/Llama-3.3-70B-Instruct", "llama", "too large for one 24 GiB host"),
+    KnownModel("LLM-Research/Phi-3.5-mini-instruct", "phi3"),
+    KnownModel("LLM-Research/phi-4", "phi3"),
+    KnownModel("LLM-Research/gemma-2-9b-it", "gemma2"),
+    KnownModel("LLM-Research/gemma-2-2b-it", "gemma2"),
+    KnownModel("LLM-Research/gemma-3-1b-it", "gemma3_text"),
+    KnownModel("LLM-Research/gemma-3-4b-it", "gemma3", "image-text model; the bundle serves its text"),
+    KnownModel("ZhipuAI/glm-4-9b-chat-hf", "glm"),
+    KnownModel("ZhipuAI/GLM-4-9B-0414", "glm4"),
+    KnownModel("HuggingFaceTB/SmolLM3-3B", "smollm3", "thinks unless the system prompt says /no_think"),
+    KnownModel("LLM-Research/Mistral-7B-Instruct-v0.3", "mistral"),
+    KnownModel("mistralai/Ministral-8B-Instruct-2410", "mistral"),
+    KnownModel("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "qwen2", "thinks; its template opens <think>"),
+    KnownModel("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "qwen2", "thinks; its template opens <think>"),
+    KnownModel("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "llama", "thinks; its template opens <think>"),
+    KnownModel("deepseek-ai/DeepSeek-R1-0528-Qwen3-8B", "qwen3", "thinks"),
+)
+
+
+def known_model(modelscope_id: str) -> KnownModel | None:
+    """The known repository of this id (ModelScope ids are case-insensitive: qwen/ and Qwen/ are one)."""
+    wanted = modelscope_id.lower()
+    return next((m for m in KNOWN_MODELS if m.modelscope.lower() == wanted), None)
+
+
 @dataclass(frozen=True)
 class NeuralSpeedGraph:
     """A model architecture neural-speed (ITREX's own CPU runtime) has a graph for, and what it needs.

@@ -8,6 +8,9 @@ rules here cover what they let through:
 - OpenAI parameters this server does not implement -> 400 naming the parameter (UNSUPPORTED below), so
   nothing is silently ignored; `n` at most MAX_N; penalties in [-2, 2]; `max_completion_tokens` is max_tokens.
 - `stream_options.include_usage`: a last chunk with the usage and no choices.
+- `chat_template_kwargs` (chat): an object passed to the model's chat template as variables (Qwen3's
+  `enable_thinking`), as vLLM and SGLang take it; anything else -> 400. The worker refuses keys the
+  template machinery sets itself (messages, add_generation_prompt, bos_token, ...).
 - prompts and embedding inputs: a string, a list of strings, a list of token ids or a list of lists of token
   ids (decoded by the worker with the model's own tokenizer); empty, `[{}]`, `[null]` -> 400.
 - sampling fields the client leaves out are sent as null: the worker applies the model's defaults.
@@ -92,6 +95,7 @@ class ChatPlan:
     stream: bool
     include_usage: bool
     protocol: ChatCompletionRequest
+    template_kwargs: dict = field(default_factory=dict)  # chat_template_kwargs, for the worker
 
 
 @dataclass
@@ -123,6 +127,11 @@ class Extras(pydantic.BaseModel):
     max_completion_tokens: Optional[int] = None
     repetition_penalty: Optional[float] = None
     stream_options: Optional[StreamOptions] = None
+
+
+class ChatExtras(Extras):
+    """Chat fields FastChat's protocol model does not have."""
+    chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -370,7 +379,7 @@ def chat_request(body: dict) -> ChatPlan:
         raise ApiError(errors.MISSING_PARAMETER, "messages: this field is required", "messages")
     messages = chat_messages(body["messages"])
     protocol = validate(ChatCompletionRequest, {**body, "messages": messages})
-    extras = validate(Extras, body)
+    extras = validate(ChatExtras, body)
     s = sampling(body, protocol, extras)
     if extras.max_completion_tokens is not None:
         check_range("max_completion_tokens", extras.max_completion_tokens, 1)
@@ -379,7 +388,8 @@ def chat_request(body: dict) -> ChatPlan:
                            "disagree: give one of them", "max_completion_tokens")
         s.max_tokens = extras.max_completion_tokens
     stream = bool(protocol.stream)
-    return ChatPlan(model, messages, s, _n(protocol), stream, _include_usage(extras, stream), protocol)
+    return ChatPlan(model, messages, s, _n(protocol), stream, _include_usage(extras, stream), protocol,
+                    dict(extras.chat_template_kwargs or {}))
 
 
 def completion_request(body: dict) -> CompletionPlan:
@@ -469,7 +479,7 @@ def fastchat_prompt(conv: dict, messages: list[dict]) -> str:
 
 def worker_payload(model: str, s: Sampling, *, max_new_tokens: Optional[int], request_id: str,
                    messages: list[dict] | None = None, prompt: str | None = None,
-                   prompt_token_ids: list[int] | None = None) -> dict:
+                   prompt_token_ids: list[int] | None = None, template_kwargs: dict | None = None) -> dict:
     """The JSON for /worker_generate_stream (see the contract in workers/serving/api_server.py). `echo` is
     always false: the API echoes the prompt itself."""
     payload = {
@@ -480,6 +490,8 @@ def worker_payload(model: str, s: Sampling, *, max_new_tokens: Optional[int], re
     }
     if messages is not None:
         payload["messages"] = messages
+    if template_kwargs:
+        payload["chat_template_kwargs"] = template_kwargs
     if prompt is not None:
         payload["prompt"] = prompt
     if prompt_token_ids is not None:
@@ -505,6 +517,34 @@ class TextDeltas:
             return ""
         delta, self.sent = shown[len(self.sent):], shown
         return delta
+
+
+class AnswerDeltas:
+    """The new parts of a chat answer, chunk by chunk: `content` and, for a reasoning model (the worker sends
+    `reasoning_content` and `content`, workers/engine/reasoning.py), `reasoning_content`, in that order."""
+
+    FIELDS = ("reasoning_content", "content")
+
+    def __init__(self) -> None:
+        self.deltas = {name: TextDeltas() for name in self.FIELDS}
+
+    def feed(self, chunk: dict, final: bool = False) -> list[dict]:
+        """The deltas ({"reasoning_content": ...} then {"content": ...}) this chunk adds."""
+        out = []
+        for name, value in message_fields(chunk).items():
+            delta = self.deltas[name].feed(value or "", final)
+            if delta:
+                out.append({name: delta})
+        return out
+
+
+def message_fields(chunk: dict) -> dict:
+    """A worker chunk's answer as the message fields: {"content"} or, for a reasoning model, also
+    {"reasoning_content"} (first; null when the model did not think)."""
+    if "content" in chunk and "reasoning_content" in chunk:
+        return {"reasoning_content": str(chunk["reasoning_content"] or "") or None,
+                "content": str(chunk["content"] or "")}
+    return {"content": str(chunk.get("text") or "")}
 
 
 class Usage:

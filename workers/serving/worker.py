@@ -156,10 +156,11 @@ def build_app(worker):
                     kind, value, n = await chunks.get()
                     if kind == "text":
                         if time.monotonic() - last_sent >= STREAM_MIN_INTERVAL_S:
-                            yield worker.chunk(value, len(job.prompt_ids), n, None)
+                            yield worker.chunk(value, len(job.prompt_ids), n, None, job.thinking, final=False)
                             last_sent = time.monotonic()
                     elif kind == "done":
-                        yield worker.chunk(value.text, len(job.prompt_ids), value.completion_tokens, value.finish_reason)
+                        yield worker.chunk(value.text, len(job.prompt_ids), value.completion_tokens, value.finish_reason,
+                                           job.thinking)
                         return
                     else:
                         message = f"generation failed: {type(value).__name__}: {value}"
@@ -178,7 +179,7 @@ def build_app(worker):
         future = await admitted(request, params, lambda p: worker.run_job(rid, job, None, p))
         result = await until_done_or_gone(request, future, job.cancel)
         return JSONResponse(json.loads(worker.chunk(result.text, len(job.prompt_ids), result.completion_tokens,
-                                                    result.finish_reason)[:-1]))
+                                                    result.finish_reason, job.thinking)[:-1]))
 
     @app.post("/worker_get_embeddings")
     async def embeddings(request: Request):
@@ -293,13 +294,20 @@ def make_worker_class():
             return result
 
         @staticmethod
-        def chunk(text: str, prompt_tokens: int, completion_tokens: int, finish_reason: str | None) -> bytes:
+        def chunk(text: str, prompt_tokens: int, completion_tokens: int, finish_reason: str | None,
+                  thinking=None, final: bool = True) -> bytes:
+            """One stream chunk. For a reasoning model's chat answer (`thinking`, engine/reasoning.py) `text`
+            has its markers balanced and `reasoning_content` / `content` split it; `final=False` while it
+            may still grow (a marker being written is held back)."""
             if finish_reason is not None:  # the worker protocol's reasons are OpenAI's: a cancelled answer stopped
                 finish_reason = api_policy.finish_reason(finish_reason)
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                      "total_tokens": prompt_tokens + completion_tokens}
-            return (json.dumps({"text": text, "error_code": 0, "usage": usage, "finish_reason": finish_reason},
-                               ensure_ascii=False) + "\0").encode()
+            data = {"text": text, "error_code": 0, "usage": usage, "finish_reason": finish_reason}
+            if thinking is not None:
+                data["reasoning_content"], data["content"] = thinking.split(text, final)
+                data["text"] = thinking.text(text)
+            return (json.dumps(data, ensure_ascii=False) + "\0").encode()
 
     return BundleWorker
 
@@ -317,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.models.sources import model_dir
 
     folder = model_dir(spec.source)
-    incomplete = model_check.problems(folder)
+    incomplete = model_check.problems(folder, spec.source.modelscope)
     if incomplete:
         log.error("cannot serve %s: %s", folder, "; ".join(incomplete))
         return 2
