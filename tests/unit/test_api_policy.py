@@ -300,6 +300,23 @@ def test_max_completion_tokens_is_max_tokens():
     assert chat(max_completion_tokens=9, max_tokens=9).sampling.max_tokens == 9
 
 
+def test_chat_template_kwargs_reach_the_worker():
+    plan = chat(chat_template_kwargs={"enable_thinking": False})
+    assert plan.template_kwargs == {"enable_thinking": False}
+    payload = policy.worker_payload("m", plan.sampling, max_new_tokens=None, request_id="r", messages=plan.messages,
+                                    template_kwargs=plan.template_kwargs)
+    assert payload["chat_template_kwargs"] == {"enable_thinking": False}
+    assert chat().template_kwargs == {} and chat(chat_template_kwargs=None).template_kwargs == {}
+    assert "chat_template_kwargs" not in policy.worker_payload("m", chat().sampling, max_new_tokens=None,
+                                                               request_id="r", messages=USER)
+
+
+@pytest.mark.parametrize("value", ["enable_thinking=false", [{"enable_thinking": False}], 1, True])
+def test_chat_template_kwargs_must_be_an_object(value):
+    err = refused(chat, chat_template_kwargs=value)
+    assert err.status == 400 and err.param == "chat_template_kwargs"
+
+
 def test_include_usage():
     assert chat(stream=True, stream_options={"include_usage": True}).include_usage
     assert not chat(stream=True, stream_options={"include_usage": False}).include_usage

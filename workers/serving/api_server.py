@@ -25,16 +25,19 @@ non-streaming requests alike, so a client that goes away always closes the worke
      "echo": false (the API echoes a completion prompt itself), "request_id": str,
      "logprobs": null | int (top logprobs per generated token, 0..20), "prompt_logprobs": null | int (the same
               for the prompt's tokens: completions with echo), "logit_bias": null | {"token id": -100..100},
-     "seed": null | int (a sampled answer that repeats, alone or batched)}
+     "seed": null | int (a sampled answer that repeats, alone or batched),
+     "chat_template_kwargs": {...} (chat, when the client gives it: variables of the model's chat template)}
 
 Chat requests also carry FastChat's `prompt`, built from the worker's /worker_get_conv_template, for FastChat's
 own worker; a worker that reads `messages` ignores it. The worker answers HTTP 400/429/503 with
 {"error": {"message", "type", "code"}} (Retry-After on 429) before streaming, or streams NUL-delimited JSON
 chunks {"text": the whole text so far, "error_code": 0, "usage": {prompt_tokens, completion_tokens,
-total_tokens}, "finish_reason": null | "stop" | "length", with logprobs asked also "token_logprobs":
-{"offset": int, "content": [entry]} (the tokens since the chunk before) and, in the first chunk,
-"prompt_logprobs": [entry]; an entry is {"id", "token", "bytes", "logprob", "top": [{"id", "token", "bytes",
-"logprob"}]}, the logprob the model's log-softmax of its raw logits (null for a prompt's first token)}.
+total_tokens}, "finish_reason": null | "stop" | "length"}; for a reasoning model's chat answer also
+"reasoning_content" and "content" (the text split at its thinking markers, workers/engine/reasoning.py;
+the answer's message gets both, a stream sends reasoning_content deltas, then content deltas); with logprobs
+asked also "token_logprobs": {"offset": int, "content": [entry]} (the tokens since the chunk before) and, in the
+first chunk, "prompt_logprobs": [entry]; an entry is {"id", "token", "bytes", "logprob", "top": [{"id", "token",
+"bytes", "logprob"}]}, the logprob the model's log-softmax of its raw logits (null for a prompt's first token).
 Closing the connection cancels the request.
 Embeddings: POST /worker_get_embeddings {"model", "input": [str | [int]], "encoding_format"} ->
 {"embedding": [...], "token_num": int} or {"error_code", "text"}.
@@ -61,7 +64,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from workers.config import hosts, secrets
 from workers.serving import api_policy, errors, launch, placement
 from workers.serving.api_metrics import Metrics, MetricsMiddleware
-from workers.serving.api_policy import TextDeltas, Usage, finish_reason, sse
+from workers.serving.api_policy import AnswerDeltas, TextDeltas, Usage, finish_reason, message_fields, sse
 from workers.serving.errors import ApiError
 from workers.serving.fastchat_compat import WorkerUnavailable
 from workers.serving.worker_client import (DEFAULT_FIRST_CHUNK_TIMEOUT_S, Upstream, all_or_nothing,
@@ -238,32 +241,39 @@ class BundleApi:
                         first = await _next_or_none(chunks)  # it carries the prompt's logprobs
                     yield sse(api_policy.completion_chunk(id_, created, model, index, echoed, include_usage=include_usage,
                                                           logprobs=logprobs.prompt(first)))
-                deltas, last, first_text_at = TextDeltas(), None, None
+                deltas, answer, last, first_text_at = TextDeltas(), AnswerDeltas(), None, None
                 async for chunk in with_first(first, chunks):
                     last = chunk
                     logprobs.add(chunk)
-                    delta = deltas.feed(str(chunk.get("text") or ""), final=chunk.get("finish_reason") is not None)
-                    if not delta:
+                    final = chunk.get("finish_reason") is not None
+                    if kind == "chat":
+                        new = answer.feed(chunk, final)
+                    else:
+                        new = [delta] if (delta := deltas.feed(str(chunk.get("text") or ""), final)) else []
+                    if not new:
                         continue
                     if first_text_at is None:
                         first_text_at = time.monotonic()
                         self.metrics.ttft.labels(model).observe(first_text_at - t0)
-                    if kind == "chat":
-                        yield sse(api_policy.chat_chunk(id_, created, model, index, {"content": delta},
-                                                        include_usage=include_usage, logprobs=logprobs.take()))
-                    else:
-                        yield sse(api_policy.completion_chunk(id_, created, model, index, delta,
-                                                              include_usage=include_usage, logprobs=logprobs.take()))
+                    for j, delta in enumerate(new):  # the tokens' logprobs ride with the first delta
+                        if kind == "chat":
+                            yield sse(api_policy.chat_chunk(id_, created, model, index, delta, include_usage=include_usage,
+                                                            logprobs=logprobs.take() if j == 0 else None))
+                        else:
+                            yield sse(api_policy.completion_chunk(id_, created, model, index, delta,
+                                                                  include_usage=include_usage,
+                                                                  logprobs=logprobs.take() if j == 0 else None))
                 if last is None:
                     raise ApiError(errors.WORKER_ERROR, f"the model worker at {addr} ended the answer without output")
-                tail = deltas.feed(str(last.get("text") or ""), final=True)
                 finish = finish_reason(last.get("finish_reason"))
                 if kind == "chat":
-                    if tail or logprobs.pending:
-                        yield sse(api_policy.chat_chunk(id_, created, model, index, {"content": tail},
-                                                        include_usage=include_usage, logprobs=logprobs.take()))
+                    tail = answer.feed(last, final=True) or ([{"content": ""}] if logprobs.pending else [])
+                    for j, delta in enumerate(tail):
+                        yield sse(api_policy.chat_chunk(id_, created, model, index, delta, include_usage=include_usage,
+                                                        logprobs=logprobs.take() if j == 0 else None))
                     yield sse(api_policy.chat_chunk(id_, created, model, index, {}, finish, include_usage=include_usage))
                 else:
+                    tail = deltas.feed(str(last.get("text") or ""), final=True)
                     yield sse(api_policy.completion_chunk(id_, created, model, index, tail, finish,
                                                           include_usage=include_usage, logprobs=logprobs.take()))
                 usage.add(prompt_key, last.get("usage"))
@@ -294,30 +304,34 @@ class BundleApi:
         conv = await self.upstream.conv_template(addr, plan.model)
         prompt = api_policy.fastchat_prompt(conv, plan.messages)
         context_len = await self.upstream.context_length(addr, plan.model)
-        prompt_tokens = await self.upstream.count_tokens(addr, plan.model, prompt, plan.messages)
+        prompt_tokens = await self.upstream.count_tokens(addr, plan.model, prompt, plan.messages, plan.template_kwargs)
         max_new = api_policy.max_new_tokens(plan.sampling.max_tokens, context_len, prompt_tokens, plan.model)
         id_ = f"chatcmpl-{shortuuid.random()}"
         jobs = [(0, api_policy.worker_payload(plan.model, plan.sampling, max_new_tokens=max_new,
                                               request_id=f"{id_}-{i}", messages=plan.messages, prompt=prompt,
-                                              logprobs=plan.logprobs, choice=i), "")
+                                              template_kwargs=plan.template_kwargs, logprobs=plan.logprobs,
+                                              choice=i), "")
                 for i in range(plan.n)]
         if plan.stream:
             return await self.stream(request, plan.model, addr, jobs, id_, "chat", plan.include_usage)
         results = await self.generate_all(request, plan.model, addr, [job[1] for job in jobs])
         usage = Usage()
-        choices = []
+        choices, messages = [], []
         for i, r in enumerate(results):
             usage.add(0, r.get("usage"))
+            fields = message_fields(r)
+            messages.append(fields)
             choices.append(ChatCompletionResponseChoice(
-                index=i, message=ChatMessage(role="assistant", content=str(r.get("text") or "")),
+                index=i, message=ChatMessage(role="assistant", content=fields["content"]),
                 finish_reason=finish_reason(r.get("finish_reason"))))
         self.metrics.tokens(plan.model, usage.prompt_tokens, usage.completion)
-        answer = ChatCompletionResponse(id=id_, model=plan.model, choices=choices,
-                                        usage=UsageInfo(**usage.as_dict())).model_dump()
-        for choice, r in zip(answer["choices"], results):  # FastChat's choice model has no logprobs field
-            choice["logprobs"] = (api_policy.chat_logprobs(r["logprob_entries"]) if plan.logprobs is not None
-                                  else None)
-        return JSONResponse(answer)
+        body = ChatCompletionResponse(id=id_, model=plan.model, choices=choices,
+                                      usage=UsageInfo(**usage.as_dict())).model_dump()
+        for choice, fields, r in zip(body["choices"], messages, results):
+            choice["message"].update(fields)  # reasoning_content, for a reasoning model (DeepSeek's API shape)
+            # FastChat's choice model has no logprobs field
+            choice["logprobs"] = api_policy.chat_logprobs(r["logprob_entries"]) if plan.logprobs is not None else None
+        return JSONResponse(body)
 
     # --- /v1/completions ---------------------------------------------------------------------------------
     async def completions(self, request: Request):
@@ -495,7 +509,7 @@ def install(api_module, dep=None, http_options: dict | None = None) -> BundleApi
                             if not (getattr(r, "path", "").startswith("/api/") or getattr(r, "path", "") in REPLACED_ROUTES)]
     keyed = [Depends(api_module.check_api_key)]
     for path, endpoint, models in (
-            ("/v1/chat/completions", bundle.chat_completions, (ChatCompletionRequest, api_policy.Extras)),
+            ("/v1/chat/completions", bundle.chat_completions, (ChatCompletionRequest, api_policy.ChatExtras)),
             ("/v1/completions", bundle.completions, (CompletionRequest, api_policy.Extras)),
             ("/v1/embeddings", bundle.embeddings, (EmbeddingsRequest,)),
             ("/v1/engines/{model_name}/embeddings", bundle.engine_embeddings, (EmbeddingsRequest,))):

@@ -177,7 +177,7 @@ def build_app(worker):
                     kind, value, n = await chunks.get()
                     if kind == "text":
                         if time.monotonic() - last_sent >= STREAM_MIN_INTERVAL_S:
-                            yield worker.chunk(value, job, n, None, logprobs.upto(n))
+                            yield worker.chunk(value, job, n, None, logprobs.upto(n), final=False)
                             last_sent = time.monotonic()
                     elif kind == "done":
                         yield worker.chunk(value.text, job, value.completion_tokens, value.finish_reason,
@@ -316,14 +316,20 @@ def make_worker_class():
 
         @staticmethod
         def chunk(text: str, job, completion_tokens: int, finish_reason: str | None,
-                  logprobs: dict | None = None) -> bytes:
+                  logprobs: dict | None = None, final: bool = True) -> bytes:
+            """One stream chunk, with the job's logprob fields (LogprobFeed). For a reasoning model's chat answer
+            (`job.thinking`, engine/reasoning.py) `text` has its markers balanced and `reasoning_content` /
+            `content` split it; `final=False` while it may still grow (a marker being written is held back)."""
             if finish_reason is not None:  # the worker protocol's reasons are OpenAI's: a cancelled answer stopped
                 finish_reason = api_policy.finish_reason(finish_reason)
             prompt_tokens = len(job.prompt_ids) - job.added_prefix  # the client's prompt, as it sent it
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                      "total_tokens": prompt_tokens + completion_tokens}
-            body = {"text": text, "error_code": 0, "usage": usage, "finish_reason": finish_reason}
-            return (json.dumps({**body, **(logprobs or {})}, ensure_ascii=False) + "\0").encode()
+            data = {"text": text, "error_code": 0, "usage": usage, "finish_reason": finish_reason, **(logprobs or {})}
+            if job.thinking is not None:
+                data["reasoning_content"], data["content"] = job.thinking.split(text, final)
+                data["text"] = job.thinking.text(text)
+            return (json.dumps(data, ensure_ascii=False) + "\0").encode()
 
     return BundleWorker
 
@@ -341,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.models.sources import model_dir
 
     folder = model_dir(spec.source)
-    incomplete = model_check.problems(folder)
+    incomplete = model_check.problems(folder, spec.source.modelscope)
     if incomplete:
         log.error("cannot serve %s: %s", folder, "; ".join(incomplete))
         return 2

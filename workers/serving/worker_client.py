@@ -121,12 +121,15 @@ class Upstream:
             self._conv[key] = data["conv"]
         return self._conv[key]
 
-    async def count_tokens(self, addr: str, model: str, prompt: str, messages: list[dict] | None = None) -> int:
+    async def count_tokens(self, addr: str, model: str, prompt: str, messages: list[dict] | None = None,
+                           template_kwargs: dict | None = None) -> int:
         """The prompt's tokens, as the worker counts them: from `messages` in the model's own format when given
-        (the bundle's worker), else from FastChat's `prompt`."""
+        (the bundle's worker, with the request's chat_template_kwargs), else from FastChat's `prompt`."""
         payload = {"model": model, "prompt": prompt}
         if messages is not None:
             payload["messages"] = messages
+        if template_kwargs:
+            payload["chat_template_kwargs"] = template_kwargs
         data = await self._worker_call(addr, "/count_token", payload, COUNT_TIMEOUT_S)
         return int(data["count"])
 
