@@ -28,13 +28,6 @@ class Prefix:
     axes: tuple
 
 
-def _tensors(past):
-    for layer in past:
-        for t in layer:
-            if isinstance(t, torch.Tensor):
-                yield t
-
-
 def sequence_axes(past, length: int):
     """For each layer's tensors, the axis whose size is `length`; None when it is ambiguous."""
     axes = []
