@@ -418,12 +418,28 @@ def _install_chain(family: TinyFamily, tokenizer, model, n: int, seed: int) -> N
             emb[cur] = directions[:, k] * scale
             out[nxt] = directions[:, k]
         return
-    # Tied: row_k = g^k (d_k + d_{k-1}); the row after row_k scores g*|row_k|^2/2 against row_k's own
-    # |row_k|^2 (g = 3: 1.5x), rows two on share nothing with it.
-    growth, scale = 3.0, 2.0
+    # Tied (one matrix is both input and output): a symmetric score cannot prefer the next row over a row's
+    # own, so the final norm's scales do it. Row k = S g^k (2 e_n(k) + e_p(k) + e_p(k+1)) on basis dims whose
+    # final-norm scale is -1 (n) or +1 (p): a row scores -2 against itself, +g against the next one (the
+    # shared p dim), +1/g against the one before and 0 against all others.
+    dims = torch.randperm(hidden, generator=generator)[: 2 * len(sequence) + 1].tolist()
+    neg, pos = dims[:len(sequence)], dims[len(sequence):]
+    growth, scale = 1.5, 4.0
     for k, tid in enumerate(sequence):
-        row = directions[:, k] if k == 0 else (directions[:, k] + directions[:, k - 1])
+        row = torch.zeros(hidden)
+        row[neg[k]], row[pos[k]], row[pos[k + 1]] = 2.0, 1.0, 1.0
         emb[tid] = row * scale * growth ** k
+    norm = dict(model.named_parameters())[_final_norm_name(model)]
+    offset = 1.0 - _norm_one(model.config)     # Gemma's norms scale by (1 + weight)
+    norm[neg] = -1.0 - offset
+    norm[pos] = 1.0 - offset
+
+
+def _final_norm_name(model) -> str:
+    names = [n for n, _ in model.named_parameters() if n.endswith("norm.weight") and ".layers." not in n]
+    if len(names) != 1:
+        raise ValueError(f"cannot tell the final norm among {names}")
+    return names[0]
 
 
 # ------------------------------------------------------------------------------------- reference
@@ -470,14 +486,81 @@ def reference(folder: Path, cases: dict[str, list[dict]], *, max_new_tokens: int
 
 # --------------------------------------------------------------------------- running in another env
 
+CACHE = ROOT / "var" / "cache" / "tiny-families"
+
+
+def environment_of(name: str):
+    """The environment the bundle gives family `name` (workers/models/families.py decides from config.json)."""
+    from workers.models.families import environment_for
+
+    return environment_for(FAMILIES[name].config)[0]
+
+
 def run_in(python: str | Path, *args: str, timeout: float = 900) -> dict:
-    """`python -m tests.tiny_families ARGS` (the environment a family's worker runs in); its JSON result."""
+    """`python -m tests.tiny_families ARGS` (in the environment a family's worker runs in); its JSON result."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run([str(python), "-m", "tests.tiny_families", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"tests.tiny_families {' '.join(args)} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def built(names: list[str], *, seed: int = 0, turn_end_after: int | None = 3) -> dict[str, Path]:
+    """Folders of the tiny models `names`, built in their own environments (one process per environment)
+    and kept in var/cache/tiny-families under a key of the builder's source, the arguments and the
+    environment's transformers version: a later session reuses them."""
+    import hashlib
+
+    from workers.config.environments import versions
+
+    sources = b"".join((Path(__file__).parent / f).read_bytes() for f in ("tiny_families.py", "gguf_vocab.py"))
+    out, todo = {}, {}
+    for name in names:
+        env = environment_of(name)
+        key = hashlib.sha256(sources + json.dumps([name, seed, turn_end_after, env.name,
+                                                    versions(env, ("transformers",))]).encode()).hexdigest()[:12]
+        folder = CACHE / f"{name}-{key}"
+        out[name] = folder
+        if not (folder / "model.safetensors").is_file():
+            todo.setdefault(env, []).append(name)
+    for env, group in todo.items():
+        args = ["build-many", str(CACHE), "--seed", str(seed)]
+        args += ["--turn-end-after", str(turn_end_after)] if turn_end_after is not None else []
+        args += [f"{name}={out[name].name}" for name in group]
+        run_in(env.python(), *args)
+    return out
+
+
+def references(folders: dict[str, Path], *, max_new_tokens: int, cases: dict | None = None,
+               completion: str | None = COMPLETION_PROMPT, completion_tokens: int = 8) -> dict[str, dict]:
+    """`reference` for each family's folder, run in the family's own environment (one process per
+    environment, the same transformers its worker runs)."""
+    groups: dict = {}
+    for name, folder in folders.items():
+        groups.setdefault(environment_of(name), {})[name] = str(folder)
+    out = {}
+    for env, group in groups.items():
+        args = ["reference-many", json.dumps(group), "--cases", json.dumps(cases or CHAT_CASES),
+                "--max-new-tokens", str(max_new_tokens), "--completion-tokens", str(completion_tokens)]
+        args += ["--completion", completion] if completion is not None else []
+        out.update(run_in(env.python(), *args))
+    return out
+
+
+def _build_many(root: Path, pairs: list[str], seed: int, turn_end_after: int | None) -> None:
+    import shutil
+    import tempfile
+
+    root.mkdir(parents=True, exist_ok=True)
+    for pair in pairs:
+        name, folder = pair.split("=", 1)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder}-", dir=root))
+        build(name, staging, seed=seed, turn_end_after=turn_end_after)
+        if (root / folder).exists():
+            shutil.rmtree(staging)
+        else:
+            staging.rename(root / folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -489,16 +572,35 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("name", choices=sorted(FAMILIES))
     b.add_argument("folder", type=Path)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--turn-end-after", type=int, default=3)
+    b.add_argument("--turn-end-after", type=int, default=None)
+    m = sub.add_parser("build-many")
+    m.add_argument("root", type=Path)
+    m.add_argument("pairs", nargs="+", help="NAME=FOLDER")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--turn-end-after", type=int, default=None)
+    rm = sub.add_parser("reference-many")
+    rm.add_argument("folders", help="JSON {name: folder}")
     r = sub.add_parser("reference")
     r.add_argument("folder", type=Path)
-    r.add_argument("--cases", default=json.dumps(CHAT_CASES))
-    r.add_argument("--max-new-tokens", type=int, default=16)
-    r.add_argument("--completion", default=None)
-    r.add_argument("--completion-tokens", type=int, default=8)
-    r.add_argument("--dtype", default="float32")
+    for p in (r, rm):
+        p.add_argument("--cases", default=json.dumps(CHAT_CASES))
+        p.add_argument("--max-new-tokens", type=int, default=16)
+        p.add_argument("--completion", default=None)
+        p.add_argument("--completion-tokens", type=int, default=8)
+        p.add_argument("--dtype", default="float32")
     args = parser.parse_args(argv)
-    if args.cmd == "build":
+    if args.cmd == "build-many":
+        _build_many(args.root, args.pairs, args.seed, args.turn_end_after)
+        print(json.dumps({"built": args.pairs}))
+    elif args.cmd == "reference-many":
+        import torch
+
+        torch.set_num_threads(1)  # as the workers run (and the machine is shared)
+        print(json.dumps({name: reference(Path(folder), json.loads(args.cases), max_new_tokens=args.max_new_tokens,
+                                          completion=args.completion, completion_tokens=args.completion_tokens,
+                                          dtype=args.dtype)
+                          for name, folder in json.loads(args.folders).items()}))
+    elif args.cmd == "build":
         build(args.name, args.folder, seed=args.seed, turn_end_after=args.turn_end_after)
         print(json.dumps({"folder": str(args.folder)}))
     else:

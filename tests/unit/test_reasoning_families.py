@@ -45,6 +45,7 @@ def test_qwen3_enable_thinking_false_closes_an_empty_block_in_the_prompt(folder)
     chat = chat_format("qwen3", folder)
     off, on = chat.render(HELLO, OFF), chat.render(HELLO, ON)
     assert chat.tokenizer.decode(off[len(on):], skip_special_tokens=False) == "<think>\n\n</think>\n\n"
+    assert off[:len(on)] == on and len(off) == len(on) + 4
     assert on == chat.render(HELLO)  # thinking is Qwen3's default
 
 

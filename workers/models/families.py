@@ -336,6 +336,114 @@ def neural_speed_graph(config: Mapping | PretrainedConfig) -> tuple[NeuralSpeedG
     return None, f"neural-speed has no graph the bundle uses for model_type {model_type!r}"
 
 
+# ---------------------------------------------------------------------------------- environments
+
+@dataclass(frozen=True)
+class NewerTransformers:
+    """Model types, or a config.json setting of them, that the pinned transformers (4.40.2) cannot run
+    (it refuses the config, ignores the setting, or does not know the model type): their worker runs
+    in the environment with a newer transformers (workers/config/environments.py)."""
+
+    since: str                               # the first transformers release that runs it
+    model_types: tuple[str, ...]
+    setting: str = ""                        # what in config.json; "" for the model type itself
+    applies: Any = None                      # config -> bool for a setting; None for the model type
+
+
+def _rope_type(config) -> str | None:
+    scaling = _get(config, "rope_scaling") or {}
+    return scaling.get("rope_type") or scaling.get("type") if isinstance(scaling, Mapping) else None
+
+
+def _own_head_dim(config) -> bool:
+    head_dim, hidden, heads = _get(config, "head_dim"), _get(config, "hidden_size"), _get(config, "num_attention_heads")
+    return bool(head_dim and hidden and heads and head_dim * heads != hidden)
+
+
+NEWER_TRANSFORMERS: tuple[NewerTransformers, ...] = (
+    NewerTransformers("4.43", ("llama",), "rope_scaling rope_type llama3 (Llama 3.1 and later)",
+                      lambda c: _rope_type(c) == "llama3"),
+    NewerTransformers("4.43", ("llama", "mistral", "qwen2"), "head_dim other than hidden_size / num_attention_heads "
+                      "(Mistral-Nemo)", _own_head_dim),
+    NewerTransformers("4.41", ("llama",), "mlp_bias: true", lambda c: bool(_get(c, "mlp_bias"))),
+    NewerTransformers("4.41", ("phi3",)),            # Phi-3.5 longrope 4.43, Phi-4-mini partial rotary 4.49
+    NewerTransformers("4.42", ("gemma2",)),
+    NewerTransformers("4.46", ("glm",)),             # glm-4-9b-chat-hf
+    NewerTransformers("4.50", ("gemma3_text",)),
+    NewerTransformers("4.51", ("qwen3", "qwen3_moe")),
+    NewerTransformers("4.51.3", ("glm4",)),          # GLM-4-0414
+    NewerTransformers("4.53", ("smollm3",)),
+)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(".") if p.isdigit())
+
+
+def newer_transformers_needed(config: Mapping | PretrainedConfig) -> tuple[str, str] | None:
+    """(the transformers version this config needs, why) when it is newer than the pinned one, else None.
+
+    From NEWER_TRANSFORMERS; a model type none of it names and the pinned transformers does not know
+    needs a newer one too (its release is not recorded: the newest environment is tried).
+    """
+    from workers.config.environments import PINNED
+
+    model_type = _get(config, "model_type")
+    needs = [(r.since, f"its {r.setting}" if r.setting else f"model_type {model_type!r}")
+             for r in NEWER_TRANSFORMERS if model_type in r.model_types and (r.applies is None or r.applies(config))]
+    if needs:
+        return max(needs, key=lambda n: _version_tuple(n[0]))
+    if _get(config, "auto_map") or not model_type or model_type in pinned_model_types():
+        return None
+    return "", f"model_type {model_type!r} (unknown to transformers {PINNED.transformers})"
+
+
+def pinned_model_types() -> frozenset[str]:
+    """The model types the pinned environment's transformers knows."""
+    return _pinned_model_types()
+
+
+_PINNED_TYPES: frozenset[str] | None = None
+
+
+def _pinned_model_types() -> frozenset[str]:
+    global _PINNED_TYPES
+    if _PINNED_TYPES is None:
+        import subprocess
+
+        from workers.config.environments import PINNED
+
+        code = ("import json; from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES as m; "
+                "print(json.dumps(sorted(m)))")
+        if PINNED.is_this_process():
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+            _PINNED_TYPES = frozenset(CONFIG_MAPPING_NAMES)
+        else:
+            out = subprocess.run([PINNED.python(), "-c", code], capture_output=True, text=True, check=True)
+            _PINNED_TYPES = frozenset(json.loads(out.stdout))
+    return _PINNED_TYPES
+
+
+def environment_for(config: Mapping | PretrainedConfig):
+    """(the Python environment a worker for this config.json runs in, why).
+
+    The pinned one unless the model needs a newer transformers (`newer_transformers_needed`); remote-code
+    models (ChatGLM3-6B, Qwen-7B-Chat) stay pinned: their code breaks on newer transformers.
+    """
+    from workers.config.environments import ENVIRONMENTS, PINNED
+
+    need = newer_transformers_needed(config)
+    if need is None:
+        return PINNED, f"transformers {PINNED.transformers} runs it"
+    since, why = need
+    for env in ENVIRONMENTS:
+        if since and _version_tuple(env.transformers) >= _version_tuple(since):
+            return env, f"{why} needs transformers >= {since}"
+    newest = ENVIRONMENTS[-1]
+    return newest, f"{why}: the newest environment (transformers {newest.transformers}) is tried"
+
+
 NEUTRAL_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0}
 
 

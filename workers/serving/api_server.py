@@ -23,6 +23,9 @@ non-streaming requests alike, so a client that goes away always closes the worke
      "max_new_tokens": null = the model's default (capped by the context),
      "stop": [str] (the user's; the worker adds the model's own), "stop_token_ids": [int],
      "echo": false (the API echoes a completion prompt itself), "request_id": str,
+     "logprobs": null | int (top logprobs per generated token, 0..20), "prompt_logprobs": null | int (the same
+              for the prompt's tokens: completions with echo), "logit_bias": null | {"token id": -100..100},
+     "seed": null | int (a sampled answer that repeats, alone or batched),
      "chat_template_kwargs": {...} (chat, when the client gives it: variables of the model's chat template)}
 
 Chat requests also carry FastChat's `prompt`, built from the worker's /worker_get_conv_template, for FastChat's
@@ -31,7 +34,10 @@ own worker; a worker that reads `messages` ignores it. The worker answers HTTP 4
 chunks {"text": the whole text so far, "error_code": 0, "usage": {prompt_tokens, completion_tokens,
 total_tokens}, "finish_reason": null | "stop" | "length"}; for a reasoning model's chat answer also
 "reasoning_content" and "content" (the text split at its thinking markers, workers/engine/reasoning.py;
-the answer's message gets both, a stream sends reasoning_content deltas, then content deltas).
+the answer's message gets both, a stream sends reasoning_content deltas, then content deltas); with logprobs
+asked also "token_logprobs": {"offset": int, "content": [entry]} (the tokens since the chunk before) and, in the
+first chunk, "prompt_logprobs": [entry]; an entry is {"id", "token", "bytes", "logprob", "top": [{"id", "token",
+"bytes", "logprob"}]}, the logprob the model's log-softmax of its raw logits (null for a prompt's first token).
 Closing the connection cancels the request.
 Embeddings: POST /worker_get_embeddings {"model", "input": [str | [int]], "encoding_format"} ->
 {"embedding": [...], "token_num": int} or {"error_code", "text"}.
@@ -48,7 +54,6 @@ import shortuuid
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials
 from fastchat.protocol.openai_api_protocol import (ChatCompletionRequest, ChatCompletionResponse,
                                                    ChatCompletionResponseChoice, ChatMessage, CompletionRequest,
@@ -56,11 +61,12 @@ from fastchat.protocol.openai_api_protocol import (ChatCompletionRequest, ChatCo
                                                    EmbeddingsResponse, UsageInfo)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from workers.config import secrets
-from workers.serving import api_policy, errors, launch
+from workers.config import hosts, secrets
+from workers.serving import api_policy, errors, launch, placement
 from workers.serving.api_metrics import Metrics, MetricsMiddleware
 from workers.serving.api_policy import AnswerDeltas, TextDeltas, Usage, finish_reason, message_fields, sse
 from workers.serving.errors import ApiError
+from workers.serving.fastchat_compat import WorkerUnavailable
 from workers.serving.worker_client import (DEFAULT_FIRST_CHUNK_TIMEOUT_S, Upstream, all_or_nothing,
                                            unless_disconnected)
 
@@ -69,7 +75,6 @@ log = logging.getLogger("api_server")
 PREFILL_ALLOWANCE_S = 600.0  # beyond the worker's own queue timeout, before the API gives up on a first chunk
 EMBEDDING_BATCH = 4  # inputs per /worker_get_embeddings call (FastChat's WORKER_API_EMBEDDING_BATCH_SIZE)
 REPLACED_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/engines/{model_name}/embeddings"}
-OPEN_ROUTES = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 
 
 async def _next_or_none(chunks):
@@ -97,18 +102,44 @@ class UpstreamStreamingResponse(StreamingResponse):
                 scope.setdefault("state", {})["bundle_client_gone"] = True
 
 
+class StreamLogprobs:
+    """The logprobs of one streamed choice: each chunk sent carries those of the tokens the worker reported since
+    the chunk before (a token whose text is held back reports with the next chunk), so together they are the
+    non-streamed answer's."""
+
+    def __init__(self, kind: str, asked: bool):
+        self.kind, self.asked, self.pending = kind, asked, []
+        self.completion = api_policy.CompletionLogprobs()
+
+    def add(self, chunk: dict) -> None:
+        self.pending += (chunk.get("token_logprobs") or {}).get("content") or []
+
+    def prompt(self, chunk: dict | None) -> dict | None:
+        if not self.asked:
+            return None
+        return self.completion.part((chunk or {}).get("prompt_logprobs") or [])
+
+    def take(self) -> dict | None:
+        if not self.asked:
+            return None
+        entries, self.pending = self.pending, []
+        return api_policy.chat_logprobs(entries) if self.kind == "chat" else self.completion.part(entries)
+
+
 class BundleApi:
     """The bundle's handlers, bound to one deployment, one upstream client and one metrics registry."""
 
-    def __init__(self, api_module, dep=None):
+    def __init__(self, api_module, dep=None, http_options: dict | None = None):
         self.settings = api_module.app_settings
-        self.configure(dep)
         self.registered: set[str] = set()
-        self.upstream = Upstream(lambda: self.settings.controller_address)
+        self.upstream = Upstream(lambda: self.settings.controller_address, http_options)
+        self.configure(dep)
         self.metrics = Metrics()
 
     def configure(self, dep) -> None:
         self.specs = {name: m for m in dep.models for name in m.names} if dep is not None else {}
+        # with hosts: errors for a model whose host is away name model and host
+        self.not_registered, self.upstream.unavailable = placement.outage_errors(dep)
 
     # --- shared steps ------------------------------------------------------------------------------------
     def first_chunk_timeout(self, model: str) -> float:
@@ -130,29 +161,32 @@ class BundleApi:
         self.registered = set(served)
         if model not in served:
             if model in self.specs:
-                raise errors.not_registered(model)
+                raise self.not_registered(model)
             raise api_policy.unknown_model(model, sorted(set(served) | set(self.specs)))
         self.metrics.started(request, model)
         addr = await self.upstream.worker_address(model)
         if not addr:
-            raise errors.not_registered(model)
+            raise self.not_registered(model)
         return addr
 
     async def generate(self, request: Request, model: str, addr: str, payload: dict) -> dict:
         """One answer, streamed from the worker and collected: its last chunk."""
         t0 = self.metrics.arrived(request)
         stream = await self.upstream.open_stream(addr, payload, model, self.first_chunk_timeout(model))
-        last, first_text_at = None, None
+        last, first_text_at, entries, prompt_entries = None, None, [], None
         try:
             async for chunk in stream.chunks():
                 if first_text_at is None and chunk.get("text"):
                     first_text_at = time.monotonic()
                     self.metrics.ttft.labels(model).observe(first_text_at - t0)
+                entries += (chunk.get("token_logprobs") or {}).get("content") or []
+                prompt_entries = chunk.get("prompt_logprobs", prompt_entries)
                 last = chunk
         finally:
             await stream.aclose()
         if last is None:
             raise ApiError(errors.WORKER_ERROR, f"the model worker at {addr} ended the answer without any output")
+        last = {**last, "logprob_entries": entries, "prompt_logprob_entries": prompt_entries or []}
         if first_text_at is not None:
             self.metrics.decode.labels(model).observe(time.monotonic() - first_text_at)
         return last
@@ -198,15 +232,19 @@ class BundleApi:
                     s = await self.upstream.open_stream(addr, payload, model, timeout)
                     closers.append(s.aclose)
                     chunks, first = s.chunks(), None
+                logprobs = StreamLogprobs(kind, payload.get("logprobs") is not None)
                 if kind == "chat":
                     yield sse(api_policy.chat_chunk(id_, created, model, index, {"role": "assistant", "content": ""},
                                                     include_usage=include_usage))
                 if echoed:
-                    yield sse(api_policy.completion_chunk(id_, created, model, index, echoed,
-                                                          include_usage=include_usage))
+                    if payload.get("prompt_logprobs") is not None and first is None:
+                        first = await _next_or_none(chunks)  # it carries the prompt's logprobs
+                    yield sse(api_policy.completion_chunk(id_, created, model, index, echoed, include_usage=include_usage,
+                                                          logprobs=logprobs.prompt(first)))
                 deltas, answer, last, first_text_at = TextDeltas(), AnswerDeltas(), None, None
                 async for chunk in with_first(first, chunks):
                     last = chunk
+                    logprobs.add(chunk)
                     final = chunk.get("finish_reason") is not None
                     if kind == "chat":
                         new = answer.feed(chunk, final)
@@ -217,24 +255,27 @@ class BundleApi:
                     if first_text_at is None:
                         first_text_at = time.monotonic()
                         self.metrics.ttft.labels(model).observe(first_text_at - t0)
-                    for delta in new:
+                    for j, delta in enumerate(new):  # the tokens' logprobs ride with the first delta
                         if kind == "chat":
-                            yield sse(api_policy.chat_chunk(id_, created, model, index, delta,
-                                                            include_usage=include_usage))
+                            yield sse(api_policy.chat_chunk(id_, created, model, index, delta, include_usage=include_usage,
+                                                            logprobs=logprobs.take() if j == 0 else None))
                         else:
                             yield sse(api_policy.completion_chunk(id_, created, model, index, delta,
-                                                                  include_usage=include_usage))
+                                                                  include_usage=include_usage,
+                                                                  logprobs=logprobs.take() if j == 0 else None))
                 if last is None:
                     raise ApiError(errors.WORKER_ERROR, f"the model worker at {addr} ended the answer without output")
                 finish = finish_reason(last.get("finish_reason"))
                 if kind == "chat":
-                    for delta in answer.feed(last, final=True):
-                        yield sse(api_policy.chat_chunk(id_, created, model, index, delta, include_usage=include_usage))
+                    tail = answer.feed(last, final=True) or ([{"content": ""}] if logprobs.pending else [])
+                    for j, delta in enumerate(tail):
+                        yield sse(api_policy.chat_chunk(id_, created, model, index, delta, include_usage=include_usage,
+                                                        logprobs=logprobs.take() if j == 0 else None))
                     yield sse(api_policy.chat_chunk(id_, created, model, index, {}, finish, include_usage=include_usage))
                 else:
                     tail = deltas.feed(str(last.get("text") or ""), final=True)
                     yield sse(api_policy.completion_chunk(id_, created, model, index, tail, finish,
-                                                          include_usage=include_usage))
+                                                          include_usage=include_usage, logprobs=logprobs.take()))
                 usage.add(prompt_key, last.get("usage"))
                 if first_text_at is not None:
                     self.metrics.decode.labels(model).observe(time.monotonic() - first_text_at)
@@ -268,7 +309,8 @@ class BundleApi:
         id_ = f"chatcmpl-{shortuuid.random()}"
         jobs = [(0, api_policy.worker_payload(plan.model, plan.sampling, max_new_tokens=max_new,
                                               request_id=f"{id_}-{i}", messages=plan.messages, prompt=prompt,
-                                              template_kwargs=plan.template_kwargs), "")
+                                              template_kwargs=plan.template_kwargs, logprobs=plan.logprobs,
+                                              choice=i), "")
                 for i in range(plan.n)]
         if plan.stream:
             return await self.stream(request, plan.model, addr, jobs, id_, "chat", plan.include_usage)
@@ -285,8 +327,10 @@ class BundleApi:
         self.metrics.tokens(plan.model, usage.prompt_tokens, usage.completion)
         body = ChatCompletionResponse(id=id_, model=plan.model, choices=choices,
                                       usage=UsageInfo(**usage.as_dict())).model_dump()
-        for choice, fields in zip(body["choices"], messages):
+        for choice, fields, r in zip(body["choices"], messages, results):
             choice["message"].update(fields)  # reasoning_content, for a reasoning model (DeepSeek's API shape)
+            # FastChat's choice model has no logprobs field
+            choice["logprobs"] = api_policy.chat_logprobs(r["logprob_entries"]) if plan.logprobs is not None else None
         return JSONResponse(body)
 
     # --- /v1/completions ---------------------------------------------------------------------------------
@@ -306,9 +350,11 @@ class BundleApi:
             max_new = api_policy.max_new_tokens(plan.sampling.max_tokens, context_len, used, plan.model,
                                                 default=api_policy.COMPLETIONS_DEFAULT_MAX_TOKENS)
             echoed = prompt if plan.echo else ""  # token-id prompts cannot be echoed (api_policy refuses it)
+            prompt_logprobs = plan.logprobs if plan.echo else None
             for i in range(plan.n):
                 jobs.append((p, api_policy.worker_payload(plan.model, plan.sampling, max_new_tokens=max_new,
-                                                          request_id=f"{id_}-{p * plan.n + i}", **text), echoed))
+                                                          request_id=f"{id_}-{p * plan.n + i}", logprobs=plan.logprobs,
+                                                          prompt_logprobs=prompt_logprobs, choice=i, **text), echoed))
         if plan.stream:
             return await self.stream(request, plan.model, addr, jobs, id_, "completions", plan.include_usage)
         results = await self.generate_all(request, plan.model, addr, [job[1] for job in jobs])
@@ -316,7 +362,10 @@ class BundleApi:
         choices = []
         for k, ((p, _, echoed), r) in enumerate(zip(jobs, results)):
             usage.add(p, r.get("usage"))
-            choices.append(CompletionResponseChoice(index=k, text=echoed + str(r.get("text") or ""),
+            logprobs = None
+            if plan.logprobs is not None:
+                logprobs = api_policy.CompletionLogprobs().part(r["prompt_logprob_entries"] + r["logprob_entries"])
+            choices.append(CompletionResponseChoice(index=k, text=echoed + str(r.get("text") or ""), logprobs=logprobs,
                                                     finish_reason=finish_reason(r.get("finish_reason"))))
         self.metrics.tokens(plan.model, usage.prompt_tokens, usage.completion)
         return JSONResponse(CompletionResponse(id=id_, model=plan.model, choices=choices,
@@ -399,14 +448,15 @@ def _inline_refs(schema):
     return walk(schema)
 
 
-def install(api_module, dep=None) -> BundleApi:
-    """Make FastChat's openai_api_server app (module passed in) the bundle's API; returns the handlers."""
+def install(api_module, dep=None, http_options: dict | None = None) -> BundleApi:
+    """Make FastChat's openai_api_server app (module passed in, fastchat_compat.apply_api done) the bundle's API;
+    returns the handlers. `http_options`: auth.httpx_options for the calls to the controller and workers."""
     app = api_module.app
     existing = getattr(app.state, "bundle_api", None)
     if existing is not None:  # installed already (tests): only the deployment changes
         existing.configure(dep)
         return existing
-    bundle = app.state.bundle_api = BundleApi(api_module, dep)
+    bundle = app.state.bundle_api = BundleApi(api_module, dep, http_options)
 
     async def check_api_key(auth: Optional[HTTPAuthorizationCredentials] = Depends(api_module.get_bearer_token)):
         keys = bundle.settings.api_keys
@@ -421,6 +471,9 @@ def install(api_module, dep=None) -> BundleApi:
 
     async def on_api_error(request: Request, exc: ApiError):
         return exc.response()
+
+    async def on_fetch_unavailable(request: Request, exc: WorkerUnavailable):  # FastChat's own /v1/models
+        return bundle.upstream.unavailable(exc.url, exc.exc).response()
 
     async def on_validation_error(request: Request, exc: RequestValidationError):
         return errors.from_validation(list(exc.errors())).response()
@@ -445,7 +498,8 @@ def install(api_module, dep=None) -> BundleApi:
         return ApiError(errors.INTERNAL, f"internal error: {type(exc).__name__}: {exc}").response()
 
     app.dependency_overrides[api_module.check_api_key] = check_api_key
-    for exc_class, handler in ((ApiError, on_api_error), (RequestValidationError, on_validation_error),
+    for exc_class, handler in ((ApiError, on_api_error), (WorkerUnavailable, on_fetch_unavailable),
+                               (RequestValidationError, on_validation_error),
                                (StarletteHTTPException, on_http_exception), (errors.ClientDisconnected, on_client_gone),
                                (Exception, on_unexpected)):
         app.add_exception_handler(exc_class, handler)
@@ -472,19 +526,6 @@ def install(api_module, dep=None) -> BundleApi:
     return bundle
 
 
-def unguarded_routes(app, api_module) -> list[str]:
-    """Routes that answer without the API-key check, other than the open ones (health, metrics, docs)."""
-    found = []
-    for route in app.routes:
-        path = getattr(route, "path", "")
-        if path in OPEN_ROUTES:
-            continue
-        deps = [d.call for d in getattr(getattr(route, "dependant", None), "dependencies", [])]
-        if not isinstance(route, APIRoute) or api_module.check_api_key not in deps:
-            found.append(path)
-    return found
-
-
 def main(argv: list[str] | None = None) -> int:
     args = launch.parser(__doc__).parse_args(argv)
     dep, _ = launch.settings(args)
@@ -494,18 +535,17 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start the API server: %s", exc)
         return 2
 
-    from workers.serving import auth, fastchat_compat, placement
-
-    fastchat_compat.apply_api()
     import uvicorn
-    from fastchat.serve import openai_api_server as fastchat_api
 
+    from workers.serving import auth, fastchat_compat
+
+    secret = auth.secret(dep)
+    # FastChat's own calls (/v1/models) carry the worker secret too
+    fastchat_api = fastchat_compat.apply_api(auth.AiohttpShim(secret), auth.CONNECT_TIMEOUT_S)
     controller = launch.controller_url(dep)
     fastchat_api.app_settings.controller_address = controller
     fastchat_api.app_settings.api_keys = keys or None
-    install(fastchat_api, dep)
-    auth.install_api(fastchat_api, dep)  # calls to the controller and workers carry the worker secret
-    placement.install_api(dep)  # with hosts: errors for a model whose host is away name model and host
+    install(fastchat_api, dep, auth.httpx_options(secret, hosts.several(dep)))
     log.info("API on http://%s:%d/v1, controller %s, %s", dep.api.host, dep.api.port, controller,
              f"{len(keys)} API key(s) required" if keys else "no API key required")
     uvicorn.run(fastchat_api.app, host=launch.bind_address(dep, "api"), port=dep.api.port, log_level="info")

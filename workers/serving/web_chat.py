@@ -29,19 +29,8 @@ PANEL_PARAMS = ("temperature", "top_p", "max_new_tokens")
 # What the panel shows until the picked model's defaults arrive (FastChat's page values).
 PANEL_BEFORE_DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 1024}
 
-_active: dict[str, dict[str, str]] = {}  # browser session -> {request_id: worker address}
-_lock = threading.Lock()
 
-
-# -- the controller and the workers ------------------------------------------------------------
-
-def model_list(controller: str) -> list[str]:
-    """The models the controller serves now (asking it to drop workers that stopped first)."""
-    requests.post(controller + "/refresh_all_workers", timeout=CONTROL_TIMEOUT_S)
-    r = requests.post(controller + "/list_models", timeout=CONTROL_TIMEOUT_S)
-    r.raise_for_status()
-    return sorted(set(r.json()["models"]))
-
+# -- the models ---------------------------------------------------------------------------------
 
 def int8_first(models: list[str], deployment_models) -> list[str]:
     """INT8 models first, then the others, each in the deployment's order; models the snapshot does
@@ -55,12 +44,6 @@ def int8_first(models: list[str], deployment_models) -> list[str]:
     return sorted(models, key=lambda m: (m not in int8, position.get(m, len(position)), m))
 
 
-def worker_address(controller: str, model: str) -> str:
-    r = requests.post(controller + "/get_worker_address", json={"model": model}, timeout=CONTROL_TIMEOUT_S)
-    r.raise_for_status()
-    return r.json().get("address") or ""
-
-
 @dataclass
 class ModelDefaults:
     """A worker's own answer settings (POST /model_details), shown in the parameters panel."""
@@ -72,20 +55,6 @@ class ModelDefaults:
 
     def panel(self) -> dict:
         return {k: getattr(self, k) for k in PANEL_PARAMS}
-
-
-def model_defaults(controller: str, model: str) -> ModelDefaults:
-    address = worker_address(controller, model)
-    if not address:
-        raise RuntimeError(f"no worker serves {model} now")
-    r = requests.post(address + "/model_details", json={"model": model}, timeout=CONTROL_TIMEOUT_S)
-    r.raise_for_status()
-    data = r.json()
-    sampling = data.get("sampling") or {}
-    markers = data.get("reasoning_markers") or DEFAULT_REASONING_MARKERS
-    return ModelDefaults(temperature=float(sampling.get("temperature", 1.0)), top_p=float(sampling.get("top_p", 1.0)),
-                         max_new_tokens=int(data.get("max_tokens_default", 512)),
-                         context_length=int(data.get("context_length", 2048)), reasoning_markers=tuple(markers))
 
 
 def changed_params(values: dict, defaults: dict | None) -> dict:
@@ -193,75 +162,109 @@ class Answer:
         return assistant_messages(self.reasoning, answer + (self.stats if self.done else ""))
 
 
-def stream_answer(controller: str, model: str, chat: list[dict], params: dict, session: str | None = None,
-                  markers: tuple[str, str] = DEFAULT_REASONING_MARKERS):
-    """Yields the growing Answer to the conversation `chat` (its last turn is the user's)."""
-    answer = Answer()
-    try:
-        address = worker_address(controller, model)
-    except requests.RequestException as exc:
-        answer.error, answer.done = f"the controller did not answer ({type(exc).__name__})", True
-        yield answer
-        return
-    if not address:
-        answer.error, answer.done = f"no worker serves {model} now; reload the page", True
-        yield answer
-        return
-    request_id = uuid.uuid4().hex[:12]
-    payload = {"model": model, "messages": worker_messages(chat), **params, "request_id": request_id, "echo": False}
-    if session:
-        with _lock:
-            _active.setdefault(session, {})[request_id] = address
-    first = None
-    try:
-        with requests.post(address + "/worker_generate_stream", json=payload, stream=True,
-                           timeout=WORKER_TIMEOUT_S) as response:
-            if response.status_code != 200:
-                try:
-                    answer.error = response.json()["error"]["message"]
-                except (ValueError, KeyError, TypeError):
-                    answer.error = response.text or f"HTTP {response.status_code}"
-                answer.done = True
-                yield answer
-                return
-            for raw in response.iter_lines(decode_unicode=False, delimiter=b"\0"):
-                if not raw:
-                    continue
-                data = json.loads(raw.decode())
-                first = first or time.monotonic()
-                if data.get("error_code", 0):
-                    answer.error, answer.done = str(data.get("text", "")), True
+class Workers:
+    """The controller and the workers as the page reaches them: through `http` (auth.RequestsShim: the worker
+    secret and a connect timeout on every call), each streaming answer registered by browser session so that Stop
+    cancels it on its worker."""
+
+    def __init__(self, controller: str, http):
+        self.controller, self.http = controller, http
+        self._active: dict[str, dict[str, str]] = {}  # browser session -> {request_id: worker address}
+        self._lock = threading.Lock()
+
+    def model_list(self) -> list[str]:
+        """The models the controller serves now (asking it to drop workers that stopped first)."""
+        self.http.post(self.controller + "/refresh_all_workers", timeout=CONTROL_TIMEOUT_S)
+        r = self.http.post(self.controller + "/list_models", timeout=CONTROL_TIMEOUT_S)
+        r.raise_for_status()
+        return sorted(set(r.json()["models"]))
+
+    def worker_address(self, model: str) -> str:
+        r = self.http.post(self.controller + "/get_worker_address", json={"model": model},
+                           timeout=CONTROL_TIMEOUT_S)
+        r.raise_for_status()
+        return r.json().get("address") or ""
+
+    def model_defaults(self, model: str) -> ModelDefaults:
+        address = self.worker_address(model)
+        if not address:
+            raise RuntimeError(f"no worker serves {model} now")
+        r = self.http.post(address + "/model_details", json={"model": model}, timeout=CONTROL_TIMEOUT_S)
+        r.raise_for_status()
+        data = r.json()
+        sampling = data.get("sampling") or {}
+        markers = data.get("reasoning_markers") or DEFAULT_REASONING_MARKERS
+        return ModelDefaults(temperature=float(sampling.get("temperature", 1.0)),
+                             top_p=float(sampling.get("top_p", 1.0)), max_new_tokens=int(data.get("max_tokens_default", 512)),
+                             context_length=int(data.get("context_length", 2048)), reasoning_markers=tuple(markers))
+
+    def stream_answer(self, model: str, chat: list[dict], params: dict, session: str | None = None,
+                      markers: tuple[str, str] = DEFAULT_REASONING_MARKERS):
+        """Yields the growing Answer to the conversation `chat` (its last turn is the user's)."""
+        answer = Answer()
+        try:
+            address = self.worker_address(model)
+        except requests.RequestException as exc:
+            answer.error, answer.done = f"the controller did not answer ({type(exc).__name__})", True
+            yield answer
+            return
+        if not address:
+            answer.error, answer.done = f"no worker serves {model} now; reload the page", True
+            yield answer
+            return
+        request_id = uuid.uuid4().hex[:12]
+        payload = {"model": model, "messages": worker_messages(chat), **params, "request_id": request_id, "echo": False}
+        if session:
+            with self._lock:
+                self._active.setdefault(session, {})[request_id] = address
+        first = None
+        try:
+            with self.http.post(address + "/worker_generate_stream", json=payload, stream=True,
+                                timeout=WORKER_TIMEOUT_S) as response:
+                if response.status_code != 200:
+                    try:
+                        answer.error = response.json()["error"]["message"]
+                    except (ValueError, KeyError, TypeError):
+                        answer.error = response.text or f"HTTP {response.status_code}"
+                    answer.done = True
                     yield answer
                     return
-                answer.take(data, markers)
-                if data.get("finish_reason"):
-                    answer.done = True
-                    answer.stats = stats_line(data.get("usage") or {}, time.monotonic() - first)
-                yield answer
-    except requests.RequestException as exc:
-        answer.error = f"the worker of {model} did not answer ({type(exc).__name__})"
-    finally:
-        if session:
-            with _lock:
-                _active.get(session, {}).pop(request_id, None)
-    if not answer.done:  # the stream ended without a finish reason (worker gone)
-        answer.done = True
-        yield answer
+                for raw in response.iter_lines(decode_unicode=False, delimiter=b"\0"):
+                    if not raw:
+                        continue
+                    data = json.loads(raw.decode())
+                    first = first or time.monotonic()
+                    if data.get("error_code", 0):
+                        answer.error, answer.done = str(data.get("text", "")), True
+                        yield answer
+                        return
+                    answer.take(data, markers)
+                    if data.get("finish_reason"):
+                        answer.done = True
+                        answer.stats = stats_line(data.get("usage") or {}, time.monotonic() - first)
+                    yield answer
+        except requests.RequestException as exc:
+            answer.error = f"the worker of {model} did not answer ({type(exc).__name__})"
+        finally:
+            if session:
+                with self._lock:
+                    self._active.get(session, {}).pop(request_id, None)
+        if not answer.done:  # the stream ended without a finish reason (worker gone)
+            answer.done = True
+            yield answer
 
+    def answering(self, session: str | None) -> bool:
+        """Whether an answer for this browser session is streaming now."""
+        with self._lock:
+            return bool(session and self._active.get(session))
 
-def answering(session: str | None) -> bool:
-    """Whether an answer for this browser session is streaming now."""
-    with _lock:
-        return bool(session and _active.get(session))
-
-
-def stop_answers(session: str) -> int:
-    """Cancel every answer the session is waiting for; returns how many were asked to stop."""
-    with _lock:
-        running = dict(_active.get(session, {}))
-    for request_id, address in running.items():
-        try:
-            requests.post(address + "/worker_cancel", json={"request_id": request_id}, timeout=5)
-        except requests.RequestException:
-            pass  # the worker is gone: its answer ends anyway
-    return len(running)
+    def stop_answers(self, session: str) -> int:
+        """Cancel every answer the session is waiting for; returns how many were asked to stop."""
+        with self._lock:
+            running = dict(self._active.get(session, {}))
+        for request_id, address in running.items():
+            try:
+                self.http.post(address + "/worker_cancel", json={"request_id": request_id}, timeout=5)
+            except requests.RequestException:
+                pass  # the worker is gone: its answer ends anyway
+        return len(running)

@@ -61,11 +61,11 @@ def first_model_list(model_list) -> list[str]:
 class Page:
     """The page's event handlers, bound to one controller and deployment."""
 
-    def __init__(self, controller: str, deployment_models, title: str):
-        self.controller, self.deployment_models, self.title = controller, deployment_models, title
+    def __init__(self, workers: web_chat.Workers, deployment_models, title: str):
+        self.workers, self.deployment_models, self.title = workers, deployment_models, title
 
     def models(self) -> list[str]:
-        return web_chat.int8_first(web_chat.model_list(self.controller), self.deployment_models)
+        return web_chat.int8_first(self.workers.model_list(), self.deployment_models)
 
     # -- parameters -------------------------------------------------------------------------------
     def show_defaults(self, model: str | None):
@@ -73,7 +73,7 @@ class Page:
         if not model:
             return gr.update(), gr.update(), gr.update(), gr.update(), ""
         try:
-            d = web_chat.model_defaults(self.controller, model)
+            d = self.workers.model_defaults(model)
         except (requests.RequestException, RuntimeError, ValueError) as exc:  # the worker went away: keep the panel
             return gr.update(), gr.update(), gr.update(), gr.update(), f"Defaults of `{model}` unavailable ({exc})."
         state = {**d.panel(), "markers": list(d.reasoning_markers)}
@@ -83,10 +83,9 @@ class Page:
                  f"{d.max_new_tokens} tokens. Only values you change are sent."))
 
     # -- one conversation -------------------------------------------------------------------------
-    @staticmethod
-    def _add_user_turn(text: str, chats, request):
+    def _add_user_turn(self, text: str, chats, request):
         text = (text or "").strip()
-        if not text or web_chat.answering(getattr(request, "session_hash", None)):
+        if not text or self.workers.answering(getattr(request, "session_hash", None)):
             return (gr.update(),) + tuple(gr.update() for _ in chats)  # keep the text until the answer ends
         return ("",) + tuple((chat or []) + [{"role": "user", "content": text}] for chat in chats)
 
@@ -108,8 +107,7 @@ class Page:
         params = web_chat.changed_params(
             {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}, defaults)
         markers = tuple((defaults or {}).get("markers") or web_chat.DEFAULT_REASONING_MARKERS)
-        for answer in web_chat.stream_answer(self.controller, model, chat, params,
-                                             getattr(request, "session_hash", None), markers):
+        for answer in self.workers.stream_answer(model, chat, params, getattr(request, "session_hash", None), markers):
             yield chat + answer.messages()
 
     @staticmethod
@@ -132,22 +130,19 @@ class Page:
                 return chat[i]["content"], chat[:i]
         return gr.update(), chat
 
-    @staticmethod
-    def stop(request: gr.Request):
-        web_chat.stop_answers(request.session_hash)
+    def stop(self, request: gr.Request):
+        self.workers.stop_answers(request.session_hash)
 
     # -- saved conversations ----------------------------------------------------------------------
-    @staticmethod
-    def controls(count: int, request: gr.Request):
+    def controls(self, count: int, request: gr.Request):
         """Switching controls back on once no answer of this session streams (a message sent with
         Enter while one did ends its own chain at once)."""
-        busy = web_chat.answering(getattr(request, "session_hash", None))
+        busy = self.workers.answering(getattr(request, "session_hash", None))
         return [gr.update(interactive=not busy)] * count
 
-    @staticmethod
-    def remember(conv_id, model, chat, chats, request: gr.Request):
+    def remember(self, conv_id, model, chat, chats, request: gr.Request):
         chats = dict(chats or {})
-        if not chat or web_chat.answering(getattr(request, "session_hash", None)):
+        if not chat or self.workers.answering(getattr(request, "session_hash", None)):
             return conv_id, gr.update(), chats, None  # nothing yet, or saved when the streaming answer ends
         rec = web_storage.record(conv_id, model, chat, web_chat.title_of(chat))
         chats[rec["id"]] = rec
@@ -316,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     web, controller = dep.web, launch.controller_url(dep)
     from workers.serving import auth as worker_auth
 
-    worker_auth.install_web(dep)  # calls to the controller and workers carry the worker secret
-    page = Page(controller, dep.models, web.title)
+    # calls to the controller and workers carry the worker secret and a connect timeout
+    workers = web_chat.Workers(controller, worker_auth.RequestsShim(worker_auth.secret(dep), who="web UI"))
+    page = Page(workers, dep.models, web.title)
     demo = build(page, first_model_list(page.models))
 
     auth = None

@@ -35,6 +35,7 @@ from workers.serving import api_policy, launch
 log = logging.getLogger("bundle_worker")
 STREAM_MIN_INTERVAL_S = 0.05  # coalesce tokens that arrive faster than this into one chunk
 INTERNAL_ERROR = 50001  # FastChat's ErrorCode.INTERNAL_ERROR, which its API server and web UI understand
+REGISTER_RETRY_S = 2.0  # between registration attempts while the controller is not up
 
 
 def error_response(kind, message: str, param: str | None = None, headers: dict | None = None):
@@ -55,6 +56,26 @@ def _failing(on_text):
     def fail(text, n):
         raise RuntimeError("injected fault (BUNDLE_ALLOW_FAULTS)")
     return fail
+
+
+class LogprobFeed:
+    """The logprob fields of a job's chunks (see the contract in workers/serving/api_server.py): each chunk
+    carries the entries of the tokens since the chunk before ("token_logprobs": {"offset", "content"}), the
+    first one also the prompt's ("prompt_logprobs"), so skipped text chunks lose no entry."""
+
+    def __init__(self, served, job):
+        self.served, self.job, self.sent, self.prompt_sent = served, job, 0, False
+
+    def upto(self, n: int) -> dict:
+        out = {}
+        if self.job.prompt_entries is not None and not self.prompt_sent:
+            out["prompt_logprobs"] = self.served.logprob_json(self.job.prompt_entries)
+            self.prompt_sent = True
+        if self.job.logprobs is not None:
+            entries = self.job.chosen_logprobs[self.sent:n]
+            out["token_logprobs"] = {"offset": self.sent, "content": self.served.logprob_json(entries)}
+            self.sent += len(entries)
+        return out
 
 
 def build_app(worker):
@@ -150,16 +171,17 @@ def build_app(worker):
 
         async def stream():
             last_sent = 0.0  # each chunk carries the whole text so far: skipping one loses nothing
+            logprobs = LogprobFeed(served, job)  # and the logprobs of the tokens since the chunk before
             try:
                 while True:
                     kind, value, n = await chunks.get()
                     if kind == "text":
                         if time.monotonic() - last_sent >= STREAM_MIN_INTERVAL_S:
-                            yield worker.chunk(value, len(job.prompt_ids), n, None, job.thinking, final=False)
+                            yield worker.chunk(value, job, n, None, logprobs.upto(n), final=False)
                             last_sent = time.monotonic()
                     elif kind == "done":
-                        yield worker.chunk(value.text, len(job.prompt_ids), value.completion_tokens, value.finish_reason,
-                                           job.thinking)
+                        yield worker.chunk(value.text, job, value.completion_tokens, value.finish_reason,
+                                           logprobs.upto(value.completion_tokens))
                         return
                     else:
                         message = f"generation failed: {type(value).__name__}: {value}"
@@ -177,8 +199,8 @@ def build_app(worker):
         rid = params.get("request_id") or uuid.uuid4().hex[:8]
         future = await admitted(request, params, lambda p: worker.run_job(rid, job, None, p))
         result = await until_done_or_gone(request, future, job.cancel)
-        return JSONResponse(json.loads(worker.chunk(result.text, len(job.prompt_ids), result.completion_tokens,
-                                                    result.finish_reason, job.thinking)[:-1]))
+        return JSONResponse(json.loads(worker.chunk(result.text, job, result.completion_tokens, result.finish_reason,
+                                                    LogprobFeed(served, job).upto(result.completion_tokens))[:-1]))
 
     @app.post("/worker_get_embeddings")
     async def embeddings(request: Request):
@@ -233,7 +255,10 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> None:
 
 
 def make_worker_class():
+    import requests
     from fastchat.serve.base_model_worker import BaseModelWorker
+
+    from workers.serving import auth
 
     class BundleWorker(BaseModelWorker):
         """FastChat's registration, heartbeat and status; the bundle's generation and admission."""
@@ -247,6 +272,23 @@ def make_worker_class():
             super().__init__(controller_addr, worker_addr, uuid.uuid4().hex[:8], str(served.folder), spec.names,
                              spec.limit_concurrency, conv_template=conv_template_name)
             self.tokenizer, self.context_len = served.tokenizer, served.context_len
+
+        def register_to_controller(self):
+            """FastChat's registration is one bare POST that kills the worker when the controller is not up yet
+            (supervisord starts every program at once): retry, with a log line, until it answers."""
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    return super().register_to_controller()
+                except auth.RegistrationRefused as exc:
+                    log.error("%s (HTTP 401, attempt %d); this worker is not registered. Give every host the same "
+                              "worker secret; retrying in %.0f s", exc, attempt, auth.REFUSED_RETRY_S)
+                    time.sleep(auth.REFUSED_RETRY_S)
+                except (requests.exceptions.RequestException, AssertionError) as exc:
+                    log.warning("controller at %s is not reachable yet (attempt %d: %s); retrying in %.0f s",
+                                self.controller_addr, attempt, type(exc).__name__, REGISTER_RETRY_S)
+                    time.sleep(REGISTER_RETRY_S)
 
         def make_conv_template(self, conv_template=None, model_path=None):
             from fastchat.conversation import get_conv_template
@@ -273,19 +315,20 @@ def make_worker_class():
             return result
 
         @staticmethod
-        def chunk(text: str, prompt_tokens: int, completion_tokens: int, finish_reason: str | None,
-                  thinking=None, final: bool = True) -> bytes:
-            """One stream chunk. For a reasoning model's chat answer (`thinking`, engine/reasoning.py) `text`
-            has its markers balanced and `reasoning_content` / `content` split it; `final=False` while it
-            may still grow (a marker being written is held back)."""
+        def chunk(text: str, job, completion_tokens: int, finish_reason: str | None,
+                  logprobs: dict | None = None, final: bool = True) -> bytes:
+            """One stream chunk, with the job's logprob fields (LogprobFeed). For a reasoning model's chat answer
+            (`job.thinking`, engine/reasoning.py) `text` has its markers balanced and `reasoning_content` /
+            `content` split it; `final=False` while it may still grow (a marker being written is held back)."""
             if finish_reason is not None:  # the worker protocol's reasons are OpenAI's: a cancelled answer stopped
                 finish_reason = api_policy.finish_reason(finish_reason)
+            prompt_tokens = len(job.prompt_ids) - job.added_prefix  # the client's prompt, as it sent it
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                      "total_tokens": prompt_tokens + completion_tokens}
-            data = {"text": text, "error_code": 0, "usage": usage, "finish_reason": finish_reason}
-            if thinking is not None:
-                data["reasoning_content"], data["content"] = thinking.split(text, final)
-                data["text"] = thinking.text(text)
+            data = {"text": text, "error_code": 0, "usage": usage, "finish_reason": finish_reason, **(logprobs or {})}
+            if job.thinking is not None:
+                data["reasoning_content"], data["content"] = job.thinking.split(text, final)
+                data["text"] = job.thinking.text(text)
             return (json.dumps(data, ensure_ascii=False) + "\0").encode()
 
     return BundleWorker
@@ -311,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from workers.serving import auth, fastchat_compat
 
-    fastchat_compat.apply()
+    secret = auth.secret(dep)
+    fastchat_compat.apply_worker(auth.RequestsShim(secret, who="worker"))  # registration and heartbeats carry it
     import uvicorn
 
     from workers.engine.loader import UnsupportedBackend, load_model
@@ -339,9 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     worker = make_worker_class()(launch.controller_url(dep), launch.worker_url(dep, spec), spec, served,
                                  spec.conv_template)
     app = build_app(worker)
-    auth.install_worker(dep, app)  # registration and heartbeats carry the worker secret; the app requires it
+    auth.install_server(app, secret)
 
-    # Registration retries until the controller answers (compat patch), so not on the event loop.
+    # Registration retries until the controller answers (register_to_controller), so not on the event loop.
     threading.Thread(target=worker.init_heart_beat, name="register", daemon=True).start()
 
     log.info("worker ready: %s (context length %s)", worker.model_names, worker.context_len)

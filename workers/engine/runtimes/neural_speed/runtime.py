@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -69,11 +68,11 @@ class NeuralSpeedRuntime(Runtime):
         inputs["versions"]["neural-speed"] = version("neural-speed")
         inputs["ns_file_layout"] = FILE_LAYOUT
 
-    def quantize_command(self, source: Path, staging: Path, inputs: dict) -> list[str]:
+    def quantize_command(self, source: Path, staging: Path, inputs: dict, python: str) -> list[str]:
         graph, why = graph_for(source)
         if graph is None:
             raise RuntimeUnavailable(f"neural-speed cannot quantize {source.name}: {why}")
-        return [sys.executable, "-m", "workers.engine.runtimes.neural_speed.quantize", "--source", str(source),
+        return [python, "-m", "workers.engine.runtimes.neural_speed.quantize", "--source", str(source),
                 "--staging", str(staging), "--settings", json.dumps(inputs["settings"])]
 
     def memory_extra(self, source: Path, concurrency: int) -> int:
@@ -104,6 +103,9 @@ class NeuralSpeedEngine(Engine):
 
     no_embeddings = ("runs on the neural-speed INT8 runtime, which gives no hidden states: ask an fp32 model for "
                      "embeddings, or set int8: {runtime: qbits} for this one")
+    no_prompt_logits = ("runs on the neural-speed INT8 runtime, which gives the logits of the last prompt position "
+                        "only: prompt logprobs (echo with logprobs) need an fp32 model or int8: {runtime: qbits}; "
+                        "logprobs without echo work")
 
     def __init__(self, model: NeuralSpeedModel, served):
         batched = model.slots > 1
@@ -112,12 +114,8 @@ class NeuralSpeedEngine(Engine):
                             + (f"continuous batching in {model.slots} KV cache slots" if batched
                                else "one generation at a time") + ")")
 
-    def refusal(self, prompt_ids: list[int]) -> str | None:
-        why = self.runner.model.refusal(prompt_ids)
-        if why:
-            return (f"runs on the neural-speed INT8 runtime: {why}. Chat messages always do; for other prompts use "
-                    f"an fp32 model or set int8: {{runtime: qbits}}")
-        return None
+    def evaluable(self, prompt_ids: list[int]) -> list[int]:
+        return self.runner.model.evaluable(prompt_ids)
 
     def submit(self, job: Job, on_text=None) -> Result:
         return self.runner.submit(job, on_text)
