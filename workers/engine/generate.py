@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from workers.engine.prefix_cache import model_cache, takes_cache_objects
 from workers.engine.reasoning import Thinking
+from workers.engine.token_choice import ChosenTokenProcessor, TokenChooser, TokenLogprob
 
 log = logging.getLogger("generate")
 
@@ -40,6 +41,15 @@ class Job:
     stop_token_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
     cancel: threading.Event = field(default_factory=threading.Event)
+    logprobs: int | None = None  # None: no logprobs; else how many top logprobs to record per token
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (completions with echo)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    # Additive masks on the logits, each `mask(ids) -> tensor (1, vocab) | None` (structured output)
+    logits_masks: tuple[Callable[[list[int]], torch.Tensor | None], ...] = ()
+    chosen_logprobs: list[TokenLogprob] = field(default_factory=list)  # filled by the chooser as it goes
+    prompt_entries: list[TokenLogprob] | None = None  # filled before generating when prompt_logprobs is set
+    added_prefix: int = 0  # tokens a runtime evaluates before the client's prompt (neural-speed's BOS)
     thinking: Thinking | None = None  # a reasoning model's chat answer: how its thinking is marked
 
 
@@ -83,20 +93,6 @@ class _Cancelled(StoppingCriteria):
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
         done = self.job.cancel.is_set() or self.stop_strings_hit()
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
-
-
-class PresenceFrequencyPenalty(LogitsProcessor):
-    """OpenAI's presence/frequency penalties over the tokens generated so far (not the prompt)."""
-
-    def __init__(self, prompt_len: int, presence: float, frequency: float):
-        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
-
-    def __call__(self, input_ids, scores):
-        generated = input_ids[:, self.prompt_len:]
-        if generated.shape[1] == 0:
-            return scores
-        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
 class _TokenStreamer(BaseStreamer):
@@ -177,16 +173,6 @@ class TextAssembler:
         return reason, text
 
 
-def is_greedy(job: Job) -> bool:
-    return job.temperature <= 1e-5  # as the models' own chat code does with do_sample=False
-
-
-def _sampling_kwargs(job: Job) -> dict:
-    if is_greedy(job):
-        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    return {"do_sample": True, "temperature": job.temperature, "top_p": job.top_p, "top_k": job.top_k}
-
-
 def run(model, tokenizer_decode: Callable[[list[int]], str], postprocess: Callable[[str], str], job: Job,
         on_text: Callable[[str, int], None] | None = None, pad_token_id: int | None = None,
         past=None, keep_cache: bool = False) -> Result:
@@ -213,9 +199,9 @@ def run(model, tokenizer_decode: Callable[[list[int]], str], postprocess: Callab
         if text is not None and on_text is not None:
             on_text(text, len(assembler.ids))
 
-    processors = LogitsProcessorList()
-    if job.presence_penalty or job.frequency_penalty:
-        processors.append(PresenceFrequencyPenalty(len(job.prompt_ids), job.presence_penalty, job.frequency_penalty))
+    # The chooser (engine/token_choice.py) applies the job's penalties and sampling and picks each token;
+    # generate() runs greedy over its choice, with its own repetition penalty and warpers off.
+    processors = LogitsProcessorList([ChosenTokenProcessor(TokenChooser(job))])
     input_ids = torch.tensor([job.prompt_ids], dtype=torch.long)
     extra = {}
     if past is not None or takes_cache_objects(model):
@@ -230,13 +216,13 @@ def run(model, tokenizer_decode: Callable[[list[int]], str], postprocess: Callab
             max_new_tokens=job.max_new_tokens,
             eos_token_id=sorted(job.stop_token_ids) or None,
             pad_token_id=pad_token_id if pad_token_id is not None else (min(job.stop_token_ids) if job.stop_token_ids else 0),
-            repetition_penalty=job.repetition_penalty,
+            repetition_penalty=1.0,
             logits_processor=processors,
             stopping_criteria=StoppingCriteriaList([_Cancelled(job, lambda: assembler.stopped_by_string)]),
             streamer=_TokenStreamer(on_token),
             return_dict_in_generate=keep_cache,
             **extra,
-            **_sampling_kwargs(job),
+            do_sample=False, temperature=None, top_p=None, top_k=None,
         )
     end = time.monotonic()
     reason, text = assembler.conclude(job, last_token[0] if last_token else None)

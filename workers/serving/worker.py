@@ -58,6 +58,26 @@ def _failing(on_text):
     return fail
 
 
+class LogprobFeed:
+    """The logprob fields of a job's chunks (see the contract in workers/serving/api_server.py): each chunk
+    carries the entries of the tokens since the chunk before ("token_logprobs": {"offset", "content"}), the
+    first one also the prompt's ("prompt_logprobs"), so skipped text chunks lose no entry."""
+
+    def __init__(self, served, job):
+        self.served, self.job, self.sent, self.prompt_sent = served, job, 0, False
+
+    def upto(self, n: int) -> dict:
+        out = {}
+        if self.job.prompt_entries is not None and not self.prompt_sent:
+            out["prompt_logprobs"] = self.served.logprob_json(self.job.prompt_entries)
+            self.prompt_sent = True
+        if self.job.logprobs is not None:
+            entries = self.job.chosen_logprobs[self.sent:n]
+            out["token_logprobs"] = {"offset": self.sent, "content": self.served.logprob_json(entries)}
+            self.sent += len(entries)
+        return out
+
+
 def build_app(worker):
     """The worker's HTTP endpoints (FastChat's worker protocol)."""
     from fastapi.responses import Response, StreamingResponse
@@ -151,16 +171,17 @@ def build_app(worker):
 
         async def stream():
             last_sent = 0.0  # each chunk carries the whole text so far: skipping one loses nothing
+            logprobs = LogprobFeed(served, job)  # and the logprobs of the tokens since the chunk before
             try:
                 while True:
                     kind, value, n = await chunks.get()
                     if kind == "text":
                         if time.monotonic() - last_sent >= STREAM_MIN_INTERVAL_S:
-                            yield worker.chunk(value, len(job.prompt_ids), n, None, job.thinking, final=False)
+                            yield worker.chunk(value, job, n, None, logprobs.upto(n), final=False)
                             last_sent = time.monotonic()
                     elif kind == "done":
-                        yield worker.chunk(value.text, len(job.prompt_ids), value.completion_tokens, value.finish_reason,
-                                           job.thinking)
+                        yield worker.chunk(value.text, job, value.completion_tokens, value.finish_reason,
+                                           logprobs.upto(value.completion_tokens))
                         return
                     else:
                         message = f"generation failed: {type(value).__name__}: {value}"
@@ -178,8 +199,8 @@ def build_app(worker):
         rid = params.get("request_id") or uuid.uuid4().hex[:8]
         future = await admitted(request, params, lambda p: worker.run_job(rid, job, None, p))
         result = await until_done_or_gone(request, future, job.cancel)
-        return JSONResponse(json.loads(worker.chunk(result.text, len(job.prompt_ids), result.completion_tokens,
-                                                    result.finish_reason, job.thinking)[:-1]))
+        return JSONResponse(json.loads(worker.chunk(result.text, job, result.completion_tokens, result.finish_reason,
+                                                    LogprobFeed(served, job).upto(result.completion_tokens))[:-1]))
 
     @app.post("/worker_get_embeddings")
     async def embeddings(request: Request):
@@ -294,19 +315,20 @@ def make_worker_class():
             return result
 
         @staticmethod
-        def chunk(text: str, prompt_tokens: int, completion_tokens: int, finish_reason: str | None,
-                  thinking=None, final: bool = True) -> bytes:
-            """One stream chunk. For a reasoning model's chat answer (`thinking`, engine/reasoning.py) `text`
-            has its markers balanced and `reasoning_content` / `content` split it; `final=False` while it
-            may still grow (a marker being written is held back)."""
+        def chunk(text: str, job, completion_tokens: int, finish_reason: str | None,
+                  logprobs: dict | None = None, final: bool = True) -> bytes:
+            """One stream chunk, with the job's logprob fields (LogprobFeed). For a reasoning model's chat answer
+            (`job.thinking`, engine/reasoning.py) `text` has its markers balanced and `reasoning_content` /
+            `content` split it; `final=False` while it may still grow (a marker being written is held back)."""
             if finish_reason is not None:  # the worker protocol's reasons are OpenAI's: a cancelled answer stopped
                 finish_reason = api_policy.finish_reason(finish_reason)
+            prompt_tokens = len(job.prompt_ids) - job.added_prefix  # the client's prompt, as it sent it
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                      "total_tokens": prompt_tokens + completion_tokens}
-            data = {"text": text, "error_code": 0, "usage": usage, "finish_reason": finish_reason}
-            if thinking is not None:
-                data["reasoning_content"], data["content"] = thinking.split(text, final)
-                data["text"] = thinking.text(text)
+            data = {"text": text, "error_code": 0, "usage": usage, "finish_reason": finish_reason, **(logprobs or {})}
+            if job.thinking is not None:
+                data["reasoning_content"], data["content"] = job.thinking.split(text, final)
+                data["text"] = job.thinking.text(text)
             return (json.dumps(data, ensure_ascii=False) + "\0").encode()
 
     return BundleWorker
