@@ -37,6 +37,9 @@ class Job:
     stop_token_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
     cancel: threading.Event = field(default_factory=threading.Event)
+    # a grammar the answer must follow (workers/engine/constraint.py): mask(logits) before each choice,
+    # accept(token) after it
+    constraint: object | None = None
 
 
 @dataclass
@@ -92,6 +95,22 @@ class PresenceFrequencyPenalty(LogitsProcessor):
             return scores
         counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+class ConstraintProcessor(LogitsProcessor):
+    """A Job's constraint inside generate(): the tokens chosen since the last call are accepted, then the
+    scores are masked."""
+
+    def __init__(self, constraint, prompt_len: int):
+        self.constraint, self.seen = constraint, prompt_len
+
+    def __call__(self, input_ids, scores):
+        for token in input_ids[0, self.seen:].tolist():
+            self.constraint.accept(token)
+        self.seen = input_ids.shape[1]
+        scores = scores.float()
+        self.constraint.mask(scores)
+        return scores
 
 
 class _TokenStreamer(BaseStreamer):
@@ -196,6 +215,8 @@ def run(model, tokenizer_decode: Callable[[list[int]], str], postprocess: Callab
     processors = LogitsProcessorList()
     if job.presence_penalty or job.frequency_penalty:
         processors.append(PresenceFrequencyPenalty(len(job.prompt_ids), job.presence_penalty, job.frequency_penalty))
+    if job.constraint is not None:
+        processors.append(ConstraintProcessor(job.constraint, len(job.prompt_ids)))
     input_ids = torch.tensor([job.prompt_ids], dtype=torch.long)
     extra = {}
     if past is not None:

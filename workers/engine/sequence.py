@@ -62,11 +62,17 @@ class Sequence:
         if job.cancel.is_set():
             return True
         ids = torch.tensor([self.tokens], dtype=torch.long)
-        scores = self.processors(ids, logits.float())
+        logits = logits.float()
+        if job.constraint is not None:
+            logits = logits.clone()  # a row of the batch's logits: masked on its own
+            job.constraint.mask(logits)
+        scores = self.processors(ids, logits)
         if is_greedy(job):
             token = int(scores.argmax(dim=-1))
         else:
             token = int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1))
+        if job.constraint is not None:
+            job.constraint.accept(token)
         if self.first_token is None:
             self.first_token = time.monotonic()
         self.tokens.append(token)

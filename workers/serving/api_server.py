@@ -46,14 +46,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials
-from fastchat.protocol.openai_api_protocol import (ChatCompletionRequest, ChatCompletionResponse,
-                                                   ChatCompletionResponseChoice, ChatMessage, CompletionRequest,
+from fastchat.protocol.openai_api_protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                                    CompletionResponse, CompletionResponseChoice, EmbeddingsRequest,
                                                    EmbeddingsResponse, UsageInfo)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workers.config import secrets
-from workers.serving import api_policy, errors, launch
+from workers.serving import api_policy, errors, launch, tool_calls
 from workers.serving.api_metrics import Metrics, MetricsMiddleware
 from workers.serving.api_policy import TextDeltas, Usage, finish_reason, sse
 from workers.serving.errors import ApiError
@@ -158,7 +157,7 @@ class BundleApi:
             request, all_or_nothing([self.generate(request, model, addr, p) for p in payloads]))
 
     async def stream(self, request: Request, model: str, addr: str, jobs: list[tuple], id_: str, kind: str,
-                     include_usage: bool) -> Response:
+                     include_usage: bool, tools: tool_calls.ToolPlan | None = None) -> Response:
         """Start streaming only once the worker accepted the first answer and sent its first chunk, so that
         errors before it (bad input, queue full, busy, down) are real HTTP errors, not a 200 stream."""
         timeout = self.first_chunk_timeout(model)
@@ -171,11 +170,15 @@ class BundleApi:
             raise
         state: dict = {}
         closers = [first_stream.aclose]
-        events = self.events(request, model, addr, jobs, id_, kind, include_usage, chunks, first, closers, state)
+        events = self.events(request, model, addr, jobs, id_, kind, include_usage, chunks, first, closers, state,
+                             tools)
         return UpstreamStreamingResponse(events, closers, state, media_type="text/event-stream")
 
-    async def events(self, request, model, addr, jobs, id_, kind, include_usage, chunks0, first0, closers, state):
+    async def events(self, request, model, addr, jobs, id_, kind, include_usage, chunks0, first0, closers, state,
+                     tools=None):
         created = int(time.time())
+        # With tools that may be called, the answer is read for calls once it is whole: its text is held back.
+        held = tools is not None and tools.active
         t0 = self.metrics.arrived(request)
         usage = Usage()
         timeout = self.first_chunk_timeout(model)
@@ -203,6 +206,8 @@ class BundleApi:
                 deltas, last, first_text_at = TextDeltas(), None, None
                 async for chunk in with_first(first, chunks):
                     last = chunk
+                    if held:
+                        continue
                     delta = deltas.feed(str(chunk.get("text") or ""), final=chunk.get("finish_reason") is not None)
                     if not delta:
                         continue
@@ -220,9 +225,18 @@ class BundleApi:
                 tail = deltas.feed(str(last.get("text") or ""), final=True)
                 finish = finish_reason(last.get("finish_reason"))
                 if kind == "chat":
+                    if held and first_text_at is None:
+                        first_text_at = time.monotonic()
+                        self.metrics.ttft.labels(model).observe(first_text_at - t0)
                     if tail:
                         yield sse(api_policy.chat_chunk(id_, created, model, index, {"content": tail},
                                                         include_usage=include_usage))
+                    calls = last.get("tool_calls") if held else None
+                    if calls:
+                        for delta in tool_calls.deltas(calls, tools):
+                            yield sse(api_policy.chat_chunk(id_, created, model, index, delta,
+                                                            include_usage=include_usage))
+                        finish = "function_call" if tools.legacy else "tool_calls"
                     yield sse(api_policy.chat_chunk(id_, created, model, index, {}, finish, include_usage=include_usage))
                 else:
                     yield sse(api_policy.completion_chunk(id_, created, model, index, tail, finish,
@@ -255,25 +269,28 @@ class BundleApi:
         conv = await self.upstream.conv_template(addr, plan.model)
         prompt = api_policy.fastchat_prompt(conv, plan.messages)
         context_len = await self.upstream.context_length(addr, plan.model)
-        prompt_tokens = await self.upstream.count_tokens(addr, plan.model, prompt, plan.messages)
+        extra = plan.tools.worker_fields()
+        prompt_tokens = await self.upstream.count_tokens(addr, plan.model, prompt, plan.messages, extra)
         max_new = api_policy.max_new_tokens(plan.sampling.max_tokens, context_len, prompt_tokens, plan.model)
         id_ = f"chatcmpl-{shortuuid.random()}"
         jobs = [(0, api_policy.worker_payload(plan.model, plan.sampling, max_new_tokens=max_new,
-                                              request_id=f"{id_}-{i}", messages=plan.messages, prompt=prompt), "")
+                                              request_id=f"{id_}-{i}", messages=plan.messages, prompt=prompt,
+                                              extra=extra), "")
                 for i in range(plan.n)]
         if plan.stream:
-            return await self.stream(request, plan.model, addr, jobs, id_, "chat", plan.include_usage)
+            return await self.stream(request, plan.model, addr, jobs, id_, "chat", plan.include_usage, plan.tools)
         results = await self.generate_all(request, plan.model, addr, [job[1] for job in jobs])
         usage = Usage()
         choices = []
         for i, r in enumerate(results):
             usage.add(0, r.get("usage"))
-            choices.append(ChatCompletionResponseChoice(
-                index=i, message=ChatMessage(role="assistant", content=str(r.get("text") or "")),
-                finish_reason=finish_reason(r.get("finish_reason"))))
+            message, called = tool_calls.message(str(r.get("text") or ""), r.get("tool_calls"), plan.tools)
+            choices.append({"index": i, "message": message, "logprobs": None,
+                            "finish_reason": called or finish_reason(r.get("finish_reason"))})
         self.metrics.tokens(plan.model, usage.prompt_tokens, usage.completion)
-        return JSONResponse(ChatCompletionResponse(id=id_, model=plan.model, choices=choices,
-                                                   usage=UsageInfo(**usage.as_dict())).model_dump())
+        body = ChatCompletionResponse(id=id_, model=plan.model, choices=[], usage=UsageInfo(**usage.as_dict())).model_dump()
+        body["choices"] = choices
+        return JSONResponse(body)
 
     # --- /v1/completions ---------------------------------------------------------------------------------
     async def completions(self, request: Request):

@@ -158,7 +158,9 @@ def build_app(worker):
                             yield worker.chunk(value, len(job.prompt_ids), n, None)
                             last_sent = time.monotonic()
                     elif kind == "done":
-                        yield worker.chunk(value.text, len(job.prompt_ids), value.completion_tokens, value.finish_reason)
+                        content, calls = served.tool_calls(params, value.text)
+                        yield worker.chunk(content, len(job.prompt_ids), value.completion_tokens, value.finish_reason,
+                                           calls)
                         return
                     else:
                         message = f"generation failed: {type(value).__name__}: {value}"
@@ -176,8 +178,9 @@ def build_app(worker):
         rid = params.get("request_id") or uuid.uuid4().hex[:8]
         future = await admitted(request, params, lambda p: worker.run_job(rid, job, None, p))
         result = await until_done_or_gone(request, future, job.cancel)
-        return JSONResponse(json.loads(worker.chunk(result.text, len(job.prompt_ids), result.completion_tokens,
-                                                    result.finish_reason)[:-1]))
+        content, calls = served.tool_calls(params, result.text)
+        return JSONResponse(json.loads(worker.chunk(content, len(job.prompt_ids), result.completion_tokens,
+                                                    result.finish_reason, calls)[:-1]))
 
     @app.post("/worker_get_embeddings")
     async def embeddings(request: Request):
@@ -272,13 +275,16 @@ def make_worker_class():
             return result
 
         @staticmethod
-        def chunk(text: str, prompt_tokens: int, completion_tokens: int, finish_reason: str | None) -> bytes:
+        def chunk(text: str, prompt_tokens: int, completion_tokens: int, finish_reason: str | None,
+                  tool_calls: list[dict] | None = None) -> bytes:
             if finish_reason == "cancelled":
                 finish_reason = "stop"
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                      "total_tokens": prompt_tokens + completion_tokens}
-            return (json.dumps({"text": text, "error_code": 0, "usage": usage, "finish_reason": finish_reason},
-                               ensure_ascii=False) + "\0").encode()
+            body = {"text": text, "error_code": 0, "usage": usage, "finish_reason": finish_reason}
+            if tool_calls:
+                body["tool_calls"] = tool_calls  # the calls read from the answer; `text` is what else it said
+            return (json.dumps(body, ensure_ascii=False) + "\0").encode()
 
     return BundleWorker
 

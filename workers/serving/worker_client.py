@@ -112,10 +112,11 @@ class Upstream:
             self._conv[key] = data["conv"]
         return self._conv[key]
 
-    async def count_tokens(self, addr: str, model: str, prompt: str, messages: list[dict] | None = None) -> int:
+    async def count_tokens(self, addr: str, model: str, prompt: str, messages: list[dict] | None = None,
+                           extra: dict | None = None) -> int:
         """The prompt's tokens, as the worker counts them: from `messages` in the model's own format when given
-        (the bundle's worker), else from FastChat's `prompt`."""
-        payload = {"model": model, "prompt": prompt}
+        (the bundle's worker; `extra`: the tools it renders with them), else from FastChat's `prompt`."""
+        payload = {"model": model, "prompt": prompt, **(extra or {})}
         if messages is not None:
             payload["messages"] = messages
         data = await self._worker_call(addr, "/count_token", payload, COUNT_TIMEOUT_S)
