@@ -79,6 +79,21 @@ class Constraint:
     def complete(self) -> bool:
         return self.matcher.is_terminated()
 
+    def as_mask(self, prompt_len: int):
+        """The constraint as an additive mask function of the tokens so far, `mask(ids) -> (1, vocab)`: it accepts
+        the tokens chosen since its last call (ids after the prompt), then gives 0 for allowed, -inf for forbidden."""
+        seen = [prompt_len]
+
+        def mask(ids: list[int]) -> torch.Tensor:
+            for token in ids[seen[0]:]:
+                self.accept(token)
+            seen[0] = len(ids)
+            additive = torch.zeros(1, self.vocab_size)
+            self.mask(additive)
+            return additive
+
+        return mask
+
 
 class Grammars:
     """The compiler for one model's tokenizer, with its vocabulary read once (on first use)."""
