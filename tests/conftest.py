@@ -61,3 +61,15 @@ def served_bundle(tmp_path_factory, embedded_model, int8_entry, int8_cache_root)
                         embedded_model.parent, int8_cache_root, {"BUNDLE_TEST_API_KEYS": ",".join(API_KEYS)},
                         api={"api_keys_env": "BUNDLE_TEST_API_KEYS"}, web={"title": "Test Bundle"}) as bundle:
         yield bundle
+
+
+INTEGRATION = Path(__file__).parent / "integration"
+QUANTIZING_FIXTURES = {"int8_entry", "qbits_entry", "served_bundle"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` (pytest.ini) means what it says: every test that starts the bundle's programs (tests/integration) or
+    quantizes a model (a quantizing fixture) carries it, and no other test needs to name it."""
+    for item in items:
+        if item.path.is_relative_to(INTEGRATION) or QUANTIZING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -17,7 +17,7 @@ def main() -> int:
     import torch
     from neural_speed import Model
 
-    from workers.engine.ns_model import scratch_ratio
+    from workers.engine.runtimes.neural_speed.model import scratch_ratio
     from workers.engine.prompt import context_length
 
     entry, folder, max_new = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])

@@ -19,10 +19,11 @@ import torch
 
 from workers.config.int8 import Int8Settings
 from workers.config.schema import ModelSpec
-from workers.engine import int8_runtime, ns_quantize
+from workers.engine.runtimes import registry as int8_runtime
+from workers.engine.runtimes.neural_speed import quantize as ns_quantize
 from workers.engine.loader import UnsupportedBackend, load_model
-from workers.engine.ns_batcher import NeuralSpeedBatcher
-from workers.engine.ns_model import PREFILL_CHUNK, NeuralSpeedModel, SerialRunner, scratch_ratio
+from workers.engine.runtimes.neural_speed.batcher import NeuralSpeedBatcher
+from workers.engine.runtimes.neural_speed.model import PREFILL_CHUNK, NeuralSpeedModel, SerialRunner, scratch_ratio
 from workers.engine.served_model import ServedModel
 from workers.models.families import neural_speed_graph
 from tests import tiny_models
@@ -112,7 +113,7 @@ def test_layer_padding_goes_to_the_next_count_the_graph_knows():
 def test_conversion_is_refused_before_writing_when_the_disk_cannot_hold_it(tmp_path):
     from types import SimpleNamespace
 
-    from workers.engine.quantize import run_quantizer
+    from workers.engine.quantize_child import run_quantizer
 
     ns_quantize.check_disk(tmp_path, {"w": SimpleNamespace(shape=(1024, 1024))})  # 4 MiB: fits
     huge = {"w": SimpleNamespace(shape=(1 << 40,))}                                  # 4 TiB in fp32
@@ -182,7 +183,7 @@ def test_int8_file_keeps_the_embedding_table_in_int8(int8_entry, fp32):
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    from workers.engine import ns_file
+    from workers.engine.runtimes.neural_speed import ne_file as ns_file
 
     path = int8_entry / ns_quantize.WEIGHTS
     recs = {r.name: r for r in ns_file.records(path)}
@@ -202,7 +203,7 @@ def test_rewriting_a_tensor_keeps_every_other_byte(f32_file, tmp_path):
 
     import numpy as np
 
-    from workers.engine import ns_file
+    from workers.engine.runtimes.neural_speed import ne_file as ns_file
 
     copy = tmp_path / "copy.bin"
     shutil.copyfile(f32_file, copy)
@@ -340,16 +341,16 @@ def test_batched_answers_equal_answers_alone(batched, ns):
     extra = [{}, {"repetition_penalty": 1.3}, {"presence_penalty": 1.5, "frequency_penalty": 0.5}, {"stop": [","]}]
     jobs = [job(batched, [{"role": "user", "content": QUESTIONS[i % 3]}], 24 + 3 * i, **extra[i]) for i in range(4)]
     results = run_together(batched, jobs)
-    assert isinstance(batched.ns_runner, NeuralSpeedBatcher) and isinstance(ns.ns_runner, SerialRunner)
+    assert isinstance(batched.engine.runner, NeuralSpeedBatcher) and isinstance(ns.engine.runner, SerialRunner)
     alone = [ns.generate(job(ns, [{"role": "user", "content": QUESTIONS[i % 3]}], 24 + 3 * i, **extra[i]))
              for i in range(4)]
     assert [outcome(r) for r in results] == [outcome(r) for r in alone]
-    assert batched.ns_runner.widest >= 3, "the requests did not decode together"
-    assert batched.ns_runner.active == 0
+    assert batched.engine.runner.widest >= 3, "the requests did not decode together"
+    assert batched.engine.runner.active == 0
     # the next lone request (continuing none of them) takes slot 0: no filler rows below it
     lone = job(batched, [{"role": "user", "content": "Hi!"}], 4)
     batched.generate(lone)
-    slots = batched.ns_runner.slots
+    slots = batched.engine.runner.slots
     assert slots[0].kept[:len(lone.prompt_ids)] == lone.prompt_ids and all(s.fresh for s in slots[1:])
 
 
@@ -357,12 +358,12 @@ def test_a_long_prompt_joins_in_chunks_while_the_others_decode(batched, ns):
     long_chat = [{"role": "user", "content": "Summarise: " + "the river runs to the sea. " * 90}]
     jobs = [job(batched, LONG_STORY, 60), job(batched, long_chat, 12)]
     assert len(jobs[1].prompt_ids) > 2 * PREFILL_CHUNK
-    steps = batched.ns_runner.steps
+    steps = batched.engine.runner.steps
     results = run_together(batched, jobs, stagger_s=0.3)
     assert [outcome(r) for r in results] == [outcome(ns.generate(job(ns, LONG_STORY, 60))),
                                               outcome(ns.generate(job(ns, long_chat, 12)))]
     # the story decoded one token a step throughout: one step per token, none spent on the long prompt alone
-    assert batched.ns_runner.steps - steps <= 60 + 1
+    assert batched.engine.runner.steps - steps <= 60 + 1
 
 
 def test_the_next_turn_takes_its_conversations_slot_and_evaluates_only_its_new_tokens(batched, ns):
@@ -372,14 +373,14 @@ def test_the_next_turn_takes_its_conversations_slot_and_evaluates_only_its_new_t
     assert fresh.reused_tokens == 0 and outcome(fresh) == outcome(reused)
     # the slot's cache holds the conversation once: only the new tokens were evaluated on top of the kept ones
     # (this tiny model answers the same even with the conversation evaluated twice, so the text cannot tell)
-    held = [s for s in batched.ns_runner.slots if s.kept and s.kept[:len(second.prompt_ids)] == second.prompt_ids]
+    held = [s for s in batched.engine.runner.slots if s.kept and s.kept[:len(second.prompt_ids)] == second.prompt_ids]
     assert held and all(len(s.kept) == s.filled for s in held)
 
 
 def test_when_no_slot_is_fresh_the_slots_are_emptied_and_the_live_answer_stays_the_same(batched, ns):
     """A long answer stays live while more short requests come than there are slots: the slots are emptied
     (the library empties only all at once), the long one evaluates its tokens again and answers as alone."""
-    runner, results, started = batched.ns_runner, {}, threading.Event()
+    runner, results, started = batched.engine.runner, {}, threading.Event()
     emptied = runner.emptied
 
     def story():
@@ -399,7 +400,7 @@ def test_when_no_slot_is_fresh_the_slots_are_emptied_and_the_live_answer_stays_t
 def test_more_requests_than_slots_wait_for_one_and_a_cancelled_waiting_one_leaves_at_once(
         embedded_model, int8_cache_root, ns, monkeypatch):
     """A model whose KV cache allows 2 slots (a Llama-2-7B on 4 GiB) with 4 requests at once: two wait."""
-    from workers.engine import ns_model
+    from workers.engine.runtimes.neural_speed import model as ns_model
 
     monkeypatch.setattr(ns_model, "MAX_SLOTS", 2)
     spec = ModelSpec(names=["m"], source={"path": str(embedded_model)}, port=1, limit_concurrency=4)
@@ -416,7 +417,7 @@ def test_more_requests_than_slots_wait_for_one_and_a_cancelled_waiting_one_leave
     assert results[3].finish_reason == "cancelled" and results[3].completion_tokens == 0
     assert results[0].completion_tokens == results[1].completion_tokens == 60
     assert [outcome(r) for r in results[:3]] == [outcome(ns.generate(job(ns, chat, 60))) for chat in chats]
-    assert two.ns_runner.widest == 2 and two.ns_runner.active == 0
+    assert two.engine.runner.widest == 2 and two.engine.runner.active == 0
 
 
 def test_a_cancelled_request_leaves_the_batch_and_the_others_answer_as_alone(batched, ns):
@@ -426,11 +427,11 @@ def test_a_cancelled_request_leaves_the_batch_and_the_others_answer_as_alone(bat
     assert results[1].finish_reason == "cancelled" and results[1].completion_tokens < 40
     for i in (0, 2):
         assert outcome(results[i]) == outcome(ns.generate(job(ns, [{"role": "user", "content": QUESTIONS[i]}], 40)))
-    assert batched.ns_runner.active == 0
+    assert batched.engine.runner.active == 0
 
 
 def test_a_failing_step_fails_its_requests_and_the_next_request_is_served(batched, ns):
-    runner = batched.ns_runner
+    runner = batched.engine.runner
     original = batched.model.evaluate_rows
 
     def broken(rows):
@@ -518,7 +519,7 @@ def test_remote_code_int8_answers_are_neural_speeds_own_greedy_generate(family, 
     graph == the library's own generate() on the same file. Neither prompt starts with a BOS token."""
     from neural_speed import Model
 
-    from workers.engine import ns_file
+    from workers.engine.runtimes.neural_speed import ne_file as ns_file
 
     folder = remote_folders[family, "random"]
     served = served_remote(family, folder, tmp_path / "cache")

@@ -25,7 +25,7 @@ def test_int8_greedy_answer_is_unchanged_while_the_share_flips(embedded_model, q
                                                               tmp_path, monkeypatch):
     monkeypatch.setenv("BUNDLE_INT8_CACHE_DIR", str(int8_cache_root))
     spec = ModelSpec(names=["m"], source={"path": str(embedded_model)}, port=1, prefix_cache_tokens=0)
-    # Shared cores run INT8 on qbits (neural-speed fixes its thread count at load: int8_runtime).
+    # Shared cores run INT8 on qbits (neural-speed fixes its thread count at load: engine/runtimes/neural_speed).
     model, tokenizer = load_model(embedded_model, "itrex-int8", int8=Int8Settings(runtime="qbits"),
                                   cache_root=int8_cache_root, shared_threads=True)
     before = torch.get_num_threads()

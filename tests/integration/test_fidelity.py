@@ -42,7 +42,7 @@ import pytest
 from tests import tiny_models
 
 MISSING = tiny_models.model_code_missing()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 MAX_TOKENS = 12
 QWEN_REPETITION_PENALTY = 1.1   # Qwen-7B-Chat's generation_config; the bundle applies it as Qwen's chat() does

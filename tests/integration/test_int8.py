@@ -17,8 +17,11 @@ from transformers import AutoModelForCausalLM
 from intel_extension_for_transformers.transformers import AutoModelForCausalLM as ItrexAuto
 from intel_extension_for_transformers.transformers import RtnConfig
 
-from workers.engine import int8_cache, int8_runtime, quantize
-from workers.config.int8 import Int8Settings, unsupported_reason
+from workers.engine import int8_cache, quantize_child
+from workers.engine.runtimes import registry as int8_runtime
+from workers.engine.runtimes.qbits import quantize
+from workers.config.int8 import Int8Settings
+from workers.engine.runtimes.registry import unsupported_reason
 from workers.engine.loader import UnsupportedBackend, load_model
 from workers.engine.int8_cache import MANIFEST
 
@@ -181,13 +184,14 @@ def test_compute_dtypes_this_cpu_cannot_run_are_refused(embedded_model):
     amx = frozenset({"avx2", "avx512_vnni", "amx_int8", "amx_bf16"})
     assert "wrong results in the qbits runtime" in unsupported_reason(Int8Settings(runtime="qbits", compute_dtype="int8"), amx)
     assert unsupported_reason(Int8Settings(runtime="neural-speed", compute_dtype="int8"), amx) is None
+    assert "needs AVX2" in unsupported_reason(Int8Settings(runtime="neural-speed"), frozenset({"fma"}))
     assert unsupported_reason(Int8Settings(), avx2_only) is None
     assert "group_size=48" in unsupported_reason(Int8Settings(group_size=48), avx2_only)
     with pytest.raises(UnsupportedBackend, match="backend 'int4'"):
         load_model(embedded_model, "int4")
 
 
-# --- quantizing with little memory (workers/engine/quantize.py) -----------------------------------------
+# --- quantizing with little memory (workers/engine/runtimes/qbits/quantize.py) -----------------------------------------
 
 @pytest.fixture(scope="module")
 def bf16_source(embedded_model, tmp_path_factory):
@@ -208,7 +212,7 @@ def test_layer_by_layer_quantization_is_bit_identical_to_itrex_whole_model(bf16_
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     settings = served_rtn_kwargs(bf16_source)
     subprocess.run(
-        [sys.executable, "-m", "workers.engine.quantize", "--source", str(bf16_source), "--staging", str(ours),
+        [sys.executable, "-m", "workers.engine.runtimes.qbits.quantize", "--source", str(bf16_source), "--staging", str(ours),
          "--settings", json.dumps(settings)],
         cwd=tmp_path, check=True,
     )
@@ -225,7 +229,7 @@ def test_layer_by_layer_quantization_is_bit_identical_to_itrex_whole_model(bf16_
 
 
 def test_quantizer_refuses_up_front_when_memory_is_short(embedded_model, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(quantize.psutil, "virtual_memory", lambda: SimpleNamespace(available=100 * 2**20))
+    monkeypatch.setattr(quantize_child.psutil, "virtual_memory", lambda: SimpleNamespace(available=100 * 2**20))
     staging = tmp_path / "staging"
     with caplog.at_level(logging.ERROR, logger="quantize"):
         code = quantize.main(["--source", str(embedded_model), "--staging", str(staging),

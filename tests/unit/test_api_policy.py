@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from workers.engine.sampling_limits import LIMITS
 from workers.serving import api_policy as policy
 from workers.serving import errors
 from workers.serving.errors import ApiError
@@ -216,7 +217,8 @@ def test_unsupported_chat_parameters_are_400_naming_them(name, value):
     {"user": "u-1"}, {"parallel_tool_calls": False}, {"some_future_field": 1},
 ])
 def test_parameters_that_ask_for_nothing_are_accepted(body):
-    chat(**body)
+    plan, plain = chat(**body), chat()
+    assert (plan.messages, plan.sampling, plan.n, plan.stream) == (plain.messages, plain.sampling, plain.n, plain.stream)
 
 
 @pytest.mark.parametrize("name,value", [("suffix", "end"), ("best_of", 3), ("use_beam_search", True),
@@ -238,7 +240,7 @@ def test_unsupported_embedding_parameters():
     ({"temperature": -1}, "temperature", "less than the minimum of 0"),
     ({"temperature": "hot"}, "temperature", "valid number"),
     ({"top_p": 1.5}, "top_p", "'top_p'"),
-    ({"top_k": 0}, "top_k", "-1 (off) or at least 1"),
+    ({"top_k": -2}, "top_k", "-2 is less than the minimum of -1 - 'top_k'"),
     ({"n": 100}, "n", "100 is greater than the maximum of 8 - 'n'"),
     ({"n": 0}, "n", "'n'"),
     ({"n": 2.5}, "n", "integer"),
@@ -249,7 +251,7 @@ def test_unsupported_embedding_parameters():
     ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens", "give one of them"),
     ({"presence_penalty": 2.5}, "presence_penalty", "maximum of 2"),
     ({"frequency_penalty": -3}, "frequency_penalty", "minimum of -2"),
-    ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "less than the minimum of 0.001"),
     ({"repetition_penalty": 11}, "repetition_penalty", "maximum of 10"),
     ({"stop": 5}, "stop", "stop"),
     ({"stop": [""]}, "stop[0]", "must not be an empty string"),
@@ -262,6 +264,17 @@ def test_unsupported_embedding_parameters():
 def test_bad_parameters_name_the_field(body, param, fragment):
     err = refused(chat, **body)
     assert err.param == param and fragment in err.message, (err.param, err.message)
+
+
+@pytest.mark.parametrize("name", sorted(LIMITS))
+def test_the_api_takes_each_sampling_value_the_worker_takes(name):
+    """One table (workers/engine/sampling_limits.py): its ends pass, top_k 0 (off) included, and just past them is 400."""
+    low, high = LIMITS[name]
+    assert getattr(chat(**{name: low}).sampling, name) == low
+    assert getattr(chat(**{name: high}).sampling, name) == high
+    assert refused(chat, **{name: high + 1}).param == name
+    if name == "top_k":
+        assert chat(top_k=0).sampling.top_k == 0
 
 
 def test_nan_never_passes_a_range_check():

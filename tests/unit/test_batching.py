@@ -40,13 +40,13 @@ def job_for(sm: ServedModel, i: int, max_tokens: int, **extra):
 def assert_batched_equals_alone(folder, trust=False, backend="fp32", cache_root=None, extra=None, max_tokens=24):
     batched = served(folder, backend, trust=trust, cache_root=cache_root, prefix_tokens=0)
     alone = served(folder, backend, batching=False, trust=trust, cache_root=cache_root, prefix_tokens=0)
-    assert batched.batcher is not None and alone.batcher is None
+    assert batched.engine.batcher is not None and alone.engine.batcher is None
     extra = extra or [{}] * 4
     together = run_together(batched, [job_for(batched, i, max_tokens, **extra[i]) for i in range(4)])
     expected = [alone.generate(job_for(alone, i, max_tokens, **extra[i])) for i in range(4)]
     assert [outcome(r) for r in together] == [outcome(r) for r in expected]
-    assert batched.batcher.widest >= 3, "the requests did not decode together"
-    assert batched.batcher.active == 0
+    assert batched.engine.batcher.widest >= 3, "the requests did not decode together"
+    assert batched.engine.batcher.active == 0
 
 
 def test_smollm2_fp32_batched_answers_equal_answers_alone(embedded_model):
@@ -89,7 +89,7 @@ def test_a_cancelled_request_leaves_the_batch_and_the_others_answer_as_alone(emb
     assert results[1].finish_reason == "cancelled" and results[1].completion_tokens < jobs[1].max_new_tokens
     for i in (0, 2):
         assert outcome(results[i]) == outcome(alone.generate(job_for(alone, i, 40)))
-    assert batched.batcher.active == 0
+    assert batched.engine.batcher.active == 0
 
 
 def test_batched_chat_reuses_the_previous_turn_and_answers_the_same(embedded_model):
@@ -119,7 +119,7 @@ def test_a_failing_step_fails_its_requests_and_the_next_request_is_served(embedd
     sm.model.forward = flaky
     with pytest.raises(RuntimeError, match="injected failure"):
         sm.generate(job_for(sm, 0, 8))
-    assert sm.batcher.active == 0
+    assert sm.engine.batcher.active == 0
     assert sm.generate(job_for(sm, 0, 8)).completion_tokens > 0
 
 
@@ -144,5 +144,5 @@ def test_a_stream_whose_reader_fails_fails_alone_and_the_batch_goes_on(embedded_
     t.join(timeout=300)
     assert isinstance(outcomes[0], RuntimeError) and "Event loop is closed" in str(outcomes[0])
     assert outcomes[1].finish_reason in ("stop", "length") and outcomes[1].completion_tokens > 0
-    assert sm.batcher.active == 0
+    assert sm.engine.batcher.active == 0
     assert sm.generate(job_for(sm, 0, 4)).completion_tokens > 0

@@ -3,6 +3,7 @@ columns, and the split between the bundle's environment and the llama.cpp one.""
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from workers.models.weight_shapes import checkpoint_tensors
 from workers.tools import bench_engine as be
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,17 +32,16 @@ def _folder(tmp_path: Path, tied: bool) -> Path:
 
 
 def test_untied_model_reads_the_output_matrix_not_the_embedding_table(tmp_path):
-    tensors = be.safetensors_tensors(_folder(tmp_path, tied=False))
-    assert tensors["model.layers.0.mlp.qweight"] == ("I8", 16, 16)
+    tensors = checkpoint_tensors(_folder(tmp_path, tied=False))
     assert be.read_bytes_per_token(tensors) == 160 + 16 + 16
 
 
 def test_tied_model_reads_the_embedding_table_as_its_output_matrix(tmp_path):
-    assert be.read_bytes_per_token(be.safetensors_tensors(_folder(tmp_path, tied=True))) == 160 + 16 + 16
+    assert be.read_bytes_per_token(checkpoint_tensors(_folder(tmp_path, tied=True))) == 160 + 16 + 16
 
 
 def test_a_model_loaded_in_fp32_counts_four_bytes_per_weight(tmp_path):
-    tensors = be.safetensors_tensors(_folder(tmp_path, tied=False))
+    tensors = checkpoint_tensors(_folder(tmp_path, tied=False))
     assert be.read_bytes_per_token(tensors, 4) == 4 * (40 + 16 + 4)
 
 
@@ -103,9 +104,12 @@ def test_report_starts_with_the_cpu_and_gives_ratios_and_bandwidth():
     assert rows["llama.cpp Q8_0 t2"][2:8] == ["40.0", "4.00", "1.00", "1.000", "40.0", "100 %"]
 
 
-def test_the_bundle_environment_never_imports_llama_cpp():
+def test_the_bundle_environment_never_imports_llama_cpp(tmp_path):
+    (tmp_path / "llama_cpp.py").write_text("")  # importable here, as in .venv-bench: an import would show
     code = "import sys, workers.tools.bench_engine; print('llama_cpp' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=ROOT)
+    assert out.stdout.strip() == "False"
     child = ROOT / "workers" / "tools" / "bench_llama_cpp.py"
     imported = set()
     for node in ast.walk(ast.parse(child.read_text())):

@@ -156,7 +156,17 @@ def test_int8_compute_dtype_this_cpu_cannot_run_is_refused_before_start():
     assert rules.semantic_problems(dep, cpu_count=2, cpu_flags=frozenset({"avx512_vnni"})) == []
 
 
-def test_qbits_int8_compute_is_refused_before_start_even_with_amx():
+def test_qbits_int8_compute_is_refused_before_start_even_with_amx(embedded_model, tmp_path, monkeypatch, capsys):
+    """Config checks what every runtime needs; the runtime chosen checks its own (engine/runtimes/registry), when
+    `start` resolves each model's runtime: before anything is quantized or any worker starts."""
+    from workers.config import cpu
+    from workers.ops import cli
+
+    amx = frozenset({"avx2", "avx512_vnni", "amx_int8"})
     dep = Deployment.model_validate({"models": [model(int8={"runtime": "qbits", "compute_dtype": "int8"})]})
-    [problem] = rules.semantic_problems(dep, cpu_count=2, cpu_flags=frozenset({"avx2", "avx512_vnni", "amx_int8"}))
-    assert "compute_dtype='int8' gives wrong results in the qbits runtime" in problem
+    assert rules.semantic_problems(dep, cpu_count=2, cpu_flags=amx) == []  # which runtime is chosen is not config's
+    monkeypatch.setattr(cpu, "flags", lambda: amx)
+    monkeypatch.setenv("BUNDLE_INT8_CACHE_DIR", str(tmp_path / "cache"))
+    problem = cli.prepare_int8_weights(dep, {dep.models[0].program: embedded_model})
+    assert problem.startswith("models[m1].int8: compute_dtype='int8' gives wrong results in the qbits runtime"), problem
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())

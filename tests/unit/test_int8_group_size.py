@@ -1,4 +1,4 @@
-"""group_size: auto (engine/int8_runtime.auto_group_size): group 64 where it divides every weight row, per channel
+"""group_size: auto (engine/runtimes/registry.auto_group_size): group 64 where it divides every weight row, per channel
 where it does not; the row widths come from real checkpoint files (safetensors and torch .bin)."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from workers.config.int8 import AUTO_GROUP_SIZE, Int8Settings
-from workers.engine import int8_runtime
+from workers.engine.runtimes import registry as int8_runtime
 from workers.models.memory_budget import ModelShape, weight_bytes
-from workers.models.weight_shapes import matrix_row_widths
+from workers.models.weight_shapes import StoredTensor, checkpoint_tensors, matrix_row_widths
 
 
 def folder(tmp_path, widths, fmt="safetensors"):
@@ -23,6 +23,14 @@ def folder(tmp_path, widths, fmt="safetensors"):
         torch.save(state, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qbits-only-family"}))
     return tmp_path
+
+
+def test_checkpoint_headers_give_each_tensors_dtype_shape_and_stored_size(tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    for fmt, sub, dtype in (("safetensors", "a", "F32"), ("bin", "b", "float32")):
+        tensors = checkpoint_tensors(folder(tmp_path / sub, [576], fmt=fmt))
+        assert tensors["layer0.weight"] == StoredTensor(dtype, (8, 576), 8 * 576 * 4)
+        assert tensors["norm.weight"].elements == 7
 
 
 def test_row_widths_come_from_safetensors_and_torch_checkpoints(tmp_path):

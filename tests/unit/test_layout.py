@@ -114,3 +114,68 @@ def test_a_cycle_is_caught():
     graph["workers.models.download"] = graph["workers.models.download"] | {"workers.models.sources"}
     assert ["workers.models.download", "workers.models.sources", "workers.models.download"] in cycles(graph) or \
         ["workers.models.sources", "workers.models.download", "workers.models.sources"] in cycles(graph)
+
+
+# --- runtimes: nothing outside a runtime's package asks which runtime it is --------------------------------------
+
+RUNTIMES_DIR = PACKAGE / "engine" / "runtimes"
+
+
+def runtime_names() -> set[str]:
+    """Every runtime's name (registry.RUNTIMES), also spelled as its package and Python module are."""
+    from workers.engine.runtimes import registry
+
+    names = {r.name for r in registry.RUNTIMES}
+    assert {"neural-speed", "qbits", "transformers"} <= names
+    return names | {n.replace("-", "_") for n in names}
+
+
+def _named(node: ast.AST, names: set[str]) -> set[str]:
+    """The runtime names a comparison operand holds: a string, or a tuple/list/set/dict of them."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return {node.value} & names
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return set().union(*(_named(e, names) for e in node.elts)) if node.elts else set()
+    if isinstance(node, ast.Dict):
+        return set().union(*(_named(k, names) for k in node.keys if k is not None)) if node.keys else set()
+    return set()
+
+
+def runtime_name_tests(source: str, names: set[str]) -> list[tuple[int, str]]:
+    """(line, name) of every place `source` compares a value with a runtime name (==, !=, in, match case)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            for operand in [node.left, *node.comparators]:
+                found += [(node.lineno, n) for n in _named(operand, names)]
+        elif isinstance(node, ast.MatchValue):
+            found += [(node.lineno, n) for n in _named(node.value, names)]
+    return found
+
+
+def owner(path: Path) -> str | None:
+    """The runtime whose package holds `path`, spelled as a module (None outside the runtime packages)."""
+    parts = path.relative_to(RUNTIMES_DIR).parts if RUNTIMES_DIR in path.parents else ()
+    return parts[0] if len(parts) > 1 else None
+
+
+def test_no_runtime_name_is_tested_outside_its_own_package():
+    names = runtime_names()
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        mine = owner(path)
+        for line, name in runtime_name_tests(path.read_text(), names):
+            if name.replace("-", "_") != mine:
+                found.append(f"{path.relative_to(ROOT)}:{line} tests for runtime {name!r}")
+    assert found == [], "ask the runtime (engine/runtimes/base.py) or the registry instead:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("code", [
+    'if settings.runtime == "neural-speed": pass',
+    'ok = backend in ("fp32", "qbits")',
+    'ok = "neural_speed" in sys.modules',
+    'match runtime:\n    case "transformers": pass',
+])
+def test_a_runtime_name_test_is_caught(code):
+    assert runtime_name_tests(code, runtime_names())
+    assert owner(RUNTIMES_DIR / "qbits" / "runtime.py") == "qbits" and owner(RUNTIMES_DIR / "registry.py") is None

@@ -175,6 +175,21 @@ class TextAssembler:
         raw, _ = self._raw()
         return self.postprocess(raw)
 
+    def conclude(self, job: Job, last_token: int | None, reason: str | None = None) -> tuple[str, str]:
+        """Why the answer ended, unless `reason` says (cancelled; stop: a stop string or token, or the model's own
+        end; length: max_new_tokens reached), and its final text."""
+        if reason is None:
+            if job.cancel.is_set():
+                reason = "cancelled"
+            elif self.stopped_by_string or (last_token is not None and last_token in job.stop_token_ids):
+                reason = "stop"
+            else:
+                reason = "length" if len(self.ids) >= job.max_new_tokens else "stop"
+        text = self.finish()
+        if reason == "length":  # cut inside a character: its first bytes decode to U+FFFD, not a character
+            text = text.rstrip("\ufffd")
+        return reason, text
+
 
 def is_greedy(job: Job) -> bool:
     return job.temperature <= 1e-5  # as the models' own chat code does with do_sample=False
@@ -239,17 +254,7 @@ def run(model, tokenizer_decode: Callable[[list[int]], str], postprocess: Callab
             **_sampling_kwargs(job),
         )
     end = time.monotonic()
-    if job.cancel.is_set():
-        reason = "cancelled"
-    elif assembler.stopped_by_string or (last_token and last_token[0] in job.stop_token_ids):
-        reason = "stop"
-    elif len(assembler.ids) >= job.max_new_tokens:
-        reason = "length"
-    else:
-        reason = "stop"
-    text = assembler.finish()
-    if reason == "length":  # cut inside a character: its first bytes decode to U+FFFD, not a character
-        text = text.rstrip("\ufffd")
+    reason, text = assembler.conclude(job, last_token[0] if last_token else None)
     return Result(
         text=text,
         completion_tokens=len(assembler.ids),

@@ -12,7 +12,6 @@ import json
 import logging
 import shutil
 import subprocess
-import sys
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
@@ -21,7 +20,8 @@ from filelock import FileLock, Timeout
 
 from workers.config.files import publish_dir, sha256_files, write_atomic
 from workers.config.int8 import Int8Settings
-from workers.engine import int8_runtime, ns_quantize
+from workers.engine.runtimes import registry
+from workers.engine.runtimes.base import RuntimeUnavailable
 
 log = logging.getLogger("int8_cache")
 
@@ -75,17 +75,14 @@ def source_fingerprint(source: Path, cache_root: Path) -> str:
 def key_inputs(source: Path, settings: Int8Settings, cache_root: Path) -> dict:
     """What the entry's key covers (with "auto" resolved to the runtime and group size this model gets)."""
     if "auto" in (settings.runtime, settings.group_size):
-        settings = int8_runtime.resolve(settings, source)
+        settings = registry.resolve(settings, source)
     inputs = {
         "format": CACHE_FORMAT,
         "source": source_fingerprint(source, cache_root),
         "settings": settings.rtn_kwargs(),
         "versions": {name: version(name) for name in _VERSIONED},
     }
-    if settings.runtime == "neural-speed":  # qbits entries keep the keys they had before runtimes existed
-        inputs["runtime"] = settings.runtime
-        inputs["versions"]["neural-speed"] = version("neural-speed")
-        inputs["ns_file_layout"] = ns_quantize.FILE_LAYOUT
+    registry.by_name(settings.runtime).add_cache_key(inputs)
     return inputs
 
 
@@ -121,27 +118,18 @@ def verify(entry: Path, inputs: dict) -> str | None:
     return None
 
 
-def _quantize_command(source: Path, staging: Path, inputs: dict) -> list[str]:
-    common = ["--source", str(source), "--staging", str(staging), "--settings", json.dumps(inputs["settings"])]
-    if inputs.get("runtime") == "neural-speed":
-        graph, why = int8_runtime.graph_for(source)
-        if graph is None:
-            raise CacheBuildError(f"neural-speed cannot quantize {source.name}: {why}")
-        return [sys.executable, "-m", "workers.engine.ns_quantize", *common]
-    return [sys.executable, "-m", "workers.engine.quantize", *common]
-
-
-def _build(source: Path, entry: Path, inputs: dict, trust_remote_code: bool) -> None:
+def _build(source: Path, entry: Path, inputs: dict, runtime, trust_remote_code: bool) -> None:
     with publish_dir(entry) as staging, tempfile.TemporaryDirectory(prefix="quantize-") as work:
-        cmd = _quantize_command(source, staging, inputs) + (["--trust-remote-code"] if trust_remote_code else [])
+        try:
+            cmd = runtime.quantize_command(source, staging, inputs)
+        except RuntimeUnavailable as exc:
+            raise CacheBuildError(str(exc)) from None
+        cmd += ["--trust-remote-code"] if trust_remote_code else []
         # cwd=work: neural-compressor writes an nc_workspace/ folder into the current directory.
         proc = subprocess.run(cmd, cwd=work)  # the project is installed (editable), so no PYTHONPATH
         if proc.returncode != 0:
-            other = ("; models[].int8: {runtime: qbits} quantizes with the other runtime"
-                     if inputs.get("runtime") == "neural-speed" else "")
-            raise CacheBuildError(
-                f"quantizing {source} failed (exit code {proc.returncode}); see the quantize lines above{other}"
-            )
+            raise CacheBuildError(f"quantizing {source} failed (exit code {proc.returncode}); see the quantize lines "
+                                  f"above{runtime.quantize_failed_hint}")
         written = sorted(p for p in staging.rglob("*") if p.is_file())
         if not written:  # never publish an entry that would load nothing
             raise CacheBuildError(f"quantizing {source} wrote no files into {staging}")
@@ -156,6 +144,8 @@ def ensure(source: Path, settings: Int8Settings, cache_root: Path, trust_remote_
     # Absolute: the quantizer child runs in a scratch folder, where a relative path means another place.
     source, cache_root = source.resolve(), cache_root.resolve()
     cache_root.mkdir(parents=True, exist_ok=True)
+    if "auto" in (settings.runtime, settings.group_size):
+        settings = registry.resolve(settings, source)
     inputs = key_inputs(source, settings, cache_root)
     entry = entry_dir(source, inputs, cache_root)
     # One builder per entry: a second worker for the same model waits, then reuses the result.
@@ -177,7 +167,7 @@ def ensure(source: Path, settings: Int8Settings, cache_root: Path, trust_remote_
             log.info("another model is being quantized; %s waits for it to finish", source.name)
             machine_lock.acquire()
         try:
-            _build(source, entry, inputs, trust_remote_code)
+            _build(source, entry, inputs, registry.by_name(settings.runtime), trust_remote_code)
         finally:
             machine_lock.release()
         log.info("INT8 cache written to %s", entry)

@@ -94,18 +94,8 @@ class Sequence:
         if self.error is not None:
             self.done.set()
             return None
-        job, end = self.job, time.monotonic()
-        last = self.tokens[-1] if self.generated else None
-        if reason is None:
-            if job.cancel.is_set():
-                reason = "cancelled"
-            elif self.assembler.stopped_by_string or (last is not None and last in job.stop_token_ids):
-                reason = "stop"
-            else:
-                reason = "length"
-        text = self.assembler.finish()
-        if reason == "length":  # cut inside a character: its first bytes decode to U+FFFD, not a character
-            text = text.rstrip("\ufffd")
+        end = time.monotonic()
+        reason, text = self.assembler.conclude(self.job, self.tokens[-1] if self.generated else None, reason)
         self.result = Result(
             text=text, completion_tokens=len(self.assembler.ids), finish_reason=reason,
             first_token_s=(self.first_token - self.submitted) if self.first_token else None,

@@ -11,22 +11,17 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from workers.config.schema import ModelSpec
 from workers.engine import generate, prompt, threads, tool_formats
 from workers.engine.constraint import GrammarError, Grammars
-from workers.engine.batcher import Batcher, batch_axes
+from workers.engine.core_share import CoreShare
 from workers.engine.generate import Job
-from workers.engine.core_share import CoreShare, share_forward
-from workers.engine.ns_batcher import NeuralSpeedBatcher
-from workers.engine.ns_model import NeuralSpeedModel, SerialRunner
-from workers.engine.prefix_cache import PrefixCache, crop
+from workers.engine.prefix_cache import PrefixCache
+from workers.engine.runtimes import registry
+from workers.engine.runtimes.base import Engine
+from workers.engine.sampling_limits import LIMITS
 
 log = logging.getLogger("served_model")
-# A one-token forward pass costs about this many tokens of a batched prompt pass (Qwen-7B-shaped
-# INT8, 1 thread: 0.65 tok/s decode vs 4.8 tok/s prompt); see prefix reuse in generate().
-TOKEN_BY_TOKEN_COST = 7
 
 
 class BadRequest(ValueError):
@@ -38,15 +33,6 @@ class BadRequest(ValueError):
         self.param, self.code = param, code
 
 
-# Accepted ranges of the sampling parameters: the API's (OpenAI's where it has them), so nothing the API lets through
-# is refused here; outside: 400. top_p 0 is its limit (only the most likely token survives, as TopPLogitsWarper keeps
-# one); a top_k above the vocabulary keeps every token.
-RANGES = {
-    "temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "top_k": (-1, 2**31 - 1), "repetition_penalty": (1e-3, 10.0),
-    "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0),
-}
-
-
 def _number(params: dict, key: str, default, kind=float):
     value = params.get(key)
     if value is None:
@@ -54,7 +40,7 @@ def _number(params: dict, key: str, default, kind=float):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
         raise BadRequest(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}", key)
     value = kind(value)
-    low, high = RANGES.get(key, (None, None))
+    low, high = LIMITS.get(key, (None, None))
     if low is not None and not (low <= value <= high):  # also refuses NaN
         raise BadRequest(f"{key}={value!r} is out of range: use {low:g} to {high:g}", key)
     return value
@@ -99,13 +85,12 @@ class ServedModel:
     context_len: int
     prefixes: PrefixCache
     share: CoreShare | None = None
-    batcher: Batcher | None = None  # None: one generate() per request
-    # a neural-speed model (its own caches): batched when it has several slots, else one generation at a time
-    ns_runner: SerialRunner | NeuralSpeedBatcher | None = None
+    engine: Engine | None = None  # the runtime's serving side: set by build()
     _grammars: Grammars | None = None
 
     @classmethod
     def build(cls, spec: ModelSpec, folder: Path, model, tokenizer, share: CoreShare | None = None) -> "ServedModel":
+        """`model` as loader.load_model returned it; its runtime serves it."""
         config = json.loads((folder / "config.json").read_text())
         chat = prompt.ChatFormat(folder, tokenizer, config, spec.conv_template)
         served = cls(
@@ -116,25 +101,10 @@ class ServedModel:
             prefixes=PrefixCache(spec.prefix_cache_tokens),
             share=share,
         )
-        if isinstance(model, NeuralSpeedModel):
-            batched = model.slots > 1
-            served.ns_runner = (NeuralSpeedBatcher if batched else SerialRunner)(model, served.decode, chat.postprocess)
-            log.info("%s: context %d, default answer %d tokens, sampling %s, stop ids %s, neural-speed INT8 "
-                     "(%d threads, %s)", spec.program, served.context_len, served.max_tokens_default, served.sampling,
-                     sorted(chat.stop_token_ids), model.n_threads,
-                     f"continuous batching in {model.slots} KV cache slots" if batched else "one generation at a time")
-            return served
-        if share is not None:
-            share_forward(model, share)
-        axes = batch_axes(chat.family, model) if spec.batching else None
-        if axes is not None:
-            served.batcher = Batcher(model, axes, served.decode, chat.postprocess, served._prefill_reusing,
-                                     served._keep if served.prefixes.max_tokens > 0 else None,
-                                     chat.family.pad_shifted_rotary if chat.family else None,
-                                     chat.family.padded_decode_globals if chat.family else ())
+        served.engine = registry.runtime_of(model).serve(model, served, share, spec.batching)
         log.info("%s: context %d, default answer %d tokens, sampling %s, stop ids %s, %s", spec.program,
                  served.context_len, served.max_tokens_default, served.sampling, sorted(chat.stop_token_ids),
-                 "continuous batching" if axes else "one generation at a time per request")
+                 served.engine.description)
         return served
 
     # --- prompts -------------------------------------------------------------------------------
@@ -168,11 +138,9 @@ class ServedModel:
 
     def job(self, params: dict) -> tuple[Job, list[int]]:
         ids = self.prompt_ids(params)
-        refusal = self.ns_runner.model.refusal(ids) if self.ns_runner is not None else None
+        refusal = self.engine.refusal(ids)
         if refusal:
-            raise BadRequest(f"model {self.name} runs on the neural-speed INT8 runtime: {refusal}. Chat messages "
-                             f"always do; for other prompts use an fp32 model or set int8: {{runtime: qbits}}",
-                             "prompt")
+            raise BadRequest(f"model {self.name} {refusal}", "prompt")
         room = self.context_len - len(ids)
         if room <= 0:
             raise BadRequest(f"the prompt has {len(ids)} tokens, which does not fit in the {self.context_len}-token "
@@ -259,102 +227,42 @@ class ServedModel:
 
     def batching_state(self) -> dict:
         """How this model's concurrent requests run, and what its batcher has done so far (POST /model_details)."""
-        if self.batcher is not None:
-            return {"mode": "continuous batching", "steps": self.batcher.steps, "widest_step": self.batcher.widest}
-        if isinstance(self.ns_runner, NeuralSpeedBatcher):
-            runner = self.ns_runner
-            return {"mode": "continuous batching", "kv_cache_slots": len(runner.slots), "steps": runner.steps,
-                    "widest_step": runner.widest, "slots_emptied": runner.emptied}
-        return {"mode": "one at a time"}
+        return self.engine.batching_state()
 
     def generate(self, job: Job, on_text=None) -> generate.Result:
         """Generate, counted as demand on the shared cores while it runs."""
         threads.align_this_thread()
         if self.share is None:
-            return self._generate(job, on_text)
+            return self.engine.submit(job, on_text)
         self.share.begin()
         try:
-            return self._generate(job, on_text)
+            return self.engine.submit(job, on_text)
         finally:
             self.share.end()
-
-    def _reusable(self, ids: list[int]) -> tuple[object, int]:
-        """The cropped cache of the longest earlier conversation `ids` continues, and its length."""
-        if self.prefixes.max_tokens <= 0:
-            return None, 0
-        entry, reused = self.prefixes.longest(ids)
-        new = len(ids) - 1 - reused
-        if entry is not None and not self._batched_continuation and new * TOKEN_BY_TOKEN_COST > reused:
-            return None, 0  # one forward per new token would cost more than recomputing all
-        return (crop(entry, reused), reused) if entry is not None else (None, 0)
-
-    @property
-    def _batched_continuation(self) -> bool:
-        return self.chat.family is None or self.chat.family.batched_continuation
-
-    def _prefill_reusing(self, ids: list[int]) -> tuple[object, torch.Tensor, int]:
-        """The batcher's prefill: cache and last logits of `ids`, reusing an earlier conversation's cache."""
-        past, reused = self._reusable(ids)
-        past, logits = generate.prefill(self.model, ids, past, reused, self._batched_continuation or past is None)
-        return past, logits, reused
-
-    def _keep(self, ids: list[int], past) -> None:
-        self.prefixes.store(ids, past)
-
-    def _generate(self, job: Job, on_text=None) -> generate.Result:
-        """Generate, reusing the cache of the longest earlier conversation this prompt continues."""
-        if self.batcher is not None:
-            return self.batcher.submit(job, on_text)
-        if self.ns_runner is not None:
-            return self.ns_runner.submit(job, on_text)
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        keep = self.prefixes.max_tokens > 0
-        past, reused = self._reusable(job.prompt_ids)
-        if past is not None:
-            # Everything but the last prompt token goes into the cache; generate() takes that one.
-            past, _ = generate.prefill(self.model, job.prompt_ids[:-1], past, reused, self._batched_continuation)
-        result = generate.run(self.model, self.decode, self.chat.postprocess, job, on_text, pad_token_id=pad,
-                              past=past, keep_cache=keep)
-        result.reused_tokens = reused
-        if keep and result.past is not None:
-            self.prefixes.store(result.cached_ids, result.past)
-            result.past = None
-        return result
 
     # --- embeddings ------------------------------------------------------------------------------
 
     def embed(self, params: dict) -> dict:
-        """Mean of the last hidden state over each input's tokens, L2-normalised; inputs one at a
-        time, so no padding token is needed (Qwen's tokenizer has none)."""
-        if self.ns_runner is not None:
-            raise BadRequest(f"model {self.name} runs on the neural-speed INT8 runtime, which gives no hidden "
-                             f"states: ask an fp32 model for embeddings, or set int8: {{runtime: qbits}} for "
-                             f"this one", "model")
+        """One vector per input (the runtime's embeddings()), with the inputs checked here."""
+        if self.engine.no_embeddings:
+            raise BadRequest(f"model {self.name} {self.engine.no_embeddings}", "model")
         inputs = params.get("input")
         if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
             inputs = [inputs]
         if not isinstance(inputs, list) or not inputs:
             raise BadRequest("input must be a non-empty string, list of strings, or token ids", "input")
-        vectors, total = [], 0
+        token_ids = []
+        for item in inputs:
+            if isinstance(item, str) and item:
+                ids = self.chat.encode_text(item)
+            elif isinstance(item, list) and item and all(isinstance(i, int) and 0 <= i < self.vocab_size for i in item):
+                ids = item
+            else:
+                raise BadRequest("each input must be a non-empty string or a list of token ids", "input")
+            if len(ids) > self.context_len:
+                raise BadRequest(f"an input has {len(ids)} tokens; model {self.name} takes at most "
+                                 f"{self.context_len}", "input", "context_length_exceeded")
+            token_ids.append(ids)
         threads.align_this_thread()
-        with torch.inference_mode():
-            for item in inputs:
-                if isinstance(item, str) and item:
-                    ids = self.chat.encode_text(item)
-                elif isinstance(item, list) and item and all(isinstance(i, int) and 0 <= i < self.vocab_size for i in item):
-                    ids = item
-                else:
-                    raise BadRequest("each input must be a non-empty string or a list of token ids", "input")
-                if len(ids) > self.context_len:
-                    raise BadRequest(f"an input has {len(ids)} tokens; model {self.name} takes at most "
-                                     f"{self.context_len}", "input", "context_length_exceeded")
-                x = torch.tensor([ids])
-                out = self.model(input_ids=x, attention_mask=torch.ones_like(x), output_hidden_states=True,
-                                 return_dict=True)
-                hidden = out.hidden_states[-1]
-                if hidden.shape[0] == len(ids) and hidden.shape[1] == 1 and len(ids) != 1:  # ChatGLM: seq first
-                    hidden = hidden.transpose(0, 1)
-                v = hidden[0].float().mean(dim=0)
-                vectors.append(torch.nn.functional.normalize(v, dim=0).tolist())
-                total += len(ids)
-        return {"embedding": vectors, "token_num": total}
+        vectors = self.engine.embeddings(token_ids)
+        return {"embedding": vectors, "token_num": sum(len(ids) for ids in token_ids)}

@@ -1,7 +1,7 @@
 """Per-worker CPU threads and core pinning.
 
-Two workers on two cores with 2 threads each made requests 10-20x slower (OpenMP spin-waiting on
-busy cores), so each worker gets an explicit thread count and, optionally, its own cores.
+Two workers on two cores with 2 threads each made requests many times slower (OpenMP spin-waiting on
+busy cores; docs/benchmarks.md), so each worker gets an explicit thread count and, optionally, its own cores.
 Must run before torch is imported: OpenMP reads OMP_NUM_THREADS once, at load time.
 """
 from __future__ import annotations
@@ -31,27 +31,28 @@ def configure(threads: int, cores: list[int] | None = None, shared: bool = False
         os.sched_setaffinity(0, cores)
 
 
-_kernel_threads: dict[str, int] = {}  # the qbits thread count last set in this process
+_kernel_threads: dict[str, int] = {}  # the thread count last applied in this process
+# Thread-count setters of kernel libraries that split work by their own count (a runtime adds its own at load)
+_kernel_pools: list = []
+
+
+def add_kernel_pool(set_threads) -> None:
+    """Keep a kernel library's thread count equal to torch's from now on (apply_to_torch calls `set_threads(n)`),
+    starting with the count last applied."""
+    if set_threads not in _kernel_pools:
+        _kernel_pools.append(set_threads)
+        if "n" in _kernel_threads:
+            set_threads(_kernel_threads["n"])
 
 
 def apply_to_torch(threads: int) -> None:
-    """Set this thread's torch/OpenMP thread count and ITREX qbits' (process-wide) to `threads`.
-    Call after the model is loaded: ITREX resets torch's thread count while loading."""
+    """Set this thread's torch/OpenMP thread count, and that of the kernel libraries the loaded runtimes use, to
+    `threads`. Call after the model is loaded: ITREX resets torch's thread count while loading."""
     import torch
 
     torch.set_num_threads(threads)  # this thread's OpenMP team, and torch's own pool
-    # qbits (ITREX's INT8 kernels) splits each matmul into as many parts as *its* thread count,
-    # which defaults to every core. A thread whose OpenMP team differs then computes garbage
-    # (measured: perplexity 16 -> 4e6 at 1 thread on 2 cores). Keep them equal.
-    if "neural_speed" in sys.modules:
-        # A neural-speed process never loads qbits: both embed the bestla kernels under the same
-        # symbols, and neural-speed segfaulted in a process that had loaded qbits (seen in the test suite).
-        return
-    try:
-        from intel_extension_for_transformers import qbits
-    except ImportError:  # fp32/bf16 without ITREX importable: nothing else to keep in step
-        return
-    qbits.set_qbits_threads(threads)
+    for set_threads in _kernel_pools:
+        set_threads(threads)
     _kernel_threads["n"] = threads
 
 
@@ -60,8 +61,9 @@ def kernel_threads() -> int | None:
 
 
 def align_this_thread() -> None:
-    """Give the calling thread's OpenMP team the size qbits splits its work into. A thread started
-    later (the batcher's, a request's) otherwise has the default team, which need not match."""
+    """Give the calling thread's OpenMP team the size last applied (the one kernel libraries split their work
+    into). A thread started later (the batcher's, a request's) otherwise has the default team, which need not
+    match."""
     n = _kernel_threads.get("n")
     if n is not None:
         import torch

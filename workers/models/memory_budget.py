@@ -5,9 +5,8 @@ Per worker, from the model's config.json and weight index:
   and the output layer stay fp32 (ITREX skips lm_head / output_layer), 4 bytes each;
 - fp32: 4 bytes per parameter; bf16: 2;
 - KV cache in fp32 for `limit_concurrency` requests of KV_TOKENS_PER_REQUEST tokens, plus the
-  prefix cache of recent conversations (`prefix_cache_tokens`); a neural-speed worker that batches
-  allocates a KV cache slot of a whole context per sequence at load, in f16 (slot_bytes), and its slots
-  count when they hold more;
+  prefix cache of recent conversations (`prefix_cache_tokens`); a runtime that allocates its KV memory at
+  load (its Runtime.memory_extra, e.g. a KV cache slot of a whole context per sequence) counts when that is more;
 - RUNTIME_GIB for the Python process itself (torch, ITREX, FastChat: measured ~0.9 GiB).
 Plus SERVICES_GIB once, for the controller, the API server and the web UI.
 """
@@ -55,12 +54,6 @@ def kv_bytes_per_token(config: dict) -> int:
     return 2 * layers * kv_heads * head_dim * 4
 
 
-def slot_bytes(config: dict, context: int) -> int:
-    """One neural-speed KV cache slot: a whole context in f16 (its 'kv self size', measured), allocated at
-    load and resident as it fills. Identity layers (at most 1/8 more under int8.runtime auto) not counted."""
-    return kv_bytes_per_token(config) // 2 * context
-
-
 def shape_from_config(config: dict, total_weight_bytes: int | None = None) -> ModelShape:
     """ModelShape from a config.json (llama, qwen and chatglm families) and the index's total_size."""
     kv = kv_bytes_per_token(config)
@@ -101,19 +94,19 @@ def weight_bytes(shape: ModelShape, backend: str, group_size: int | str = -1) ->
 
 
 def worker_bytes(shape: ModelShape, backend: str, limit_concurrency: int, group_size: int | str = -1,
-                 prefix_cache_tokens: int = 0, slots_kv: int = 0) -> int:
-    """`slots_kv`: the KV cache slots a batching neural-speed worker allocates (slots x slot_bytes)."""
+                 prefix_cache_tokens: int = 0, runtime_kv: int = 0) -> int:
+    """`runtime_kv`: KV memory the worker's runtime allocates at load (Runtime.memory_extra)."""
     kv = shape.kv_bytes_per_token * (KV_TOKENS_PER_REQUEST * limit_concurrency + prefix_cache_tokens)
-    return weight_bytes(shape, backend, group_size) + max(kv, slots_kv) + int(RUNTIME_GIB * GIB)
+    return weight_bytes(shape, backend, group_size) + max(kv, runtime_kv) + int(RUNTIME_GIB * GIB)
 
 
 def quantize_peak_bytes(shape: ModelShape) -> int:
-    """Peak anonymous memory of quantizing (workers/engine/quantize.py) when no INT8 cache exists yet.
+    """Peak anonymous memory of quantizing (workers/engine/runtimes/*/quantize.py) when no INT8 cache exists yet.
 
     The source is memory-mapped in its checkpoint dtype, so its pages are page cache the kernel
     can drop, not counted here; what must fit is the INT8 model being built plus the save's
-    temporaries. Measured with scripts/bench_quantize.sh: 2.50 GiB for a 1.1 B Llama (1.39 GiB of
-    INT8 weights) and 12.74 GiB for a Qwen-7B-shaped one (10.67 GiB), both 1.1x + 1.0 GiB.
+    temporaries: QUANTIZE_SAVE_FACTOR x the INT8 size + QUANTIZE_RUNTIME_GIB, as scripts/bench_quantize.sh
+    measured (docs/benchmarks.md).
     """
     return int(QUANTIZE_SAVE_FACTOR * weight_bytes(shape, "itrex-int8")) + int(QUANTIZE_RUNTIME_GIB * GIB)
 
@@ -126,7 +119,7 @@ class Need:
     limit_concurrency: int
     group_size: int | str = -1
     prefix_cache_tokens: int = 0
-    slots_kv: int = 0  # a batching neural-speed worker's KV cache slots (itrex-int8 only)
+    runtime_kv: int = 0  # KV memory its runtime allocates at load, on this backend only
 
     @property
     def bytes(self) -> int:
@@ -134,7 +127,7 @@ class Need:
 
     def bytes_as(self, backend: str) -> int:
         return worker_bytes(self.shape, backend, self.limit_concurrency, self.group_size, self.prefix_cache_tokens,
-                            self.slots_kv if backend == "itrex-int8" else 0)
+                            self.runtime_kv if backend == self.backend else 0)
 
 
 def check(needs: list[Need], available_bytes: int) -> str | None:

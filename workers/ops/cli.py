@@ -183,24 +183,17 @@ def wait_ready(dep: Deployment, timeout: float, host: str = hosts.LOCAL,
     return "timeout"
 
 
-def neural_speed_slots_kv(m) -> int:
-    """The KV cache slots model `m`'s worker allocates when it batches on neural-speed (engine/ns_batcher), else 0."""
-    import json
+def runtime_kv_bytes(m) -> int:
+    """KV memory model `m`'s runtime allocates at load (Runtime.memory_extra: e.g. KV cache slots a batching worker
+    holds), else 0."""
+    from workers.engine.runtimes import registry
+    from workers.engine.runtimes.base import RuntimeUnavailable, UnsupportedBackend
 
-    from workers.engine import int8_runtime, ns_model
-    from workers.engine.prompt import context_length
-    from workers.models import memory_budget
-
-    if m.backend != "itrex-int8" or not m.batching:
-        return 0
     folder = model_sources.model_dir(m.source)
     try:
-        if int8_runtime.resolve_runtime(m.int8, folder, m.shared).runtime != "neural-speed":
-            return 0
-        config = json.loads((folder / "config.json").read_text())
-        slots = ns_model.slots_for(config, m.limit_concurrency)
-        return slots * memory_budget.slot_bytes(config, context_length(config)) if slots > 1 else 0
-    except (int8_runtime.RuntimeUnavailable, OSError, ValueError):  # reported when its worker starts
+        runtime = registry.runtime_for(m.backend, m.int8, folder, m.shared)
+        return runtime.memory_extra(folder, m.limit_concurrency if m.batching else 1)
+    except (RuntimeUnavailable, UnsupportedBackend, OSError, ValueError):  # reported when its worker starts
         return 0
 
 
@@ -217,7 +210,7 @@ def memory_problem(dep: Deployment, host: str = hosts.LOCAL) -> str | None:
             _say(f"  {m.program}: cannot estimate its memory ({exc}); not counted")
             continue
         needs.append(memory_budget.Need(m.program, m.backend, shape, m.limit_concurrency, m.int8.group_size,
-                                        m.prefix_cache_tokens, neural_speed_slots_kv(m)))
+                                        m.prefix_cache_tokens, runtime_kv_bytes(m)))
     available = psutil.virtual_memory().available
     budget = dep.hosts[host].memory_gib if host in dep.hosts else None
     problem = memory_budget.check(needs, min(available, int(budget * GIB)) if budget else available)
@@ -233,16 +226,27 @@ def prepare_int8_weights(dep: Deployment, folders: dict[str, Path], host: str = 
     Quantizing is the memory peak of a first start; done here, no serving worker shares RAM with
     it, and its progress shows in this terminal. The workers then load the cache.
     """
-    from workers.engine import int8_cache, int8_runtime
     from workers.config.paths import int8_cache_dir
+    from workers.engine import int8_cache
+    from workers.engine.runtimes import registry
+    from workers.engine.runtimes.base import RuntimeUnavailable
 
-    int8_models = [m for m in hosts.models_on(dep, host) if m.backend == "itrex-int8"]
-    _say(f"[2/4] INT8 weights for {len(int8_models)} model(s) (quantized once, then loaded from {int8_cache_dir()})")
-    for m in int8_models:
-        try:  # the runtime the worker will pick (int8_runtime), so its entry is the one built here
-            settings = int8_runtime.resolve(m.int8, folders[m.program], m.shared)
+    quantized = []
+    for m in hosts.models_on(dep, host):
+        try:  # the runtime the worker will pick (registry), so its entry is the one built here
+            runtime, settings = registry.select(m.backend, m.int8, folders[m.program], m.shared)
+        except RuntimeUnavailable as exc:
+            return f"models[{m.program}]: {exc}"
+        if runtime.quantizes:
+            quantized.append((m, settings))
+    _say(f"[2/4] INT8 weights for {len(quantized)} model(s) (quantized once, then loaded from {int8_cache_dir()})")
+    for m, settings in quantized:
+        problem = registry.unsupported_reason(settings)
+        if problem:  # a CPU check of the runtime chosen (config checked what every runtime needs)
+            return f"models[{m.program}].int8: {problem}"
+        try:
             entry = int8_cache.ensure(folders[m.program], settings, int8_cache_dir(), m.trust_remote_code)
-        except (int8_cache.CacheBuildError, int8_runtime.RuntimeUnavailable) as exc:
+        except (int8_cache.CacheBuildError, RuntimeUnavailable) as exc:
             return f"models[{m.program}]: {exc}"
         groups = f"groups of {settings.group_size}" if settings.group_size > 0 else "per channel"
         _say(f"  {m.program}: {entry.name} ({settings.runtime}, {groups})")

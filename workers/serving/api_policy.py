@@ -24,6 +24,7 @@ from typing import Any, Optional
 import pydantic
 from fastchat.protocol.openai_api_protocol import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest
 
+from workers.engine.sampling_limits import LIMITS
 from workers.serving import errors, tool_calls
 from workers.serving.errors import ApiError
 
@@ -176,17 +177,18 @@ def validate(model_cls, data: dict):
         raise ApiError(errors.INVALID_REQUEST, "the request is nested too deeply") from None
 
 
-def check_range(name: str, value, lo=None, hi=None, lo_open: bool = False) -> None:
+def check_range(name: str, value, lo=None, hi=None) -> None:
     """OpenAI's wording: "5 is greater than the maximum of 2 - 'temperature'". NaN never passes."""
     if value is None:
         return
-    shown = int(value) if isinstance(value, float) and value.is_integer() else value
-    if lo is not None and not (value > lo if lo_open else value >= lo):
-        bound = f"greater than {lo}" if lo_open else f"the minimum of {lo}"
-        raise _invalid(f"{shown} is less than {bound} - '{name}'" if not lo_open
-                       else f"{shown} must be {bound} - '{name}'", name)
+    if lo is not None and not value >= lo:
+        raise _invalid(f"{_shown(value)} is less than the minimum of {_shown(lo)} - '{name}'", name)
     if hi is not None and not value <= hi:
-        raise _invalid(f"{shown} is greater than the maximum of {hi} - '{name}'", name)
+        raise _invalid(f"{_shown(value)} is greater than the maximum of {_shown(hi)} - '{name}'", name)
+
+
+def _shown(number):
+    return int(number) if isinstance(number, float) and number.is_integer() else number
 
 
 def _require_model(body: dict) -> str:
@@ -344,13 +346,8 @@ def sampling(body: dict, protocol, extras: Extras) -> Sampling:
         max_tokens=_given(body, protocol, "max_tokens"),
         stop=stop_list(protocol.stop),
     )
-    check_range("temperature", s.temperature, 0, 2)
-    check_range("top_p", s.top_p, 0, 1)
-    if s.top_k is not None and not (s.top_k == -1 or 1 <= s.top_k <= MAX_TOKEN_ID):
-        raise _invalid(f"top_k must be -1 (off) or at least 1 (got {s.top_k}) - 'top_k'", "top_k")
-    check_range("presence_penalty", s.presence_penalty, -2, 2)
-    check_range("frequency_penalty", s.frequency_penalty, -2, 2)
-    check_range("repetition_penalty", s.repetition_penalty, 0, 10, lo_open=True)
+    for name, (low, high) in LIMITS.items():  # the worker's own table
+        check_range(name, getattr(s, name), low, high)
     check_range("max_tokens", s.max_tokens, 1)
     return s
 
@@ -498,6 +495,7 @@ def worker_payload(model: str, s: Sampling, *, max_new_tokens: Optional[int], re
 
 
 def finish_reason(reason: Any) -> str:
+    """OpenAI's finish_reason for the engine's (stop, length, cancelled) or a worker chunk's."""
     return "length" if reason == "length" else "stop"
 
 

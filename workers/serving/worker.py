@@ -30,7 +30,7 @@ from fastapi import FastAPI, Request  # module level: FastAPI resolves the `Requ
 from fastapi.responses import JSONResponse
 
 from workers.engine import threads
-from workers.serving import launch
+from workers.serving import api_policy, launch
 
 log = logging.getLogger("bundle_worker")
 STREAM_MIN_INTERVAL_S = 0.05  # coalesce tokens that arrive faster than this into one chunk
@@ -277,8 +277,8 @@ def make_worker_class():
         @staticmethod
         def chunk(text: str, prompt_tokens: int, completion_tokens: int, finish_reason: str | None,
                   tool_calls: list[dict] | None = None) -> bytes:
-            if finish_reason == "cancelled":
-                finish_reason = "stop"
+            if finish_reason is not None:  # the worker protocol's reasons are OpenAI's: a cancelled answer stopped
+                finish_reason = api_policy.finish_reason(finish_reason)
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                      "total_tokens": prompt_tokens + completion_tokens}
             body = {"text": text, "error_code": 0, "usage": usage, "finish_reason": finish_reason}

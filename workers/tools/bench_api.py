@@ -129,11 +129,11 @@ def in_process_decode(spec: ModelSpec) -> float | None:
     from workers.tools.bench_engine import Variant, run_child
     from workers.config.paths import int8_cache_dir
 
-    from workers.engine import int8_runtime
+    from workers.engine.runtimes import registry
 
     source = model_dir(spec.source)
     # the runtime the worker runs
-    int8 = int8_runtime.resolve(spec.int8, source, spec.shared) if spec.backend == "itrex-int8" else spec.int8
+    _, int8 = registry.select(spec.backend, spec.int8, source, spec.shared)
     variant = Variant(spec.backend, threads=(os.cpu_count() or 1) if spec.shared else spec.threads,
                       compute_dtype=int8.compute_dtype, group_size=int8.group_size, runtime=int8.runtime)
     result = run_child(source, variant, int8_cache_dir())

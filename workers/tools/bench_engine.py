@@ -23,11 +23,9 @@ import argparse
 import concurrent.futures
 import hashlib
 import json
-import math
 import os
 import resource
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -42,6 +40,7 @@ from workers.config import cpu
 from workers.config.files import GIB
 from workers.config.paths import ROOT, reports_dir, var_dir
 from workers.models import memory_budget
+from workers.models.weight_shapes import StoredTensor, checkpoint_tensors
 from workers.tools import random_model
 
 PROMPT_TOKENS = 128
@@ -124,7 +123,7 @@ def measure(model_path: Path, variant: Variant, cache_root: Path, job: dict | No
     )
     load_s = time.perf_counter() - t0
     threads.apply_to_torch(variant.threads)
-    if variant.runtime == "neural-speed":
+    if not isinstance(model, torch.nn.Module):  # a graph driven step by step (neural-speed's): no forward() to time
         figures = measure_neural_speed(model, job)
         del model  # the batched copy below allocates its own slots
         return {**figures, **neural_speed_batched_decode(model_path, variant, cache_root, job), "load_s": load_s}
@@ -198,8 +197,8 @@ def neural_speed_batched_decode(model_path: Path, variant: Variant, cache_root: 
     or the graph does not batch."""
     from workers.config.int8 import Int8Settings
     from workers.engine.loader import load_model
-    from workers.engine.ns_batcher import NeuralSpeedBatcher
-    from workers.engine.ns_model import slots_for
+    from workers.engine.runtimes.neural_speed.batcher import NeuralSpeedBatcher
+    from workers.engine.runtimes.neural_speed.model import slots_for
 
     batch = job.get("batch", 0)
     if batch < 2 or slots_for(json.loads((model_path / "config.json").read_text()), batch) < 2:
@@ -356,26 +355,12 @@ EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "trans
 OUTPUT_NAMES = ("lm_head.weight", "transformer.output_layer.weight")
 
 
-def safetensors_tensors(folder: Path) -> dict[str, tuple[str, int, int]]:
-    """name -> (dtype, elements, bytes) of every tensor in the folder's safetensors files (headers only)."""
-    tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with open(path, "rb") as f:
-            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = meta["data_offsets"]
-            tensors[name] = (meta["dtype"], math.prod(meta["shape"]), end - start)
-    return tensors
-
-
-def read_bytes_per_token(tensors: dict[str, tuple[str, int, int]], bytes_per_element: float | None = None) -> int:
+def read_bytes_per_token(tensors: dict[str, StoredTensor], bytes_per_element: float | None = None) -> int:
     """Weight bytes one decode step reads: every tensor (in its stored size, or at `bytes_per_element`
     for a model loaded in another dtype), except the input embedding table when a separate output
     matrix exists: a step reads one row of it. With tied embeddings the table is the output matrix."""
-    def size(meta):
-        return meta[1] * bytes_per_element if bytes_per_element else meta[2]
+    def size(t: StoredTensor):
+        return t.elements * bytes_per_element if bytes_per_element else t.nbytes
 
     total = sum(size(m) for m in tensors.values())
     if any(name in tensors for name in OUTPUT_NAMES):
@@ -386,16 +371,18 @@ def read_bytes_per_token(tensors: dict[str, tuple[str, int, int]], bytes_per_ele
 def weight_read_bytes(model_path: Path, variant: Variant, int8_entries: dict) -> int | None:
     """For the HF variants (llama.cpp children report their own, from the GGUF file)."""
     if variant.backend in ("fp32", "bf16"):
-        return read_bytes_per_token(safetensors_tensors(model_path), 4 if variant.backend == "fp32" else 2)
+        return read_bytes_per_token(checkpoint_tensors(model_path), 4 if variant.backend == "fp32" else 2)
+    from workers.engine.runtimes.neural_speed.quantize import WEIGHTS
+
     entry = int8_entries.get((model_path.name, variant.runtime, variant.compute_dtype, variant.group_size))
-    if variant.runtime == "neural-speed" and entry:
+    if entry and (entry / WEIGHTS).is_file():  # a neural-speed graph file
         # Its whole INT8 file (every layer, the identity padding too, and the INT8 output matrix) but
         # the embedding table, of which a step reads one row.
         config = json.loads((model_path / "config.json").read_text())
-        return (entry / "model.bin").stat().st_size - config["vocab_size"] * config["hidden_size"]
+        return (entry / WEIGHTS).stat().st_size - config["vocab_size"] * config["hidden_size"]
     if variant.backend == "itrex-int8" and entry:
         # ITREX's checkpoint as stored: INT8 weights + scales, the embedding and lm_head kept in fp32.
-        return read_bytes_per_token(safetensors_tensors(entry))
+        return read_bytes_per_token(checkpoint_tensors(entry))
     return None
 
 
@@ -430,7 +417,8 @@ def ensure_gguf(model_path: Path, bench_python: Path) -> dict:
 def cpu_compute_dtypes(flags: frozenset[str] | None = None) -> tuple[str, ...]:
     """The INT8 compute dtypes this CPU runs correctly (int8 needs VNNI or AMX, bf16 AMX): every one is
     measured, since which is fastest differs between CPUs and runtimes."""
-    from workers.config.int8 import Int8Settings, unsupported_reason
+    from workers.config.int8 import Int8Settings
+    from workers.engine.runtimes.registry import unsupported_reason
 
     return tuple(d for d in ("fp32", "int8", "bf16") if unsupported_reason(Int8Settings(compute_dtype=d), flags) is None)
 
@@ -577,9 +565,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.bench_python} is missing: run scripts/setup_bench.sh (or scripts/bench_engine.sh --llama-cpp)")
     print(f"CPU: {cpu.describe()}", flush=True)
 
-    from workers.config.int8 import Int8Settings, unsupported_reason
+    from workers.config.int8 import Int8Settings
     from workers.config.paths import int8_cache_dir
     from workers.engine import int8_cache
+    from workers.engine.runtimes.registry import unsupported_reason
 
     models = bench_models(args.models)
     variants = variants_for(args.explore, args.bf16_backend, use_llama_cpp, tuple(args.threads), cpu_compute_dtypes())

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"CPU: {cpu.describe()}", flush=True)
     from workers.config.int8 import Int8Settings
-    from workers.engine.int8_runtime import resolve
+    from workers.engine.runtimes.registry import resolve
     from workers.models import memory_budget
     from workers.tools.bench_engine import (
         BENCH_PYTHON,

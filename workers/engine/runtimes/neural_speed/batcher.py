@@ -13,7 +13,7 @@ So the batcher keeps a table of slots, each one of:
 A new request takes the kept slot its prompt continues, else a fresh one; when nothing is live it empties the
 slots first (free then), so a lone request never evaluates filler rows below its own. When no slot is fresh, the
 slots are emptied and the live sequences evaluate their tokens again, in chunks, from the next step. With twice as
-many slots as concurrent requests (ns_model.batch_slots) that costs one re-prefill every few requests under full
+many slots as concurrent requests (model.batch_slots) that costs one re-prefill every few requests under full
 load, and nothing when the worker was idle in between.
 
 Each next token is chosen from the row's logits exactly as alone (engine/sequence.py), so a batched greedy
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from workers.engine.generate import Job, Result
-from workers.engine.ns_model import PREFILL_CHUNK, NeuralSpeedModel
+from workers.engine.runtimes.neural_speed.model import PREFILL_CHUNK, NeuralSpeedModel
 from workers.engine.sequence import Sequence
 
 log = logging.getLogger("ns_batcher")

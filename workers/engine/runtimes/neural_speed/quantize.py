@@ -15,7 +15,7 @@ and does the rest itself:
 - layers are padded with identity layers (all weights zero: attention and MLP add 0 to the residual)
   up to the next count the graph knows (Family data `NeuralSpeedGraph.layer_counts`).
 Then neural-speed's own `quant_model` writes the INT8 weights with its bestla kernels' layout, and
-the embedding table it leaves in 4-bit GGML Q4_0 is rewritten in INT8 GGML Q8_0 (ns_file).
+the embedding table it leaves in 4-bit GGML Q4_0 is rewritten in INT8 GGML Q8_0 (ne_file).
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from workers.engine import ns_file
-from workers.engine.quantize import NotEnoughRoom
+from workers.engine.runtimes.neural_speed import ne_file
+from workers.engine.quantize_child import NotEnoughRoom
 from workers.models.families import NeuralSpeedGraph, neural_speed_graph
 
 log = logging.getLogger("ns_quantize")
@@ -204,7 +204,7 @@ def check_disk(folder: Path, tensors: dict) -> None:
 def quantize_and_save(source: Path, staging: Path, settings: dict, trust_remote_code: bool) -> None:
     import importlib
 
-    from workers.engine.quantize import check_memory
+    from workers.engine.quantize_child import check_memory
 
     t0 = time.monotonic()
     graph, why = neural_speed_graph(json.loads((source / "config.json").read_text()))
@@ -224,11 +224,11 @@ def quantize_and_save(source: Path, staging: Path, settings: dict, trust_remote_
                           compute_dtype=settings["compute_dtype"], use_ggml=False)
     if not (staging / WEIGHTS).is_file():
         raise RuntimeError("neural-speed's quant_model wrote no file")
-    # its embedding table came out in 4-bit GGML Q4_0 (ns_file): made INT8 (Q8_0) from the fp32 file,
+    # its embedding table came out in 4-bit GGML Q4_0 (ne_file): made INT8 (Q8_0) from the fp32 file,
     # read before that file is deleted, so the disk never holds more than the fp32 and INT8 files
-    tables = ns_file.q4_0_tables_as_q8_0(f32, staging / WEIGHTS)
+    tables = ne_file.q4_0_tables_as_q8_0(f32, staging / WEIGHTS)
     f32.unlink()
-    ns_file.replace_tensors(staging / WEIGHTS, tables)
+    ne_file.replace_tensors(staging / WEIGHTS, tables)
     log.info("kept in INT8 (GGML Q8_0; neural-speed wrote Q4_0): %s", ", ".join(sorted(tables)) or "none")
     (staging / GRAPH_INFO).write_text(json.dumps({"module": module, **info, "settings": settings}, indent=2))
     log.info("quantized in %.0f s", time.monotonic() - t0)
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", required=True, help="the INT8 settings as JSON")
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)
-    from workers.engine.quantize import run_quantizer
+    from workers.engine.quantize_child import run_quantizer
 
     return run_quantizer(lambda: quantize_and_save(args.source, args.staging, json.loads(args.settings),
                                                    args.trust_remote_code))

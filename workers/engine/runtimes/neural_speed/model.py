@@ -11,7 +11,7 @@ Prefix reuse: the cache holds the last conversation; a prompt that continues it 
 a chat) evaluates only its new tokens. Anything else starts the cache afresh.
 
 A graph that batches (family data `continuous_batching`) is loaded with several KV cache slots, and its
-concurrent requests decode together (engine/ns_batcher.py); otherwise they run one at a time (SerialRunner).
+concurrent requests decode together (batcher.py); otherwise they run one at a time (SerialRunner).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch
 from workers.engine.generate import Job, Result
 from workers.engine.prompt import context_length
 from workers.engine.sequence import Sequence
-from workers.models import memory_budget
+from workers.models.memory_budget import kv_bytes_per_token
 from workers.models.families import neural_speed_graph
 
 log = logging.getLogger("ns_model")
@@ -45,9 +45,15 @@ def scratch_ratio(context: int) -> float:
 SCRATCH_UNITS = 4
 MAX_SLOTS = 8
 PREFILL_CHUNK = 256
-# Each slot's KV cache holds a whole context (f16, memory_budget.slot_bytes): the slots of one worker may hold at
+# Each slot's KV cache holds a whole context (f16, slot_bytes): the slots of one worker may hold at
 # most this much (SmolLM2's 8192-token slots: 0.18 GiB each; a Llama-2-7B's 4096-token ones: 2 GiB each).
 SLOTS_KV_BYTES = 4 * 2**30
+
+
+def slot_bytes(config: dict, context: int) -> int:
+    """One neural-speed KV cache slot: a whole context in f16 (its 'kv self size', measured), allocated at
+    load and resident as it fills. Identity layers (at most 1/8 more under int8.runtime auto) not counted."""
+    return kv_bytes_per_token(config) // 2 * context
 
 
 def batch_slots(graph, concurrency: int, slot_bytes: int) -> int:
@@ -63,7 +69,7 @@ def batch_slots(graph, concurrency: int, slot_bytes: int) -> int:
 def slots_for(config: dict, concurrency: int) -> int:
     """The KV cache slots a neural-speed worker of this config.json batching `concurrency` generations loads with."""
     context = context_length(config)
-    return batch_slots(neural_speed_graph(config)[0], concurrency, memory_budget.slot_bytes(config, context))
+    return batch_slots(neural_speed_graph(config)[0], concurrency, slot_bytes(config, context))
 
 
 class NeuralSpeedModel:
@@ -71,7 +77,7 @@ class NeuralSpeedModel:
     cache slots (`slots` > 1: concurrent sequences, each in its own slot; see batch_slots)."""
 
     def __init__(self, entry: Path, config, n_threads: int, context: int, concurrency: int = 1):
-        from workers.engine.ns_quantize import GRAPH_INFO
+        from workers.engine.runtimes.neural_speed.quantize import GRAPH_INFO
 
         self.config, self.entry, self.n_threads, self.context = config, entry, n_threads, context
         self.info = json.loads((entry / GRAPH_INFO).read_text())
@@ -85,7 +91,7 @@ class NeuralSpeedModel:
     def _load(self) -> None:
         from neural_speed import Model
 
-        from workers.engine.ns_quantize import WEIGHTS
+        from workers.engine.runtimes.neural_speed.quantize import WEIGHTS
 
         if self.slots > 1:
             layout = {"max_request_num": self.slots, "scratch_size_ratio": SCRATCH_UNITS / self.slots}

@@ -2,8 +2,8 @@
 
 neural-speed 1.0's quantizer writes every graph's input embedding table in GGML Q4_0 (4.5 bits per
 weight: its get_rows reads GGML types, not its own packed INT8), whatever weight dtype was asked for.
-Measured on the embedded model (README "Benchmarks"), that alone moved INT8 perplexity from +1.1 %
-to +2.3 % of fp32 and top-1 agreement with fp32 from 95 % to 93 %. So the bundle rewrites those
+That alone costs measurable quality (perplexity and top-1 agreement with fp32: docs/benchmarks.md).
+So the bundle rewrites those
 tables in GGML Q8_0 (8.5 bits per weight, the same INT8 precision as the rest; the graph reads it
 through the same get_rows, as its gemma graph does), quantized by the gguf library from the fp32 file.
 

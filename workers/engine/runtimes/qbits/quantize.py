@@ -1,4 +1,4 @@
-"""Quantize a model to ITREX INT8 and save it: run as a child process by int8_cache.
+"""Quantize a model to ITREX INT8 for the qbits runtime and save it: run as a child process by int8_cache.
 
 Why not simply `ITREX AutoModelForCausalLM.from_pretrained(..., quantization_config=RtnConfig)`:
 that path loads the whole model in fp32 (ITREX also calls `.float()` on chatglm), and
@@ -7,9 +7,7 @@ about 2 x 29 GiB. Here the model is loaded in its checkpoint's own dtype (bf16 /
 models: 2 bytes per weight), and ITREX's own `convert_to_quantized_model` runs on one linear layer
 at a time, so only that layer exists in fp32 and the deep copy is one layer. Round-to-nearest is
 per layer, so the saved checkpoint is bit-identical to ITREX's whole-model path
-(tests/test_int8.py checks this).
-
-Running it in its own process keeps quantization's temporary memory out of the serving process.
+(tests/integration/test_int8.py checks this).
 """
 from __future__ import annotations
 
@@ -22,43 +20,18 @@ import time
 import types
 from pathlib import Path
 
-import psutil
 import torch
 from tqdm import tqdm
 
-log = logging.getLogger("quantize")
-
 from workers.config.files import GIB
+from workers.engine.quantize_child import check_memory, run_quantizer
 from workers.models import memory_budget
+
+log = logging.getLogger("quantize")
 # Files the INT8 folder needs besides the weights: custom modeling code for trust_remote_code.
 _COPY_PATTERNS = ("*.py",)
 # ITREX's replace_linear() leaves these output layers unquantized (matched inside the module name).
 _ITREX_SKIPPED = ("lm_head", "output_layer", "embed_out")
-
-
-class NotEnoughRoom(RuntimeError):
-    """Refused before the work starts: the machine lacks the memory or disk it needs (exit code 3)."""
-
-
-class NotEnoughMemory(NotEnoughRoom):
-    pass
-
-
-def check_memory(source: Path) -> None:
-    """Refuse before loading anything when quantizing `source` cannot fit in available RAM."""
-    try:
-        need = memory_budget.quantize_peak_bytes(memory_budget.shape_of_folder(source))
-    except (memory_budget.UnknownShape, OSError, ValueError) as exc:
-        log.warning("cannot estimate the memory quantizing needs (%s); trying anyway", exc)
-        return
-    available = psutil.virtual_memory().available
-    if need > available:
-        raise NotEnoughMemory(
-            f"quantizing {source.name} needs about {need / GIB:.1f} GiB of RAM at its peak and only "
-            f"{available / GIB:.1f} GiB is available; stop other workers (scripts/stop_all.sh) and "
-            f"start again, or quantize on a larger machine and copy the INT8 cache folder (README)"
-        )
-    log.info("memory: quantizing needs about %.1f GiB, %.1f GiB available", need / GIB, available / GIB)
 
 
 def load_source(source: Path, trust_remote_code: bool):
@@ -144,17 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     return run_quantizer(lambda: quantize_and_save(args.source, args.staging, json.loads(args.settings),
                                                    args.trust_remote_code))
-
-
-def run_quantizer(work) -> int:
-    """A quantizer child's exit code: 0 done, 3 refused for memory or disk (int8_cache reports either)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s quantize: %(message)s")
-    try:
-        work()
-    except NotEnoughRoom as exc:
-        log.error("%s", exc)
-        return 3
-    return 0
 
 
 if __name__ == "__main__":

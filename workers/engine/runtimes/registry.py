@@ -1,0 +1,139 @@
+"""Which runtime serves a model: the runtimes, in order of preference, and the choice among them.
+
+A backend (models[].backend) served by one runtime gets that one (fp32/bf16: transformers). The INT8 backend has
+several, named by `int8.runtime`; `auto` takes the first in RUNTIMES whose match() accepts the model (neural-speed
+where its graph runs the model's architecture and the worker's thread count is fixed, else qbits, which runs every
+family under the transformers model), and logs the choice with why the ones before it stepped aside.
+`group_size: auto` becomes AUTO_GROUP_SIZE where it divides every weight row, else per channel.
+
+Adding a runtime: one package under workers/engine/runtimes/ with a Runtime subclass (base.py), one line in
+RUNTIMES, and its name in config's int8.RUNTIMES when config names it.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from workers.config import cpu
+from workers.config import int8 as int8_config
+from workers.config.int8 import AUTO_GROUP_SIZE, Int8Settings
+from workers.config.schema import BACKENDS
+from workers.engine.runtimes.base import Runtime, RuntimeUnavailable, UnsupportedBackend
+from workers.engine.runtimes.neural_speed.runtime import NeuralSpeedRuntime
+from workers.engine.runtimes.qbits.runtime import QbitsRuntime
+from workers.engine.runtimes.transformers.runtime import TransformersRuntime
+from workers.models.weight_shapes import matrix_row_widths
+
+log = logging.getLogger("int8_runtime")
+
+# In order of preference: `auto` takes the first that serves the backend and matches the model.
+RUNTIMES: tuple[Runtime, ...] = (NeuralSpeedRuntime(), QbitsRuntime(), TransformersRuntime())
+INT8_BACKEND = "itrex-int8"  # the backend whose runtime config's int8.runtime names
+AUTO = "auto"
+
+
+def by_name(name: str) -> Runtime:
+    for runtime in RUNTIMES:
+        if runtime.name == name:
+            return runtime
+    raise RuntimeUnavailable(f"no runtime is named {name!r} (runtimes: {', '.join(r.name for r in RUNTIMES)})")
+
+
+def serving(backend: str) -> list[Runtime]:
+    """The runtimes that can serve `backend`, in order of preference."""
+    return [r for r in RUNTIMES if backend in r.backends]
+
+
+def _check_config_names() -> None:
+    """Config names the backends and INT8 runtimes without importing the engine: its lists must be these."""
+    backends = {b for r in RUNTIMES for b in r.backends}
+    if backends != set(BACKENDS):
+        raise AssertionError(f"config's BACKENDS {BACKENDS} differ from the runtimes' {sorted(backends)}")
+    int8 = {r.name for r in serving(INT8_BACKEND)} | {AUTO}
+    if int8 != set(int8_config.RUNTIMES):
+        raise AssertionError(f"config's int8.RUNTIMES {int8_config.RUNTIMES} differ from the registry's {sorted(int8)}")
+
+
+_check_config_names()
+
+
+def runtime_of(model) -> Runtime:
+    """The runtime that serves a model load_model returned."""
+    for runtime in RUNTIMES:
+        if runtime.owns(model):
+            return runtime
+    raise TypeError(f"no runtime serves a {type(model).__name__}")
+
+
+def runtime_for(backend: str, settings: Int8Settings, source: Path, shared_threads: bool = False) -> Runtime:
+    """The runtime that serves `backend` for this model (decided from config.json alone); RuntimeUnavailable when
+    the asked runtime cannot serve it, UnsupportedBackend for a backend no runtime serves."""
+    candidates = serving(backend)
+    if not candidates:
+        raise UnsupportedBackend(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if len(candidates) == 1:
+        return candidates[0]
+    return by_name(resolve_runtime(settings, source, shared_threads).runtime)
+
+
+def select(backend: str, settings: Int8Settings, source: Path, shared_threads: bool = False
+           ) -> tuple[Runtime, Int8Settings]:
+    """runtime_for, and the INT8 settings with its name and the group size resolved when it quantizes."""
+    candidates = serving(backend)
+    if len(candidates) > 1:
+        settings = resolve(settings, source, shared_threads)
+        return by_name(settings.runtime), settings
+    runtime = runtime_for(backend, settings, source, shared_threads)
+    if runtime.quantizes:
+        settings = resolve(settings.model_copy(update={"runtime": runtime.name}), source, shared_threads)
+    return runtime, settings
+
+
+def resolve(settings: Int8Settings, source: Path, shared_threads: bool = False) -> Int8Settings:
+    """`settings` with a concrete INT8 runtime and group size for this model; RuntimeUnavailable when the asked
+    runtime cannot run it."""
+    settings = resolve_runtime(settings, source, shared_threads)
+    if settings.group_size == "auto":
+        settings = settings.model_copy(update={"group_size": auto_group_size(source)})
+    return settings
+
+
+def auto_group_size(source: Path) -> int:
+    """AUTO_GROUP_SIZE when it divides every weight row of the model, else -1 (per channel)."""
+    try:
+        widths = matrix_row_widths(source)
+    except FileNotFoundError as exc:
+        raise RuntimeUnavailable(f"int8.group_size: auto reads the model's row widths from its weights: {exc}") from None
+    uneven = sorted(w for w in widths if w % AUTO_GROUP_SIZE)
+    if uneven:
+        log.info("INT8 group size for %s: per channel (%d does not divide its %s-wide rows)", source.name,
+                 AUTO_GROUP_SIZE, "/".join(map(str, uneven)))
+        return -1
+    return AUTO_GROUP_SIZE
+
+
+def resolve_runtime(settings: Int8Settings, source: Path, shared_threads: bool = False) -> Int8Settings:
+    """`settings` with a concrete INT8 runtime (decided from config.json alone)."""
+    if settings.runtime != AUTO:
+        runtime = by_name(settings.runtime)
+        ok, why = runtime.match(source, shared_threads, auto=False)
+        if not ok:
+            raise RuntimeUnavailable(f"int8.runtime: {runtime.name} cannot serve {source.name}: {why}; {runtime.instead}")
+        return settings
+    passed = []
+    for runtime in serving(INT8_BACKEND):
+        ok, why = runtime.match(source, shared_threads, auto=True)
+        if ok:
+            break
+        passed.append(why)
+    else:
+        raise RuntimeUnavailable(f"no INT8 runtime serves {source.name}: {'; '.join(passed)}")
+    log.info("INT8 runtime for %s: %s%s", source.name, runtime.name, f" ({'; '.join(passed)})" if passed else "")
+    return settings.model_copy(update={"runtime": runtime.name})
+
+
+def unsupported_reason(settings: Int8Settings, flags: frozenset[str] | None = None) -> str | None:
+    """Why this CPU cannot run `settings` correctly (its runtime's own reasons included once it is known), or None."""
+    flags = cpu.flags() if flags is None else flags
+    runtime = by_name(settings.runtime).unsupported_reason if settings.runtime != AUTO else None
+    return int8_config.unsupported_reason(settings, flags, runtime)
