@@ -274,11 +274,10 @@ def test_next_turn_reuses_the_conversation_cache_and_answers_as_from_scratch(ns)
     assert (fresh.text, fresh.finish_reason) == (reused.text, reused.finish_reason)
 
 
-def test_a_prompt_the_graph_cannot_take_is_refused_with_what_to_do(ns):
-    from workers.engine.served_model import BadRequest
-
-    with pytest.raises(BadRequest, match=r"start with the BOS token \(id 1\).*runtime: qbits"):
-        ns.job({"prompt": "Once upon a time", "max_new_tokens": 4})
+def test_a_plain_prompt_is_evaluated_after_the_bos_token_the_graph_needs_first(ns):
+    j, client_ids = ns.job({"prompt": "Once upon a time", "max_new_tokens": 4})
+    assert client_ids[0] != 1 and j.prompt_ids == [1] + client_ids and j.added_prefix == 1
+    assert ns.generate(j).completion_tokens == 4
     long_chat = [{"role": "user", "content": "Summarise: " + "the river runs to the sea. " * 250}]
     long = job(ns, long_chat, 8)
     assert len(long.prompt_ids) > 1500  # more than one of neural-speed's prompt batches

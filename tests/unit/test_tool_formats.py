@@ -150,8 +150,9 @@ def forced_job(model, tok, folder, greedy=True):
     ids = chat.render(CALLED[:1], TOOLS)
     job = generate.Job(prompt_ids=ids, max_new_tokens=60, temperature=0 if greedy else 1.0, top_p=1.0, top_k=0,
                        repetition_penalty=1.0, stop_token_ids=chat.stop_token_ids)
-    job.constraint = Grammars(tok, model.config.vocab_size).constraint(
+    constraint = Grammars(tok, model.config.vocab_size).constraint(
         tf.call_grammar(chat.tool_format, TOOLS, "get_weather"), job.stop_token_ids)
+    job.logits_masks += (constraint.as_mask(len(ids)),)  # as ServedModel.job does
     return chat, job
 
 

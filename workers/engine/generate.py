@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
+
+from workers.engine.token_choice import ChosenTokenProcessor, TokenChooser, TokenLogprob
 
 log = logging.getLogger("generate")
 
@@ -37,9 +39,15 @@ class Job:
     stop_token_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
     cancel: threading.Event = field(default_factory=threading.Event)
-    # a grammar the answer must follow (workers/engine/constraint.py): mask(logits) before each choice,
-    # accept(token) after it
-    constraint: object | None = None
+    logprobs: int | None = None  # None: no logprobs; else how many top logprobs to record per token
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (completions with echo)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    # Additive masks on the logits, each `mask(ids) -> tensor (1, vocab) | None` (structured output)
+    logits_masks: tuple[Callable[[list[int]], torch.Tensor | None], ...] = ()
+    chosen_logprobs: list[TokenLogprob] = field(default_factory=list)  # filled by the chooser as it goes
+    prompt_entries: list[TokenLogprob] | None = None  # filled before generating when prompt_logprobs is set
+    added_prefix: int = 0  # tokens a runtime evaluates before the client's prompt (neural-speed's BOS)
 
 
 @dataclass
@@ -81,36 +89,6 @@ class _Cancelled(StoppingCriteria):
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
         done = self.job.cancel.is_set() or self.stop_strings_hit()
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
-
-
-class PresenceFrequencyPenalty(LogitsProcessor):
-    """OpenAI's presence/frequency penalties over the tokens generated so far (not the prompt)."""
-
-    def __init__(self, prompt_len: int, presence: float, frequency: float):
-        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
-
-    def __call__(self, input_ids, scores):
-        generated = input_ids[:, self.prompt_len:]
-        if generated.shape[1] == 0:
-            return scores
-        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
-
-
-class ConstraintProcessor(LogitsProcessor):
-    """A Job's constraint inside generate(): the tokens chosen since the last call are accepted, then the
-    scores are masked."""
-
-    def __init__(self, constraint, prompt_len: int):
-        self.constraint, self.seen = constraint, prompt_len
-
-    def __call__(self, input_ids, scores):
-        for token in input_ids[0, self.seen:].tolist():
-            self.constraint.accept(token)
-        self.seen = input_ids.shape[1]
-        scores = scores.float()
-        self.constraint.mask(scores)
-        return scores
 
 
 class _TokenStreamer(BaseStreamer):
@@ -191,16 +169,6 @@ class TextAssembler:
         return reason, text
 
 
-def is_greedy(job: Job) -> bool:
-    return job.temperature <= 1e-5  # as the models' own chat code does with do_sample=False
-
-
-def _sampling_kwargs(job: Job) -> dict:
-    if is_greedy(job):
-        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    return {"do_sample": True, "temperature": job.temperature, "top_p": job.top_p, "top_k": job.top_k}
-
-
 def run(model, tokenizer_decode: Callable[[list[int]], str], postprocess: Callable[[str], str], job: Job,
         on_text: Callable[[str, int], None] | None = None, pad_token_id: int | None = None,
         past=None, keep_cache: bool = False) -> Result:
@@ -227,11 +195,9 @@ def run(model, tokenizer_decode: Callable[[list[int]], str], postprocess: Callab
         if text is not None and on_text is not None:
             on_text(text, len(assembler.ids))
 
-    processors = LogitsProcessorList()
-    if job.presence_penalty or job.frequency_penalty:
-        processors.append(PresenceFrequencyPenalty(len(job.prompt_ids), job.presence_penalty, job.frequency_penalty))
-    if job.constraint is not None:
-        processors.append(ConstraintProcessor(job.constraint, len(job.prompt_ids)))
+    # The chooser (engine/token_choice.py) applies the job's penalties and sampling and picks each token;
+    # generate() runs greedy over its choice, with its own repetition penalty and warpers off.
+    processors = LogitsProcessorList([ChosenTokenProcessor(TokenChooser(job))])
     input_ids = torch.tensor([job.prompt_ids], dtype=torch.long)
     extra = {}
     if past is not None:
@@ -245,13 +211,13 @@ def run(model, tokenizer_decode: Callable[[list[int]], str], postprocess: Callab
             max_new_tokens=job.max_new_tokens,
             eos_token_id=sorted(job.stop_token_ids) or None,
             pad_token_id=pad_token_id if pad_token_id is not None else (min(job.stop_token_ids) if job.stop_token_ids else 0),
-            repetition_penalty=job.repetition_penalty,
+            repetition_penalty=1.0,
             logits_processor=processors,
             stopping_criteria=StoppingCriteriaList([_Cancelled(job, lambda: assembler.stopped_by_string)]),
             streamer=_TokenStreamer(on_token),
             return_dict_in_generate=keep_cache,
             **extra,
-            **_sampling_kwargs(job),
+            do_sample=False, temperature=None, top_p=None, top_k=None,
         )
     end = time.monotonic()
     reason, text = assembler.conclude(job, last_token[0] if last_token else None)

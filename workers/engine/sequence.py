@@ -1,6 +1,6 @@
 """One generation's decode state, shared by the engine's runners (the batcher for transformers
-models, the serial runner for neural-speed): choosing each next token the way transformers'
-generate() does, streaming the answer text, and the Result when it is done.
+models, the neural-speed runners): choosing each next token (engine/token_choice.py, as generate()
+does), streaming the answer text, and the Result when it is done.
 """
 from __future__ import annotations
 
@@ -11,28 +11,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                          TopKLogitsWarper, TopPLogitsWarper)
 
-from workers.engine.generate import Job, PresenceFrequencyPenalty, Result, TextAssembler, is_greedy
+from workers.engine.generate import Job, Result, TextAssembler
+from workers.engine.token_choice import TokenChooser
 
 log = logging.getLogger("sequence")
-
-
-def logits_processors(job: Job) -> LogitsProcessorList:
-    """What generate() applies for this job, in generate()'s order: penalties, then the sampling warpers."""
-    chain = LogitsProcessorList()
-    if job.repetition_penalty != 1.0:
-        chain.append(RepetitionPenaltyLogitsProcessor(job.repetition_penalty))
-    if job.presence_penalty or job.frequency_penalty:
-        chain.append(PresenceFrequencyPenalty(len(job.prompt_ids), job.presence_penalty, job.frequency_penalty))
-    if not is_greedy(job):
-        chain.append(TemperatureLogitsWarper(job.temperature))
-        if job.top_k and job.top_k > 0:
-            chain.append(TopKLogitsWarper(job.top_k))
-        if job.top_p < 1.0:
-            chain.append(TopPLogitsWarper(job.top_p))
-    return chain
 
 
 @dataclass
@@ -40,7 +23,7 @@ class Sequence:
     job: Job
     on_text: Callable[[str, int], None] | None
     assembler: TextAssembler
-    processors: LogitsProcessorList
+    chooser: TokenChooser
     submitted: float
     reused: int = 0                # prompt tokens taken from the prefix cache
     tokens: list[int] = field(default_factory=list)  # prompt + generated so far
@@ -53,7 +36,7 @@ class Sequence:
 
     @classmethod
     def start(cls, job: Job, on_text, decode: Callable[[list[int]], str], postprocess: Callable[[str], str]):
-        return cls(job, on_text, TextAssembler(decode, postprocess, job.stop_strings), logits_processors(job),
+        return cls(job, on_text, TextAssembler(decode, postprocess, job.stop_strings), TokenChooser(job),
                    time.monotonic(), tokens=list(job.prompt_ids))
 
     def emit(self, logits: torch.Tensor) -> bool:
@@ -61,18 +44,7 @@ class Sequence:
         job = self.job
         if job.cancel.is_set():
             return True
-        ids = torch.tensor([self.tokens], dtype=torch.long)
-        logits = logits.float()
-        if job.constraint is not None:
-            logits = logits.clone()  # a row of the batch's logits: masked on its own
-            job.constraint.mask(logits)
-        scores = self.processors(ids, logits)
-        if is_greedy(job):
-            token = int(scores.argmax(dim=-1))
-        else:
-            token = int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1))
-        if job.constraint is not None:
-            job.constraint.accept(token)
+        token = self.chooser.choose(torch.tensor([self.tokens], dtype=torch.long), logits)
         if self.first_token is None:
             self.first_token = time.monotonic()
         self.tokens.append(token)

@@ -20,6 +20,8 @@ from workers.engine.prefix_cache import PrefixCache
 from workers.engine.runtimes import registry
 from workers.engine.runtimes.base import Engine
 from workers.engine.sampling_limits import LIMITS
+from workers.engine.token_bytes import TokenPieces
+from workers.engine.token_choice import MAX_TOP_LOGPROBS, TokenLogprob, prompt_logprobs
 
 log = logging.getLogger("served_model")
 
@@ -44,6 +46,47 @@ def _number(params: dict, key: str, default, kind=float):
     if low is not None and not (low <= value <= high):  # also refuses NaN
         raise BadRequest(f"{key}={value!r} is out of range: use {low:g} to {high:g}", key)
     return value
+
+
+def _top_count(params: dict, key: str) -> int | None:
+    """None (no logprobs) or how many top logprobs per token, 0..MAX_TOP_LOGPROBS."""
+    value = params.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise BadRequest(f"{key} must be an integer from 0 to {MAX_TOP_LOGPROBS} (top logprobs per token), "
+                         f"got {value!r}", key)
+    return value
+
+
+def logit_bias(value, vocab_size: int) -> dict[int, float]:
+    """OpenAI's logit_bias {token id (a string in JSON): bias -100..100} with ids the model has."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"logit_bias must be an object mapping token ids to a bias from -100 to 100, got {value!r}",
+                         "logit_bias")
+    out = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise BadRequest(f"logit_bias: {key!r} is not a token id (an integer)", "logit_bias") from None
+        if not 0 <= token < vocab_size:
+            raise BadRequest(f"logit_bias: token id {token} is not in this model's vocabulary (0..{vocab_size - 1})",
+                             "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise BadRequest(f"logit_bias[{key!r}] must be a number from -100 to 100, got {bias!r}", "logit_bias")
+        out[token] = float(bias)
+    return out
+
+
+def _seed(value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"seed must be an integer, got {value!r}", "seed")
+    return value % 2**64  # torch.Generator takes 0..2**64-1
 
 
 def _stop_strings(value) -> tuple[str, ...]:
@@ -86,6 +129,7 @@ class ServedModel:
     prefixes: PrefixCache
     share: CoreShare | None = None
     engine: Engine | None = None  # the runtime's serving side: set by build()
+    pieces: TokenPieces | None = None  # each token's text and bytes, for logprobs
     _grammars: Grammars | None = None
 
     @classmethod
@@ -100,6 +144,7 @@ class ServedModel:
             context_len=prompt.context_length(config),
             prefixes=PrefixCache(spec.prefix_cache_tokens),
             share=share,
+            pieces=TokenPieces(tokenizer),
         )
         served.engine = registry.runtime_of(model).serve(model, served, share, spec.batching)
         log.info("%s: context %d, default answer %d tokens, sampling %s, stop ids %s, %s", spec.program,
@@ -137,10 +182,9 @@ class ServedModel:
     # --- generation ------------------------------------------------------------------------------
 
     def job(self, params: dict) -> tuple[Job, list[int]]:
-        ids = self.prompt_ids(params)
-        refusal = self.engine.refusal(ids)
-        if refusal:
-            raise BadRequest(f"model {self.name} {refusal}", "prompt")
+        client_ids = self.prompt_ids(params)
+        # A runtime may evaluate a token before the client's prompt (neural-speed's BOS: Engine.evaluable)
+        ids = self.engine.evaluable(client_ids)
         room = self.context_len - len(ids)
         if room <= 0:
             raise BadRequest(f"the prompt has {len(ids)} tokens, which does not fit in the {self.context_len}-token "
@@ -170,11 +214,18 @@ class ServedModel:
             frequency_penalty=_number(params, "frequency_penalty", 0.0),
             stop_token_ids=self.chat.stop_token_ids | frozenset(extra_ids),  # a user's stops add, never replace
             stop_strings=self.chat.stop_strings + _stop_strings(params.get("stop")),
+            logprobs=_top_count(params, "logprobs"),
+            prompt_logprobs=_top_count(params, "prompt_logprobs"),
+            logit_bias=logit_bias(params.get("logit_bias"), self.vocab_size),
+            seed=_seed(params.get("seed")),
+            added_prefix=len(ids) - len(client_ids),
         )
+        if job.prompt_logprobs is not None and self.engine.no_prompt_logits:
+            raise BadRequest(f"model {self.name} {self.engine.no_prompt_logits}", "echo")
         if job.top_k is not None and job.top_k < 0:  # FastChat clients send -1 for "no top-k"
             job.top_k = 0
         self._constrain(job, params)
-        return job, ids
+        return job, client_ids
 
     # --- tools and structured output ---------------------------------------------------------------
 
@@ -210,9 +261,10 @@ class ServedModel:
                     raise BadRequest(str(exc), param) from None
         if grammar is not None:
             try:
-                job.constraint = self.grammars.constraint(grammar, job.stop_token_ids)
+                constraint = self.grammars.constraint(grammar, job.stop_token_ids)
             except GrammarError as exc:
                 raise BadRequest(str(exc), param) from None
+            job.logits_masks += (constraint.as_mask(len(job.prompt_ids)),)  # the token chooser applies it
 
     def tool_calls(self, params: dict, text: str) -> tuple[str, list[dict]]:
         """(content, [{"name", "arguments"}]) of a finished answer when tools were offered (and may be called)."""
@@ -232,6 +284,8 @@ class ServedModel:
     def generate(self, job: Job, on_text=None) -> generate.Result:
         """Generate, counted as demand on the shared cores while it runs."""
         threads.align_this_thread()
+        if job.prompt_logprobs is not None:
+            job.prompt_entries = self.prompt_entries(job)
         if self.share is None:
             return self.engine.submit(job, on_text)
         self.share.begin()
@@ -239,6 +293,22 @@ class ServedModel:
             return self.engine.submit(job, on_text)
         finally:
             self.share.end()
+
+    # --- logprobs ---------------------------------------------------------------------------------
+
+    def prompt_entries(self, job: Job) -> list[TokenLogprob]:
+        """The logprob of each of the client's prompt tokens given those before it (the first has none)."""
+        ids = job.prompt_ids
+        entries = prompt_logprobs(ids, self.engine.prompt_logits(ids), job.prompt_logprobs)[job.added_prefix:]
+        return [TokenLogprob(entries[0].token, None, None)] + entries[1:]
+
+    def logprob_json(self, entries: list[TokenLogprob]) -> list[dict]:
+        """Entries as the worker sends them: {"id", "token", "bytes", "logprob", "top": [{"id", ...}]}."""
+        def one(token: int, logprob: float | None) -> dict:
+            text, raw = self.pieces.get(token)
+            return {"id": token, "token": text, "bytes": list(raw), "logprob": logprob}
+        return [{**one(e.token, e.logprob), "top": None if e.top is None else [one(t, lp) for t, lp in e.top]}
+                for e in entries]
 
     # --- embeddings ------------------------------------------------------------------------------
 

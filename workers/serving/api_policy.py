@@ -10,6 +10,9 @@ rules here cover what they let through:
 - OpenAI parameters this server does not implement -> 400 naming the parameter (UNSUPPORTED below), so
   nothing is silently ignored; `n` at most MAX_N; penalties in [-2, 2]; `max_completion_tokens` is max_tokens.
 - `stream_options.include_usage`: a last chunk with the usage and no choices.
+- logprobs (chat: `logprobs` true and `top_logprobs` 0..20; completions: `logprobs` 0..5, with `echo` also the
+  prompt's), `logit_bias` ({token id: -100..100}; ids the model lacks are the worker's 400) and `seed` (an
+  integer) go to the worker; the OpenAI shapes of the logprobs are built here (chat_logprobs, completion_logprobs).
 - prompts and embedding inputs: a string, a list of strings, a list of token ids or a list of lists of token
   ids (decoded by the worker with the model's own tokenizer); empty, `[{}]`, `[null]` -> 400.
 - sampling fields the client leaves out are sent as null: the worker applies the model's defaults.
@@ -34,6 +37,8 @@ MAX_CHOICES = 16  # prompts x n in one /v1/completions request
 MAX_EMBEDDING_INPUTS = 256
 MAX_STOP = 16
 MAX_TOKEN_ID = 2**31 - 1
+MAX_TOP_LOGPROBS = {"chat": 20, "completions": 5}  # OpenAI's limits: top_logprobs (chat), logprobs (completions)
+MAX_LOGIT_BIAS = 100
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions (chat: the model's default)
 ROLES = ("system", "user", "assistant", "tool", "function")  # function: the older form of a tool result
 NON_TEXT_PARTS = ("image_url", "input_image", "image", "input_audio", "audio", "file", "input_file", "video_url")
@@ -43,21 +48,14 @@ CHAT, COMPLETIONS, EMBEDDINGS = "chat", "completions", "embeddings"
 # parameter -> (values that mean "not used", why it is refused otherwise)
 UNSUPPORTED: dict[str, dict[str, tuple[tuple, str]]] = {
     CHAT: {
-        "logit_bias": ((None, {}), "logit bias is not implemented"),
-        "seed": ((None,), "seeded sampling is not implemented; use temperature 0 for repeatable answers"),
-        "logprobs": ((None, False), "chat logprobs are not implemented"),
-        "top_logprobs": ((None, 0), "chat logprobs are not implemented"),
         "audio": ((None,), "the served models read and write text only"),
         "modalities": ((None, ["text"]), "the served models read and write text only"),
         "prediction": ((None,), "predicted outputs are not implemented"),
     },
     COMPLETIONS: {
-        "logit_bias": ((None, {}), "logit bias is not implemented"),
-        "seed": ((None,), "seeded sampling is not implemented; use temperature 0 for repeatable answers"),
         "suffix": ((None, ""), "insertion (suffix) is not implemented"),
         "best_of": ((None, 1), "best_of is not implemented"),
         "use_beam_search": ((None, False), "beam search is not implemented"),
-        "logprobs": ((None,), "completion logprobs are not implemented"),
     },
     EMBEDDINGS: {
         "dimensions": ((None,), "the embedding size is the model's hidden size"),
@@ -77,6 +75,8 @@ class Sampling:
     frequency_penalty: Optional[float] = None
     max_tokens: Optional[int] = None
     stop: list[str] = field(default_factory=list)
+    logit_bias: Optional[dict[str, float]] = None
+    seed: Optional[int] = None
 
 
 @dataclass
@@ -88,6 +88,7 @@ class ChatPlan:
     stream: bool
     include_usage: bool
     protocol: ChatCompletionRequest
+    logprobs: Optional[int] = None  # None: no logprobs; else top logprobs per token
     tools: tool_calls.ToolPlan = field(default_factory=tool_calls.ToolPlan)
 
 
@@ -101,6 +102,7 @@ class CompletionPlan:
     include_usage: bool
     echo: bool  # done by the API: the prompt text is put before the answer
     protocol: CompletionRequest
+    logprobs: Optional[int] = None  # None: no logprobs; else top logprobs per token (and the prompt's with echo)
 
 
 @dataclass
@@ -120,6 +122,14 @@ class Extras(pydantic.BaseModel):
     max_completion_tokens: Optional[int] = None
     repetition_penalty: Optional[float] = None
     stream_options: Optional[StreamOptions] = None
+    logit_bias: Optional[dict[str, Any]] = None
+    seed: Optional[int] = None
+
+
+class ChatLogprobs(pydantic.BaseModel):
+    """Chat's logprob fields (FastChat's ChatCompletionRequest has none)."""
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -335,6 +345,25 @@ def stop_list(stop: Any) -> list[str]:
     return stops
 
 
+def logit_bias(value: Optional[dict]) -> Optional[dict[str, float]]:
+    """OpenAI's {token id as a string: bias -100..100}; whether the model has each id is the worker's check."""
+    if not value:
+        return None
+    out = {}
+    for key, bias in value.items():
+        at = f"logit_bias[{key!r}]"
+        if not key.strip().lstrip("-").isdigit():
+            raise _invalid(f"logit_bias keys must be token ids (integers as strings), got {key!r}", "logit_bias")
+        if not 0 <= int(key) <= MAX_TOKEN_ID:
+            raise _invalid(f"logit_bias: token id {int(key)} is out of range", "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise _invalid(f"{at} must be a number from -{MAX_LOGIT_BIAS} to {MAX_LOGIT_BIAS} "
+                           f"(got {errors.short(bias)})", "logit_bias")
+        check_range("logit_bias", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+        out[str(int(key))] = float(bias)
+    return out
+
+
 def sampling(body: dict, protocol, extras: Extras) -> Sampling:
     s = Sampling(
         temperature=_given(body, protocol, "temperature"),
@@ -345,11 +374,27 @@ def sampling(body: dict, protocol, extras: Extras) -> Sampling:
         frequency_penalty=_given(body, protocol, "frequency_penalty"),
         max_tokens=_given(body, protocol, "max_tokens"),
         stop=stop_list(protocol.stop),
+        logit_bias=logit_bias(extras.logit_bias),
+        seed=extras.seed,
     )
     for name, (low, high) in LIMITS.items():  # the worker's own table
         check_range(name, getattr(s, name), low, high)
     check_range("max_tokens", s.max_tokens, 1)
+    if s.seed is not None and not -2**63 <= s.seed < 2**64:
+        raise _invalid(f"seed {s.seed} is out of range (a 64-bit integer)", "seed")
     return s
+
+
+def chat_logprobs_asked(body: dict) -> Optional[int]:
+    """Chat: None without `logprobs: true`, else its `top_logprobs` (0..20, default 0)."""
+    asked = validate(ChatLogprobs, body)
+    top = asked.top_logprobs
+    check_range("top_logprobs", top, 0, MAX_TOP_LOGPROBS[CHAT])
+    if not asked.logprobs:
+        if top:
+            raise _invalid("top_logprobs needs logprobs: true", "top_logprobs")
+        return None
+    return top or 0
 
 
 def _n(protocol) -> int:
@@ -385,7 +430,8 @@ def chat_request(body: dict) -> ChatPlan:
                            "disagree: give one of them", "max_completion_tokens")
         s.max_tokens = extras.max_completion_tokens
     stream = bool(protocol.stream)
-    return ChatPlan(model, messages, s, _n(protocol), stream, _include_usage(extras, stream), protocol, tools)
+    return ChatPlan(model, messages, s, _n(protocol), stream, _include_usage(extras, stream), protocol,
+                    chat_logprobs_asked(body), tools)
 
 
 def completion_request(body: dict) -> CompletionPlan:
@@ -405,8 +451,10 @@ def completion_request(body: dict) -> CompletionPlan:
     if echo and any(isinstance(p, list) for p in prompts):
         raise ApiError(errors.UNSUPPORTED_PARAMETER, "echo is not supported with token-id prompts: send the prompt "
                        "as text to have it echoed", "echo")
+    check_range("logprobs", protocol.logprobs, 0, MAX_TOP_LOGPROBS[COMPLETIONS])
     stream = bool(protocol.stream)
-    return CompletionPlan(model, prompts, s, n, stream, _include_usage(extras, stream), echo, protocol)
+    return CompletionPlan(model, prompts, s, n, stream, _include_usage(extras, stream), echo, protocol,
+                          protocol.logprobs)
 
 
 def embeddings_request(body: dict, model_from_path: str | None = None) -> EmbeddingPlan:
@@ -475,15 +523,20 @@ def fastchat_prompt(conv: dict, messages: list[dict]) -> str:
 
 def worker_payload(model: str, s: Sampling, *, max_new_tokens: Optional[int], request_id: str,
                    messages: list[dict] | None = None, prompt: str | None = None,
-                   prompt_token_ids: list[int] | None = None, extra: dict | None = None) -> dict:
+                   prompt_token_ids: list[int] | None = None, logprobs: Optional[int] = None,
+                   prompt_logprobs: Optional[int] = None, choice: int = 0, extra: dict | None = None) -> dict:
     """The JSON for /worker_generate_stream (see the contract in workers/serving/api_server.py). `echo` is
-    always false: the API echoes the prompt itself."""
+    always false: the API echoes the prompt itself. With a seed, the `choice`-th of n answers is drawn with
+    seed + choice: n answers differ, and each repeats."""
     payload = {
         "model": model, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
         "repetition_penalty": s.repetition_penalty, "presence_penalty": s.presence_penalty,
         "frequency_penalty": s.frequency_penalty, "max_new_tokens": max_new_tokens, "stop": list(s.stop),
         "stop_token_ids": [], "echo": False, "request_id": request_id,
     }
+    seed = s.seed + choice if s.seed is not None else None
+    asked = {"logprobs": logprobs, "prompt_logprobs": prompt_logprobs, "logit_bias": s.logit_bias, "seed": seed}
+    payload.update({k: v for k, v in asked.items() if v is not None})  # absent: none asked
     if messages is not None:
         payload["messages"] = messages
     if prompt is not None:
@@ -536,6 +589,43 @@ class Usage:
                 "total_tokens": self.prompt_tokens + self.completion}
 
 
+# --- logprobs: the worker's entries in OpenAI's shapes ----------------------------------------------------------
+# A worker entry: {"id", "token", "bytes", "logprob" (null for a prompt's first token), "top": [{"id", "token",
+# "bytes", "logprob"}] (null there too)}; see workers/serving/worker.py LogprobFeed.
+
+def chat_logprobs(entries: list[dict]) -> dict:
+    """choices[].logprobs of a chat answer (or of one stream chunk): {"content": [{token, logprob, bytes,
+    top_logprobs: [{token, logprob, bytes}]}]}."""
+    def one(e: dict) -> dict:
+        return {"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"]}
+    return {"content": [{**one(e), "top_logprobs": [one(t) for t in e.get("top") or []]} for e in entries]}
+
+
+class CompletionLogprobs:
+    """choices[].logprobs of a completion, {tokens, token_logprobs, top_logprobs, text_offset}, built chunk by
+    chunk: text_offset counts characters of the choice's text (with echo, the prompt's first).
+    top_logprobs: each token's `top` most likely {token: logprob}, the chosen one added when not among them
+    (OpenAI: up to logprobs + 1); None for a prompt's first token."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+
+    def part(self, entries: list[dict]) -> dict:
+        out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            out["tokens"].append(e["token"])
+            out["token_logprobs"].append(e["logprob"])
+            if e["logprob"] is None:
+                out["top_logprobs"].append(None)
+            else:
+                top = {t["token"]: t["logprob"] for t in e.get("top") or []}
+                top.setdefault(e["token"], e["logprob"])
+                out["top_logprobs"].append(top)
+            out["text_offset"].append(self.offset)
+            self.offset += len(e["token"])
+        return out
+
+
 # --- stream chunks: every chunk has id, object, created, model --------------------------------------------------
 DONE = "data: [DONE]\n\n"
 
@@ -545,18 +635,18 @@ def sse(obj: dict) -> str:
 
 
 def chat_chunk(id_: str, created: int, model: str, index: int, delta: dict, finish: Optional[str] = None,
-               include_usage: bool = False) -> dict:
+               include_usage: bool = False, logprobs: Optional[dict] = None) -> dict:
     chunk = {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
     if include_usage:
         chunk["usage"] = None
     return chunk
 
 
 def completion_chunk(id_: str, created: int, model: str, index: int, text: str, finish: Optional[str] = None,
-                     include_usage: bool = False) -> dict:
+                     include_usage: bool = False, logprobs: Optional[dict] = None) -> dict:
     chunk = {"id": id_, "object": "text_completion", "created": created, "model": model,
-             "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
     if include_usage:
         chunk["usage"] = None
     return chunk

@@ -22,13 +22,20 @@ non-streaming requests alike, so a client that goes away always closes the worke
               null = the model's default,
      "max_new_tokens": null = the model's default (capped by the context),
      "stop": [str] (the user's; the worker adds the model's own), "stop_token_ids": [int],
-     "echo": false (the API echoes a completion prompt itself), "request_id": str}
+     "echo": false (the API echoes a completion prompt itself), "request_id": str,
+     "logprobs": null | int (top logprobs per generated token, 0..20), "prompt_logprobs": null | int (the same
+              for the prompt's tokens: completions with echo), "logit_bias": null | {"token id": -100..100},
+     "seed": null | int (a sampled answer that repeats, alone or batched)}
 
 Chat requests also carry FastChat's `prompt`, built from the worker's /worker_get_conv_template, for FastChat's
 own worker; a worker that reads `messages` ignores it. The worker answers HTTP 400/429/503 with
 {"error": {"message", "type", "code"}} (Retry-After on 429) before streaming, or streams NUL-delimited JSON
 chunks {"text": the whole text so far, "error_code": 0, "usage": {prompt_tokens, completion_tokens,
-total_tokens}, "finish_reason": null | "stop" | "length"}. Closing the connection cancels the request.
+total_tokens}, "finish_reason": null | "stop" | "length", with logprobs asked also "token_logprobs":
+{"offset": int, "content": [entry]} (the tokens since the chunk before) and, in the first chunk,
+"prompt_logprobs": [entry]; an entry is {"id", "token", "bytes", "logprob", "top": [{"id", "token", "bytes",
+"logprob"}]}, the logprob the model's log-softmax of its raw logits (null for a prompt's first token)}.
+Closing the connection cancels the request.
 Embeddings: POST /worker_get_embeddings {"model", "input": [str | [int]], "encoding_format"} ->
 {"embedding": [...], "token_num": int} or {"error_code", "text"}.
 """
@@ -92,6 +99,30 @@ class UpstreamStreamingResponse(StreamingResponse):
                 scope.setdefault("state", {})["bundle_client_gone"] = True
 
 
+class StreamLogprobs:
+    """The logprobs of one streamed choice: each chunk sent carries those of the tokens the worker reported since
+    the chunk before (a token whose text is held back reports with the next chunk), so together they are the
+    non-streamed answer's."""
+
+    def __init__(self, kind: str, asked: bool):
+        self.kind, self.asked, self.pending = kind, asked, []
+        self.completion = api_policy.CompletionLogprobs()
+
+    def add(self, chunk: dict) -> None:
+        self.pending += (chunk.get("token_logprobs") or {}).get("content") or []
+
+    def prompt(self, chunk: dict | None) -> dict | None:
+        if not self.asked:
+            return None
+        return self.completion.part((chunk or {}).get("prompt_logprobs") or [])
+
+    def take(self) -> dict | None:
+        if not self.asked:
+            return None
+        entries, self.pending = self.pending, []
+        return api_policy.chat_logprobs(entries) if self.kind == "chat" else self.completion.part(entries)
+
+
 class BundleApi:
     """The bundle's handlers, bound to one deployment, one upstream client and one metrics registry."""
 
@@ -137,17 +168,20 @@ class BundleApi:
         """One answer, streamed from the worker and collected: its last chunk."""
         t0 = self.metrics.arrived(request)
         stream = await self.upstream.open_stream(addr, payload, model, self.first_chunk_timeout(model))
-        last, first_text_at = None, None
+        last, first_text_at, entries, prompt_entries = None, None, [], None
         try:
             async for chunk in stream.chunks():
                 if first_text_at is None and chunk.get("text"):
                     first_text_at = time.monotonic()
                     self.metrics.ttft.labels(model).observe(first_text_at - t0)
+                entries += (chunk.get("token_logprobs") or {}).get("content") or []
+                prompt_entries = chunk.get("prompt_logprobs", prompt_entries)
                 last = chunk
         finally:
             await stream.aclose()
         if last is None:
             raise ApiError(errors.WORKER_ERROR, f"the model worker at {addr} ended the answer without any output")
+        last = {**last, "logprob_entries": entries, "prompt_logprob_entries": prompt_entries or []}
         if first_text_at is not None:
             self.metrics.decode.labels(model).observe(time.monotonic() - first_text_at)
         return last
@@ -197,15 +231,19 @@ class BundleApi:
                     s = await self.upstream.open_stream(addr, payload, model, timeout)
                     closers.append(s.aclose)
                     chunks, first = s.chunks(), None
+                logprobs = StreamLogprobs(kind, payload.get("logprobs") is not None)
                 if kind == "chat":
                     yield sse(api_policy.chat_chunk(id_, created, model, index, {"role": "assistant", "content": ""},
                                                     include_usage=include_usage))
                 if echoed:
-                    yield sse(api_policy.completion_chunk(id_, created, model, index, echoed,
-                                                          include_usage=include_usage))
+                    if payload.get("prompt_logprobs") is not None and first is None:
+                        first = await _next_or_none(chunks)  # it carries the prompt's logprobs
+                    yield sse(api_policy.completion_chunk(id_, created, model, index, echoed, include_usage=include_usage,
+                                                          logprobs=logprobs.prompt(first)))
                 deltas, last, first_text_at = TextDeltas(), None, None
                 async for chunk in with_first(first, chunks):
                     last = chunk
+                    logprobs.add(chunk)
                     if held:
                         continue
                     delta = deltas.feed(str(chunk.get("text") or ""), final=chunk.get("finish_reason") is not None)
@@ -216,10 +254,10 @@ class BundleApi:
                         self.metrics.ttft.labels(model).observe(first_text_at - t0)
                     if kind == "chat":
                         yield sse(api_policy.chat_chunk(id_, created, model, index, {"content": delta},
-                                                        include_usage=include_usage))
+                                                        include_usage=include_usage, logprobs=logprobs.take()))
                     else:
                         yield sse(api_policy.completion_chunk(id_, created, model, index, delta,
-                                                              include_usage=include_usage))
+                                                              include_usage=include_usage, logprobs=logprobs.take()))
                 if last is None:
                     raise ApiError(errors.WORKER_ERROR, f"the model worker at {addr} ended the answer without output")
                 tail = deltas.feed(str(last.get("text") or ""), final=True)
@@ -228,9 +266,9 @@ class BundleApi:
                     if held and first_text_at is None:
                         first_text_at = time.monotonic()
                         self.metrics.ttft.labels(model).observe(first_text_at - t0)
-                    if tail:
+                    if tail or logprobs.pending:
                         yield sse(api_policy.chat_chunk(id_, created, model, index, {"content": tail},
-                                                        include_usage=include_usage))
+                                                        include_usage=include_usage, logprobs=logprobs.take()))
                     calls = last.get("tool_calls") if held else None
                     if calls:
                         for delta in tool_calls.deltas(calls, tools):
@@ -240,7 +278,7 @@ class BundleApi:
                     yield sse(api_policy.chat_chunk(id_, created, model, index, {}, finish, include_usage=include_usage))
                 else:
                     yield sse(api_policy.completion_chunk(id_, created, model, index, tail, finish,
-                                                          include_usage=include_usage))
+                                                          include_usage=include_usage, logprobs=logprobs.take()))
                 usage.add(prompt_key, last.get("usage"))
                 if first_text_at is not None:
                     self.metrics.decode.labels(model).observe(time.monotonic() - first_text_at)
@@ -275,7 +313,7 @@ class BundleApi:
         id_ = f"chatcmpl-{shortuuid.random()}"
         jobs = [(0, api_policy.worker_payload(plan.model, plan.sampling, max_new_tokens=max_new,
                                               request_id=f"{id_}-{i}", messages=plan.messages, prompt=prompt,
-                                              extra=extra), "")
+                                              logprobs=plan.logprobs, choice=i, extra=extra), "")
                 for i in range(plan.n)]
         if plan.stream:
             return await self.stream(request, plan.model, addr, jobs, id_, "chat", plan.include_usage, plan.tools)
@@ -288,8 +326,11 @@ class BundleApi:
             choices.append({"index": i, "message": message, "logprobs": None,
                             "finish_reason": called or finish_reason(r.get("finish_reason"))})
         self.metrics.tokens(plan.model, usage.prompt_tokens, usage.completion)
+        for choice, r in zip(choices, results):
+            choice["logprobs"] = (api_policy.chat_logprobs(r["logprob_entries"]) if plan.logprobs is not None
+                                  else None)
         body = ChatCompletionResponse(id=id_, model=plan.model, choices=[], usage=UsageInfo(**usage.as_dict())).model_dump()
-        body["choices"] = choices
+        body["choices"] = choices  # FastChat's choice model has neither tool_calls nor logprobs
         return JSONResponse(body)
 
     # --- /v1/completions ---------------------------------------------------------------------------------
@@ -309,9 +350,11 @@ class BundleApi:
             max_new = api_policy.max_new_tokens(plan.sampling.max_tokens, context_len, used, plan.model,
                                                 default=api_policy.COMPLETIONS_DEFAULT_MAX_TOKENS)
             echoed = prompt if plan.echo else ""  # token-id prompts cannot be echoed (api_policy refuses it)
+            prompt_logprobs = plan.logprobs if plan.echo else None
             for i in range(plan.n):
                 jobs.append((p, api_policy.worker_payload(plan.model, plan.sampling, max_new_tokens=max_new,
-                                                          request_id=f"{id_}-{p * plan.n + i}", **text), echoed))
+                                                          request_id=f"{id_}-{p * plan.n + i}", logprobs=plan.logprobs,
+                                                          prompt_logprobs=prompt_logprobs, choice=i, **text), echoed))
         if plan.stream:
             return await self.stream(request, plan.model, addr, jobs, id_, "completions", plan.include_usage)
         results = await self.generate_all(request, plan.model, addr, [job[1] for job in jobs])
@@ -319,7 +362,10 @@ class BundleApi:
         choices = []
         for k, ((p, _, echoed), r) in enumerate(zip(jobs, results)):
             usage.add(p, r.get("usage"))
-            choices.append(CompletionResponseChoice(index=k, text=echoed + str(r.get("text") or ""),
+            logprobs = None
+            if plan.logprobs is not None:
+                logprobs = api_policy.CompletionLogprobs().part(r["prompt_logprob_entries"] + r["logprob_entries"])
+            choices.append(CompletionResponseChoice(index=k, text=echoed + str(r.get("text") or ""), logprobs=logprobs,
                                                     finish_reason=finish_reason(r.get("finish_reason"))))
         self.metrics.tokens(plan.model, usage.prompt_tokens, usage.completion)
         return JSONResponse(CompletionResponse(id=id_, model=plan.model, choices=choices,

@@ -57,6 +57,26 @@ def _failing(on_text):
     return fail
 
 
+class LogprobFeed:
+    """The logprob fields of a job's chunks (see the contract in workers/serving/api_server.py): each chunk
+    carries the entries of the tokens since the chunk before ("token_logprobs": {"offset", "content"}), the
+    first one also the prompt's ("prompt_logprobs"), so skipped text chunks lose no entry."""
+
+    def __init__(self, served, job):
+        self.served, self.job, self.sent, self.prompt_sent = served, job, 0, False
+
+    def upto(self, n: int) -> dict:
+        out = {}
+        if self.job.prompt_entries is not None and not self.prompt_sent:
+            out["prompt_logprobs"] = self.served.logprob_json(self.job.prompt_entries)
+            self.prompt_sent = True
+        if self.job.logprobs is not None:
+            entries = self.job.chosen_logprobs[self.sent:n]
+            out["token_logprobs"] = {"offset": self.sent, "content": self.served.logprob_json(entries)}
+            self.sent += len(entries)
+        return out
+
+
 def build_app(worker):
     """The worker's HTTP endpoints (FastChat's worker protocol)."""
     from fastapi.responses import Response, StreamingResponse
@@ -150,17 +170,18 @@ def build_app(worker):
 
         async def stream():
             last_sent = 0.0  # each chunk carries the whole text so far: skipping one loses nothing
+            logprobs = LogprobFeed(served, job)  # and the logprobs of the tokens since the chunk before
             try:
                 while True:
                     kind, value, n = await chunks.get()
                     if kind == "text":
                         if time.monotonic() - last_sent >= STREAM_MIN_INTERVAL_S:
-                            yield worker.chunk(value, len(job.prompt_ids), n, None)
+                            yield worker.chunk(value, job, n, None, logprobs.upto(n))
                             last_sent = time.monotonic()
                     elif kind == "done":
                         content, calls = served.tool_calls(params, value.text)
-                        yield worker.chunk(content, len(job.prompt_ids), value.completion_tokens, value.finish_reason,
-                                           calls)
+                        yield worker.chunk(content, job, value.completion_tokens, value.finish_reason,
+                                           logprobs.upto(value.completion_tokens), calls)
                         return
                     else:
                         message = f"generation failed: {type(value).__name__}: {value}"
@@ -179,8 +200,8 @@ def build_app(worker):
         future = await admitted(request, params, lambda p: worker.run_job(rid, job, None, p))
         result = await until_done_or_gone(request, future, job.cancel)
         content, calls = served.tool_calls(params, result.text)
-        return JSONResponse(json.loads(worker.chunk(content, len(job.prompt_ids), result.completion_tokens,
-                                                    result.finish_reason, calls)[:-1]))
+        return JSONResponse(json.loads(worker.chunk(content, job, result.completion_tokens, result.finish_reason,
+                                                    LogprobFeed(served, job).upto(result.completion_tokens), calls)[:-1]))
 
     @app.post("/worker_get_embeddings")
     async def embeddings(request: Request):
@@ -275,16 +296,17 @@ def make_worker_class():
             return result
 
         @staticmethod
-        def chunk(text: str, prompt_tokens: int, completion_tokens: int, finish_reason: str | None,
-                  tool_calls: list[dict] | None = None) -> bytes:
+        def chunk(text: str, job, completion_tokens: int, finish_reason: str | None,
+                  logprobs: dict | None = None, tool_calls: list[dict] | None = None) -> bytes:
             if finish_reason is not None:  # the worker protocol's reasons are OpenAI's: a cancelled answer stopped
                 finish_reason = api_policy.finish_reason(finish_reason)
+            prompt_tokens = len(job.prompt_ids) - job.added_prefix  # the client's prompt, as it sent it
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                      "total_tokens": prompt_tokens + completion_tokens}
             body = {"text": text, "error_code": 0, "usage": usage, "finish_reason": finish_reason}
             if tool_calls:
                 body["tool_calls"] = tool_calls  # the calls read from the answer; `text` is what else it said
-            return (json.dumps(body, ensure_ascii=False) + "\0").encode()
+            return (json.dumps({**body, **(logprobs or {})}, ensure_ascii=False) + "\0").encode()
 
     return BundleWorker
 

@@ -51,9 +51,18 @@ class Engine(ABC):
     #: Why it gives no embeddings (the rest of "model NAME ..."), or None when embeddings() works.
     no_embeddings: str | None = None
 
-    def refusal(self, prompt_ids: list[int]) -> str | None:
-        """Why this runtime cannot evaluate these prompt ids (the rest of "model NAME ...", a 400), or None."""
-        return None
+    def evaluable(self, prompt_ids: list[int]) -> list[int]:
+        """The tokens it evaluates for a client's prompt: the prompt, or the prompt after a token the runtime needs
+        first (counted as the job's added_prefix, not as the client's)."""
+        return list(prompt_ids)
+
+    #: Why it gives no logits for every prompt position (the rest of "model NAME ...", a 400 for prompt logprobs),
+    #: or None when prompt_logits() works.
+    no_prompt_logits: str | None = None
+
+    def prompt_logits(self, ids: list[int]):
+        """The logits (len(ids), vocab) after each position of `ids` (only where no_prompt_logits is None)."""
+        raise NotImplementedError(self.no_prompt_logits)
 
     def embeddings(self, inputs: list[list[int]]) -> list[list[float]]:
         """One L2-normalised vector per input's token ids (only where no_embeddings is None)."""

@@ -102,12 +102,15 @@ class NeuralSpeedModel:
                                   ctx_size=self.context, **layout)
         self.state: list[int] = []  # the tokens the library's cache holds (one slot)
 
-    def refusal(self, ids: list[int]) -> str | None:
-        """Why this runtime cannot evaluate `ids`, or None."""
+    def evaluable(self, ids: list[int]) -> list[int]:
+        """The tokens to evaluate for a prompt: `ids`, after the BOS id when the graph needs it first. Its llama
+        graph checks that a sequence's first token is the file header's BOS id (llama.cpp's model_eval_internal
+        in neural-speed 1.0, `first token must be BOS`) and evaluates nothing otherwise; nothing else in the graph
+        depends on it, but no call can write cache position 0 without passing that check. Chat prompts start
+        with it; a plain completion prompt of a model whose tokenizer adds no BOS (SmolLM2) is answered after it."""
         if self.bos_id is not None and ids[:1] != [self.bos_id]:
-            return (f"neural-speed's graph only takes sequences that start with the BOS token (id {self.bos_id}); "
-                    f"this prompt starts with id {ids[0] if ids else None}")
-        return None
+            return [self.bos_id] + list(ids)
+        return list(ids)
 
     def _evaluate(self, ids: list[int], logits_all: bool = False) -> np.ndarray:
         try:

@@ -104,6 +104,9 @@ class NeuralSpeedEngine(Engine):
 
     no_embeddings = ("runs on the neural-speed INT8 runtime, which gives no hidden states: ask an fp32 model for "
                      "embeddings, or set int8: {runtime: qbits} for this one")
+    no_prompt_logits = ("runs on the neural-speed INT8 runtime, which gives the logits of the last prompt position "
+                        "only: prompt logprobs (echo with logprobs) need an fp32 model or int8: {runtime: qbits}; "
+                        "logprobs without echo work")
 
     def __init__(self, model: NeuralSpeedModel, served):
         batched = model.slots > 1
@@ -112,12 +115,8 @@ class NeuralSpeedEngine(Engine):
                             + (f"continuous batching in {model.slots} KV cache slots" if batched
                                else "one generation at a time") + ")")
 
-    def refusal(self, prompt_ids: list[int]) -> str | None:
-        why = self.runner.model.refusal(prompt_ids)
-        if why:
-            return (f"runs on the neural-speed INT8 runtime: {why}. Chat messages always do; for other prompts use "
-                    f"an fp32 model or set int8: {{runtime: qbits}}")
-        return None
+    def evaluable(self, prompt_ids: list[int]) -> list[int]:
+        return self.runner.model.evaluable(prompt_ids)
 
     def submit(self, job: Job, on_text=None) -> Result:
         return self.runner.submit(job, on_text)

@@ -82,6 +82,11 @@ class TransformersEngine(Engine):
             result.past = None
         return result
 
+    def prompt_logits(self, ids: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            x = torch.tensor([ids])
+            return self.model(input_ids=x, attention_mask=torch.ones_like(x), return_dict=True).logits[0]
+
     def embeddings(self, inputs: list[list[int]]) -> list[list[float]]:
         """Mean of the last hidden state over each input's tokens, L2-normalised; one input at a time, so no padding
         token is needed (Qwen's tokenizer has none)."""
