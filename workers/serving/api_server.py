@@ -25,7 +25,11 @@ non-streaming requests alike, so a client that goes away always closes the worke
      "echo": false (the API echoes a completion prompt itself), "request_id": str,
      "logprobs": null | int (top logprobs per generated token, 0..20), "prompt_logprobs": null | int (the same
               for the prompt's tokens: completions with echo), "logit_bias": null | {"token id": -100..100},
-     "seed": null | int (a sampled answer that repeats, alone or batched)}
+     "seed": null | int (a sampled answer that repeats, alone or batched),
+     chat only: "tools": [{"name", "description", "parameters"}] (rendered in the model's own tool protocol),
+     "tool_choice": "auto" | "none" | "required" | {"name"}, "response_format": {"type": "json_object"} |
+     {"type": "json_schema", "schema"}; messages may then hold assistant "tool_calls" [{"id", "name",
+     "arguments"}] and "tool" messages (workers/serving/tool_calls.py)}
 
 Chat requests also carry FastChat's `prompt`, built from the worker's /worker_get_conv_template, for FastChat's
 own worker; a worker that reads `messages` ignores it. The worker answers HTTP 400/429/503 with
@@ -34,7 +38,9 @@ chunks {"text": the whole text so far, "error_code": 0, "usage": {prompt_tokens,
 total_tokens}, "finish_reason": null | "stop" | "length", with logprobs asked also "token_logprobs":
 {"offset": int, "content": [entry]} (the tokens since the chunk before) and, in the first chunk,
 "prompt_logprobs": [entry]; an entry is {"id", "token", "bytes", "logprob", "top": [{"id", "token", "bytes",
-"logprob"}]}, the logprob the model's log-softmax of its raw logits (null for a prompt's first token)}.
+"logprob"}]}, the logprob the model's log-softmax of its raw logits (null for a prompt's first token); with
+tools, the last chunk's "tool_calls": [{"name", "arguments"}] are the calls read from the answer and its "text"
+what else the answer said}.
 Closing the connection cancels the request.
 Embeddings: POST /worker_get_embeddings {"model", "input": [str | [int]], "encoding_format"} ->
 {"embedding": [...], "token_num": int} or {"error_code", "text"}.
