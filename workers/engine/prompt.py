@@ -110,6 +110,9 @@ def normalize_messages(messages: Any) -> list[dict]:
                 raise PromptError(f"messages[{i}].tool_calls must be a list of {{id, name, arguments}}")
             item["tool_calls"] = [dict(c) for c in calls]
         if role == "tool":
+            if not out or not (out[-1].get("tool_calls") or out[-1]["role"] == "tool"):
+                raise PromptError(f"messages[{i}] is a tool result, but no assistant message with tool_calls "
+                                  f"comes right before it")
             item["tool_call_id"], item["name"] = m.get("tool_call_id"), m.get("name")
         out.append(item)
     if out[-1]["role"] not in ("user", "tool"):
