@@ -38,7 +38,7 @@ class Fake:
 def fake_worker(fake: Fake) -> FastAPI:
     from fastchat.conversation import get_conv_template
 
-    conv = dataclasses.asdict(get_conv_template("smollm2"))
+    conv = dataclasses.asdict(get_conv_template("qwen-7b-chat"))  # ChatML
     conv["sep_style"] = int(conv["sep_style"])
     app = FastAPI()
 
@@ -140,15 +140,16 @@ class Served:
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
     os.environ.setdefault("LOGDIR", str(tmp_path_factory.mktemp("logs")))
+    import aiohttp
+
     from workers.serving import api_server, fastchat_compat
 
-    fastchat_compat.apply_api()
-    from fastchat.serve import openai_api_server as fastchat_api
+    fastchat_api = fastchat_compat.apply_api(aiohttp, 3.0)
 
     fake = Fake()
     ports = {"worker": free_port(), "controller": free_port(), "api": free_port()}
     worker_url = f"http://127.0.0.1:{ports['worker']}"
-    dep = SimpleNamespace(models=[SimpleNamespace(names=[FAKE], queue_timeout_s=None),
+    dep = SimpleNamespace(hosts={}, models=[SimpleNamespace(names=[FAKE], queue_timeout_s=None),
                                   SimpleNamespace(names=[GHOST], queue_timeout_s=None)])
     bundle = api_server.install(fastchat_api, dep)
     bundle.first_chunk_timeout = lambda model: 1.5  # a worker that sends nothing for 1.5 s is "busy" here

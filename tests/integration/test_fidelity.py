@@ -453,6 +453,8 @@ TIME_TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}}
 WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 TOOL_GROUPS = ("chatglm3", "qwen", "smollm2")  # ChatGLM3's own tools, Qwen's ReAct, a template without tools (Hermes)
+# room for a whole call: a 12-character argument of rare characters is up to 36 byte-level tokens (Qwen2's vocabulary)
+CALL_TOKENS = 96
 
 
 def weather_model():
@@ -480,7 +482,7 @@ def round_trip(client, name):
     """A random-weight model steered to a call by the grammar of tool_choice: the call, the tool's result,
     then a final text answer, each through the family's own tool protocol."""
     first = client.chat.completions.create(
-        model=name, messages=WEATHER_QUESTION, tools=[WEATHER_TOOL, TIME_TOOL], temperature=0, max_tokens=48,
+        model=name, messages=WEATHER_QUESTION, tools=[WEATHER_TOOL, TIME_TOOL], temperature=0, max_tokens=CALL_TOKENS,
         tool_choice={"type": "function", "function": {"name": "get_weather"}})
     choice = first.choices[0]
     assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1, choice
@@ -495,14 +497,14 @@ def round_trip(client, name):
     assert isinstance(answer.message.content, str)
     # "required" lets the model pick among the tools; the answer still is a valid call
     required = client.chat.completions.create(model=name, messages=WEATHER_QUESTION, tools=[WEATHER_TOOL, TIME_TOOL],
-                                              tool_choice="required", temperature=0, max_tokens=48)
+                                              tool_choice="required", temperature=0, max_tokens=CALL_TOKENS)
     picked = required.choices[0].message.tool_calls[0]
     assert_weather_call(picked, picked.function.name) and picked.function.name in ("get_weather", "get_time")
 
 
 def streamed_call(client, name):
     ask_ = dict(model=name, messages=WEATHER_QUESTION, tools=[WEATHER_TOOL], tool_choice="required", temperature=0,
-                max_tokens=48)
+                max_tokens=CALL_TOKENS)
     whole = client.chat.completions.create(**ask_).choices[0].message.tool_calls[0]
     calls, finish = {}, None
     for chunk in client.chat.completions.create(stream=True, **ask_):

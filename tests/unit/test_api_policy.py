@@ -301,6 +301,23 @@ def test_max_completion_tokens_is_max_tokens():
     assert chat(max_completion_tokens=9, max_tokens=9).sampling.max_tokens == 9
 
 
+def test_chat_template_kwargs_reach_the_worker():
+    plan = chat(chat_template_kwargs={"enable_thinking": False})
+    assert plan.template_kwargs == {"enable_thinking": False}
+    payload = policy.worker_payload("m", plan.sampling, max_new_tokens=None, request_id="r", messages=plan.messages,
+                                    template_kwargs=plan.template_kwargs)
+    assert payload["chat_template_kwargs"] == {"enable_thinking": False}
+    assert chat().template_kwargs == {} and chat(chat_template_kwargs=None).template_kwargs == {}
+    assert "chat_template_kwargs" not in policy.worker_payload("m", chat().sampling, max_new_tokens=None,
+                                                               request_id="r", messages=USER)
+
+
+@pytest.mark.parametrize("value", ["enable_thinking=false", [{"enable_thinking": False}], 1, True])
+def test_chat_template_kwargs_must_be_an_object(value):
+    err = refused(chat, chat_template_kwargs=value)
+    assert err.status == 400 and err.param == "chat_template_kwargs"
+
+
 def test_include_usage():
     assert chat(stream=True, stream_options={"include_usage": True}).include_usage
     assert not chat(stream=True, stream_options={"include_usage": False}).include_usage
@@ -389,14 +406,11 @@ def test_worker_payload_follows_the_contract():
 
 
 def test_fastchat_prompt_from_a_template():
-    from workers.serving import fastchat_compat
-
-    fastchat_compat.apply()
     import dataclasses
 
     from fastchat.conversation import get_conv_template
 
-    conv = dataclasses.asdict(get_conv_template("smollm2"))
+    conv = dataclasses.asdict(get_conv_template("qwen-7b-chat"))  # ChatML
     conv["sep_style"] = int(conv["sep_style"])
     prompt = policy.fastchat_prompt(conv, [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}])
     assert prompt == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -456,12 +470,12 @@ def api(tmp_path_factory):
     import os
 
     os.environ.setdefault("LOGDIR", str(tmp_path_factory.mktemp("logs")))  # FastChat logs to a file on import
+    import aiohttp
+    from fastapi.testclient import TestClient
+
     from workers.serving import api_server, fastchat_compat
 
-    fastchat_compat.apply_api()
-    from fastapi.testclient import TestClient
-    from fastchat.serve import openai_api_server as fastchat_api
-
+    fastchat_api = fastchat_compat.apply_api(aiohttp, 3.0)
     api_server.install(fastchat_api)
     fastchat_api.app_settings.controller_address = "http://127.0.0.1:9"  # nothing listens there
     fastchat_api.app_settings.api_keys = ["sk-unit"]
@@ -470,11 +484,29 @@ def api(tmp_path_factory):
     fastchat_api.app_settings.api_keys = None
 
 
+OPEN_ROUTES = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+
+
+def unguarded_routes(app, api_module) -> list[str]:
+    """Routes that answer without the API-key check, other than the open ones (health, metrics, docs)."""
+    from fastapi.routing import APIRoute
+
+    found = []
+    for route in app.routes:
+        path = getattr(route, "path", "")
+        if path in OPEN_ROUTES:
+            continue
+        deps = [d.call for d in getattr(getattr(route, "dependant", None), "dependencies", [])]
+        if not isinstance(route, APIRoute) or api_module.check_api_key not in deps:
+            found.append(path)
+    return found
+
+
 def test_no_route_bypasses_the_api_key_check(api):
     from workers.serving import api_server
 
     app, module = api["module"].app, api["module"]
-    assert api_server.unguarded_routes(app, module) == []
+    assert unguarded_routes(app, module) == []
     paths = {getattr(r, "path", "") for r in app.routes}
     assert not [p for p in paths if p.startswith("/api/")], paths
     assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics"} <= paths
@@ -523,6 +555,8 @@ def test_controller_down_is_503_not_500(api):
     client, h = api["client"], api["headers"]
     r = client.post("/v1/chat/completions", json={"model": "m", "messages": USER}, headers=h)
     assert r.status_code == 503 and "stopped answering" in r.json()["error"]["message"]
+    r = client.get("/v1/models", headers=h)  # FastChat's own handler (fastchat_compat patch 5)
+    assert r.status_code == 503 and "at http://127.0.0.1:9 stopped answering" in r.json()["error"]["message"]
     assert r.headers["retry-after"]
     r = client.get("/v1/models", headers=h)  # FastChat's own handler, through compat patch 4
     assert r.status_code == 503 and "stopped answering" in r.json()["message"]

@@ -26,7 +26,7 @@ HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$", re.M)
 SCRIPT = re.compile(r"(?<![\w./-])scripts/([A-Za-z0-9_.-]+)")
 REPO_PATH = re.compile(r"(?<![\w./<-])((?:workers|tests|conf|deploy|docs)/[\w./-]*[\w/])")  # no placeholders
 EXAMPLES = {"conf/mine.yaml"}  # a file the README shows how to write
-MODULE = re.compile(r"-m (workers(?:\.\w+)+)")
+MODULE = re.compile(r"-m (workers(?:\.\w+)+)(?![\w.])")  # not a placeholder like workers.x.<name>
 CONSOLE_SCRIPT = re.compile(r"(?<![\w./-])(bundle-[a-z-]*[a-z])")
 BUNDLE_COMMAND = re.compile(r"(?:^|[;&|(]\s*|\$\s*)bundle ([a-z][a-z-]*)", re.M)  # a command: starts a line or span
 

@@ -245,23 +245,22 @@ def test_api_names_model_and_host_when_a_host_is_away(tmp_path, monkeypatch):
 
     from workers.serving import errors, placement
 
-    monkeypatch.setattr(errors, "not_registered", errors.not_registered)  # restored after the test
-    monkeypatch.setattr(errors, "unavailable", errors.unavailable)
     dep = load(tmp_path, two_hosts())
-    placement.install_api(dep)
-    placement.install_api(dep)  # twice (tests): wrapped once
-    err = errors.not_registered("qwen")
+    not_registered, unavailable = placement.outage_errors(dep)
+    err = not_registered("qwen")
     assert err.status == 503 and err.message.startswith(
         "model 'qwen' is not available: its worker on host 'second' (10.9.0.2:21002) is not registered with the "
         "controller")
-    err = errors.unavailable("http://10.9.0.2:21002/count_token", httpx.ConnectTimeout("timed out"))
+    err = unavailable("http://10.9.0.2:21002/count_token", httpx.ConnectTimeout("timed out"))
     assert err.status == 503 and err.message.startswith(
         "model 'qwen' on host 'second' (10.9.0.2:21002) is not answering: the model worker or controller at "
         "http://10.9.0.2:21002 stopped answering (ConnectTimeout)")
     # the controller, or a model the deployment does not know: unchanged
-    assert errors.unavailable("http://10.9.0.1:21001/list_models", OSError()).message.startswith(
+    assert unavailable("http://10.9.0.1:21001/list_models", OSError()).message.startswith(
         "the model worker or controller at http://10.9.0.1:21001")
-    assert "its worker stopped answering" in errors.not_registered("other").message
+    assert "its worker stopped answering" in not_registered("other").message
+    assert placement.outage_errors(load(tmp_path, {"models": [model("one", None)]})) == (errors.not_registered,
+                                                                                       errors.unavailable)
 
 
 def test_shipped_two_host_example_is_valid():
@@ -295,7 +294,7 @@ def test_api_servers_aiohttp_calls_carry_the_secret_and_a_refusal_is_named():
             results = []
             for secret in (SECRET, "wrong-secret-wrong-secret"):
                 try:
-                    async with auth._AiohttpShim(secret).ClientSession() as session:
+                    async with auth.AiohttpShim(secret).ClientSession() as session:
                         async with session.post(f"http://127.0.0.1:{port}/list_models") as r:
                             results.append(r.status)
                 except errors.ApiError as exc:
@@ -308,22 +307,14 @@ def test_api_servers_aiohttp_calls_carry_the_secret_and_a_refusal_is_named():
     assert ok == 200 and seen == [SECRET, "wrong-secret-wrong-secret"]
     assert status == 503  # not 401: the client's API key is not what was refused
     assert "refused the API server's call to /list_models: wrong or missing worker secret" in refused
-    assert auth._AiohttpShim(None).ClientTimeout is aiohttp.ClientTimeout  # the rest is aiohttp's own
+    assert auth.AiohttpShim(None).ClientTimeout is aiohttp.ClientTimeout  # the rest is aiohttp's own
 
 
-def test_api_servers_httpx_client_carries_the_secret(monkeypatch, tmp_path):
-    from types import SimpleNamespace
-
-    import aiohttp
+def test_api_servers_httpx_client_carries_the_secret():
     import httpx
 
     from workers.serving import auth, errors, worker_client
 
-    monkeypatch.setattr(worker_client.Upstream, "http", worker_client.Upstream.http)  # restored after the test
-    monkeypatch.setenv("BUNDLE_WORKER_SECRET", SECRET)
-    dep = load(tmp_path, two_hosts())
-    api = SimpleNamespace(fetch_timeout=aiohttp.ClientTimeout(total=100), aiohttp=None)  # FastChat's module
-    auth.install_api(api, dep)
     seen = []
 
     def handler(request):
@@ -333,10 +324,8 @@ def test_api_servers_httpx_client_carries_the_secret(monkeypatch, tmp_path):
         return httpx.Response(401 if request.url.path == "/count_token" else 200, json={"models": ["qwen"]})
 
     async def main():
-        upstream = worker_client.Upstream(lambda: "http://10.9.0.1:21001")
-        upstream._http = None
-        client = upstream.http  # created by the bundle's code, then given the secret and the 401 hook
-        client._transport = httpx.MockTransport(handler)
+        upstream = worker_client.Upstream(lambda: "http://10.9.0.1:21001", auth.httpx_options(SECRET, True))
+        upstream.http._transport = httpx.MockTransport(handler)
         models = await upstream.list_models()
         try:
             await upstream.count_tokens("http://10.9.0.2:21002", "qwen", "hi")
@@ -348,7 +337,6 @@ def test_api_servers_httpx_client_carries_the_secret(monkeypatch, tmp_path):
     models, refused = asyncio.run(main())
     assert models == ["qwen"] and seen == [SECRET, SECRET]
     assert refused.status == 503 and "http://10.9.0.2:21002 refused the API server's call to /count_token" in refused.message
-    assert api.fetch_timeout.sock_connect == auth.CONNECT_TIMEOUT_S
 
 
 def test_shared_threads_split_each_hosts_own_cores(tmp_path):

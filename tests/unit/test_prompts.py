@@ -18,6 +18,7 @@ from tests import tiny_models
 from workers.config.schema import Sampling
 from workers.engine import prompt
 from workers.engine.prompt import ChatFormat, PromptError
+from workers.engine.reasoning import Thinking
 from workers.models import check as model_check
 from workers.models import families
 from workers.models.families import UnknownFamily
@@ -573,3 +574,55 @@ def test_render_stop_decode_postprocess_reproduce_chat(glm_dir, qwen_dir, turn_e
     assert ref["stopped_by"] == "turn_end" and stopped
     assert ids == ref["output_ids"] == tiny_models.chain_token_ids(folder, 3)
     assert text == ref["text"]
+
+
+# ------------------------------------------------------------------ chat_template_kwargs, thinking
+
+# The generation-prompt endings of Qwen3's and the DeepSeek-R1 distills' own chat templates.
+QWEN3_TAIL = ("{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+              "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+              "{%- endif %}{%- endif %}")
+R1_TAIL = "{%- if add_generation_prompt %}{{'<｜Assistant｜><think>\\n'}}{%- endif %}"
+TURNS = "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+
+
+def thinking_format(smol_dir, tail: str, model_type: str) -> ChatFormat:
+    tok = AutoTokenizer.from_pretrained(smol_dir)
+    tok.add_tokens(["<think>", "</think>"])
+    tok.chat_template = TURNS + tail
+    return ChatFormat(smol_dir, tok, {"model_type": model_type, "eos_token_id": 2})
+
+
+def test_chat_template_kwargs_reach_the_template(smol_dir):
+    chat = thinking_format(smol_dir, QWEN3_TAIL, "qwen3")
+    off = chat.render(CASES["single"], {"enable_thinking": False})
+    assert chat.tokenizer.decode(off).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert chat.tokenizer.decode(chat.render(CASES["single"], {"enable_thinking": True})).endswith("assistant\n")
+    assert chat.render(CASES["single"], {"unused_by_the_template": 1}) == chat.render(CASES["single"])
+    assert chat.thinking(off) == Thinking("<think>", "</think>", opened_by_prompt=False)
+    assert chat.thinking(chat.render(CASES["single"])).opened_by_prompt is False
+
+
+def test_a_template_that_opens_the_thinking_block(smol_dir):
+    chat = thinking_format(smol_dir, R1_TAIL, "qwen2")
+    assert chat.reasoning is families.REASONING_MARKERS[0]
+    assert chat.thinking(chat.render(CASES["single"])) == Thinking("<think>", "</think>", opened_by_prompt=True)
+
+
+def test_models_without_thinking_markers_split_nothing(smol_dir):
+    assert fmt(smol_dir).reasoning is None and fmt(smol_dir).thinking(fmt(smol_dir).render(CASES["single"])) is None
+
+
+def test_formats_without_a_template_ignore_template_kwargs(glm_dir):
+    assert fmt(glm_dir).render(CASES["single"], {"enable_thinking": False}) == fmt(glm_dir).render(CASES["single"])
+
+
+@pytest.mark.parametrize("value,fragment", [
+    ("enable_thinking=false", "must be an object"), ([1], "must be an object"),
+    ({"add_generation_prompt": False}, "may not set add_generation_prompt"),
+    ({"messages": [], "bos_token": "x"}, "may not set bos_token, messages"),
+])
+def test_bad_chat_template_kwargs_are_a_prompt_error_naming_the_field(smol_dir, value, fragment):
+    with pytest.raises(PromptError, match=fragment) as caught:
+        fmt(smol_dir).render(CASES["single"], value)
+    assert caught.value.param == "chat_template_kwargs"

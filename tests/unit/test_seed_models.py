@@ -14,15 +14,10 @@ from safetensors.torch import save_file
 
 from tests.helpers import ROOT, bundle_env, free_port, snapshot_for
 from workers.config import deployment
-from workers.serving import fastchat_compat
 from workers.models import memory_budget, check as model_check
 from workers.models.memory_budget import GIB, Need, shape_from_config
 
-fastchat_compat.apply()
-
-from fastchat.conversation import get_conv_template  # noqa: E402
-from fastchat.model.model_adapter import get_conversation_template, get_generate_stream_function  # noqa: E402
-from fastchat.model.model_chatglm import generate_stream_chatglm, recover_message_list  # noqa: E402
+from fastchat.conversation import get_conv_template
 
 # config.json values of the ModelScope repositories (ZhipuAI/chatglm3-6b, qwen/Qwen-7B-Chat) and the
 # total_size of their safetensors weight index: the real parameter counts (6.24 B and 7.72 B).
@@ -146,11 +141,6 @@ def test_worker_refuses_an_incomplete_local_folder(qwen_folder, tmp_path):
 
 # --- templates, generation path, dtype, stop tokens ---------------------------------------------
 
-def test_templates_are_chosen_by_model_path():
-    assert get_conversation_template("var/models/modelscope/ZhipuAI/chatglm3-6b").name == "chatglm3"
-    assert get_conversation_template("var/models/modelscope/qwen/Qwen-7B-Chat").name == "qwen-7b-chat"
-
-
 def qwen_make_context_text(query: str, history: list[tuple[str, str]], system: str = "You are a helpful assistant.") -> str:
     """raw_text of make_context(chat_format="chatml") in Qwen-7B-Chat's qwen_generation_utils.py."""
     im_start, im_end = "<|im_start|>", "<|im_end|>"
@@ -183,33 +173,6 @@ def test_qwen_prompt_equals_qwens_own_chatml(chat):
     history, query = chat
     assert fastchat_prompt("qwen-7b-chat", history, query) == qwen_make_context_text(query, history)
     assert fastchat_prompt("qwen-7b-chat", history, query, system="Be brief.") == qwen_make_context_text(query, history, "Be brief.")
-
-
-@pytest.mark.parametrize("chat", CHATS.values(), ids=CHATS.keys())
-@pytest.mark.parametrize("system", [None, "You are ChatGLM3."])
-def test_chatglm3_messages_reach_build_chat_input_unchanged(chat, system):
-    """FastChat feeds ChatGLM3 through tokenizer.build_chat_input(query, history) - the model's own chat
-    format - after recovering the messages from its prompt; the recovery must be exact."""
-    history, query = chat
-    prompt = fastchat_prompt("chatglm3", history, query, system=system)
-    expected = ([{"role": "system", "content": system}] if system else [])
-    for q, a in history:
-        expected += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    expected.append({"role": "user", "content": query})
-    assert recover_message_list(prompt) == expected
-
-
-def test_chatglm_stream_path_is_chosen_by_class_name_after_quantization(qbits_entry, embedded_model, int8_cache_root):
-    # ITREX qbits (ChatGLM3's INT8 runtime) swaps Linear modules in place; the model keeps its class, so
-    # FastChat still routes a ChatGLMForConditionalGeneration to generate_stream_chatglm (proven here on
-    # the embedded model, loaded with the qbits runtime).
-    from workers.config.int8 import Int8Settings
-    from workers.engine.loader import load_model
-
-    model, _ = load_model(embedded_model, "itrex-int8", int8=Int8Settings(runtime="qbits"), cache_root=int8_cache_root)
-    assert type(model).__name__ == "LlamaForCausalLM"
-    ChatGLMForConditionalGeneration = type("ChatGLMForConditionalGeneration", (torch.nn.Module,), {})
-    assert get_generate_stream_function(ChatGLMForConditionalGeneration(), "chatglm3-6b") is generate_stream_chatglm
 
 
 def test_qwen_cpu_dtype_override():

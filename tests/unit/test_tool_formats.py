@@ -124,7 +124,7 @@ def test_qwen25_template_renders_tools_and_the_call_history(hermes_folder):
     assert tiny_qwen2.check_tokenizer(tok) == []   # encodes llama.cpp's Qwen2 test vectors exactly
     chat = ChatFormat(hermes_folder, tok)
     assert chat.tool_format == TOOLS_HERMES
-    text = tok.decode(chat.render(CALLED, TOOLS))
+    text = tok.decode(chat.render(CALLED, tools=TOOLS))
     assert "<tools>\n" in text and '"name": "get_weather"' in text
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
     assert "<tool_response>\nsunny\n</tool_response>" in text and text.endswith("<|im_start|>assistant\n")
@@ -147,7 +147,7 @@ def forced_job(model, tok, folder, greedy=True):
     from workers.engine.prompt import ChatFormat
 
     chat = ChatFormat(folder, tok)
-    ids = chat.render(CALLED[:1], TOOLS)
+    ids = chat.render(CALLED[:1], tools=TOOLS)
     job = generate.Job(prompt_ids=ids, max_new_tokens=60, temperature=0 if greedy else 1.0, top_p=1.0, top_k=0,
                        repetition_penalty=1.0, stop_token_ids=chat.stop_token_ids)
     constraint = Grammars(tok, model.config.vocab_size).constraint(

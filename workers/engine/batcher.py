@@ -26,7 +26,7 @@ import torch
 
 from workers.engine import threads
 from workers.engine.generate import Job, Result
-from workers.engine.prefix_cache import legacy
+from workers.engine.prefix_cache import legacy, model_cache
 from workers.engine.sequence import Sequence
 from workers.models.families import Family
 
@@ -178,7 +178,7 @@ class Batcher:
             with torch.inference_mode(), module_globals(self._code, self._padded_globals if padded else ()):
                 # Without padding no mask is needed (one new token sees the whole cache), as in generate().
                 out = self.model(input_ids=last, attention_mask=mask if padded else None, position_ids=positions,
-                                 past_key_values=self._past, use_cache=True, return_dict=True)
+                                 past_key_values=model_cache(self.model, self._past), use_cache=True, return_dict=True)
         except Exception as exc:  # every sequence of the batch fails with it; the next requests start afresh
             log.exception("decode step failed for %d sequences", len(rows))
             self._fail_all(exc)

@@ -20,6 +20,8 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from workers.engine.token_choice import ChosenTokenProcessor, TokenChooser, TokenLogprob
+from workers.engine.prefix_cache import model_cache, takes_cache_objects
+from workers.engine.reasoning import Thinking
 
 log = logging.getLogger("generate")
 
@@ -48,6 +50,7 @@ class Job:
     chosen_logprobs: list[TokenLogprob] = field(default_factory=list)  # filled by the chooser as it goes
     prompt_entries: list[TokenLogprob] | None = None  # filled before generating when prompt_logprobs is set
     added_prefix: int = 0  # tokens a runtime evaluates before the client's prompt (neural-speed's BOS)
+    thinking: Thinking | None = None  # a reasoning model's chat answer: how its thinking is marked
 
 
 @dataclass
@@ -77,7 +80,8 @@ def prefill(model, ids: list[int], past, start: int, batched: bool = True):
             end = min(begin + step, len(ids))
             x = torch.tensor([ids[begin:end]], dtype=torch.long)
             positions = torch.arange(begin, end, dtype=torch.long)[None]
-            out = model(input_ids=x, past_key_values=past, position_ids=positions, use_cache=True, return_dict=True)
+            out = model(input_ids=x, past_key_values=model_cache(model, past), position_ids=positions, use_cache=True,
+                        return_dict=True)
             past, logits = out.past_key_values, out.logits[:, -1, :]
     return past, logits
 
@@ -200,8 +204,9 @@ def run(model, tokenizer_decode: Callable[[list[int]], str], postprocess: Callab
     processors = LogitsProcessorList([ChosenTokenProcessor(TokenChooser(job))])
     input_ids = torch.tensor([job.prompt_ids], dtype=torch.long)
     extra = {}
+    if past is not None or takes_cache_objects(model):
+        extra["past_key_values"] = model_cache(model, past)
     if past is not None:
-        extra["past_key_values"] = past
         if _accepts(model.prepare_inputs_for_generation, "is_first_forward"):
             extra["is_first_forward"] = False  # ChatGLM3: feed only the last token on the first step
     with torch.inference_mode():

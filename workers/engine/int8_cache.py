@@ -13,15 +13,16 @@ import logging
 import shutil
 import subprocess
 import tempfile
-from importlib.metadata import version
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from workers.config import environments
 from workers.config.files import publish_dir, sha256_files, write_atomic
 from workers.config.int8 import Int8Settings
 from workers.engine.runtimes import registry
 from workers.engine.runtimes.base import RuntimeUnavailable
+from workers.models.families import environment_for
 
 log = logging.getLogger("int8_cache")
 
@@ -80,10 +81,15 @@ def key_inputs(source: Path, settings: Int8Settings, cache_root: Path) -> dict:
         "format": CACHE_FORMAT,
         "source": source_fingerprint(source, cache_root),
         "settings": settings.rtn_kwargs(),
-        "versions": {name: version(name) for name in _VERSIONED},
+        "versions": environments.versions(model_environment(source), _VERSIONED),  # where it is quantized and loaded
     }
     registry.by_name(settings.runtime).add_cache_key(inputs)
     return inputs
+
+
+def model_environment(source: Path) -> environments.Environment:
+    """The environment the model's worker runs in (families.environment_for): its quantizer runs there too."""
+    return environment_for(json.loads((Path(source) / "config.json").read_text()))[0]
 
 
 def entry_dir(source: Path, inputs: dict, cache_root: Path) -> Path:
@@ -121,12 +127,12 @@ def verify(entry: Path, inputs: dict) -> str | None:
 def _build(source: Path, entry: Path, inputs: dict, runtime, trust_remote_code: bool) -> None:
     with publish_dir(entry) as staging, tempfile.TemporaryDirectory(prefix="quantize-") as work:
         try:
-            cmd = runtime.quantize_command(source, staging, inputs)
+            cmd = runtime.quantize_command(source, staging, inputs, model_environment(source).python())
         except RuntimeUnavailable as exc:
             raise CacheBuildError(str(exc)) from None
         cmd += ["--trust-remote-code"] if trust_remote_code else []
         # cwd=work: neural-compressor writes an nc_workspace/ folder into the current directory.
-        proc = subprocess.run(cmd, cwd=work)  # the project is installed (editable), so no PYTHONPATH
+        proc = subprocess.run(cmd, cwd=work)  # the project is installed (editable) in each environment
         if proc.returncode != 0:
             raise CacheBuildError(f"quantizing {source} failed (exit code {proc.returncode}); see the quantize lines "
                                   f"above{runtime.quantize_failed_hint}")

@@ -28,13 +28,6 @@ class Prefix:
     axes: tuple
 
 
-def _tensors(past):
-    for layer in past:
-        for t in layer:
-            if isinstance(t, torch.Tensor):
-                yield t
-
-
 def sequence_axes(past, length: int):
     """For each layer's tensors, the axis whose size is `length`; None when it is ambiguous."""
     axes = []
@@ -63,6 +56,30 @@ def legacy(past):
     """past_key_values as a plain tuple of tuples (transformers' own models may return a Cache object)."""
     to_legacy = getattr(past, "to_legacy_cache", None)
     return to_legacy() if to_legacy is not None else past
+
+
+def takes_cache_objects(model) -> bool:
+    """Whether `model` needs past_key_values as a transformers Cache object: transformers' own model classes
+    from transformers 4.50 on (4.40's take tuples as well; remote code such as ChatGLM3's takes tuples only)."""
+    import transformers
+
+    own = type(model).__module__.startswith("transformers.")
+    return own and tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (4, 50)
+
+
+def model_cache(model, past):
+    """`past` (a tuple per layer, or None) as `model` takes it. For a model that takes Cache objects: a
+    DynamicCache built without the model's config, so every layer keeps its whole sequence (with its config,
+    sliding-window layers would keep only their window, and layers would differ in length, which the
+    batcher's padding and cutting and the prefix cache do not expect; the attention mask still applies
+    the window)."""
+    if not takes_cache_objects(model):
+        return past
+    from transformers import DynamicCache
+
+    if past is None:
+        return DynamicCache()
+    return past if isinstance(past, DynamicCache) else DynamicCache.from_legacy_cache(legacy(past))
 
 
 def common_length(a, b) -> int:

@@ -2,20 +2,24 @@
 
 `ChatFormat(folder, tokenizer, config, conv_template)` is what a worker builds once per model:
 
-- `render(messages)`: OpenAI-style messages -> the prompt token ids the model's own chat code feeds
-  to generate(): `apply_chat_template` for a tokenizer with a chat template, ChatGLM3's
+- `render(messages, template_kwargs)`: OpenAI-style messages -> the prompt token ids the model's own
+  chat code feeds to generate(): `apply_chat_template` for a tokenizer with a chat template (the
+  request's `chat_template_kwargs` become template variables, e.g. Qwen3's `enable_thinking`), ChatGLM3's
   `build_chat_input`, Qwen-7B-Chat's ChatML (`make_context`, default system prompt included), or,
   when `models[].conv_template` is set, FastChat's conversation template of that name;
 - `encode_text(text)`: plain text for /v1/completions, with a BOS where the model needs one;
 - `stop_token_ids`: eos ids of config.json and generation_config.json, the tokenizer's eos, the
   family's turn-end tokens (and the FastChat template's stop ids); `stop_strings`: the template's;
 - `decode(ids)`: answer ids (stop token excluded) to text as the family's chat() decodes them;
-- `postprocess(text)`: what the family's chat() does to the decoded answer.
+- `postprocess(text)`: what the family's chat() does to the decoded answer;
+- `thinking(prompt_ids)`: for a reasoning model, its thinking markers and whether this prompt opened
+  the thinking block (engine/reasoning.py splits the answer by them), else None.
 
 The family data (which format, which tokens) lives in workers/models/families.py.
 """
 from __future__ import annotations
 
+import inspect
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -23,6 +27,7 @@ from typing import Any, Iterable, Mapping
 from transformers import PretrainedConfig
 
 from workers.engine import tool_formats
+from workers.engine.reasoning import Thinking, opened_by_prompt
 from workers.models import families
 from workers.models.families import Family, UnknownFamily, read_json
 
@@ -34,10 +39,23 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
 CONTEXT_KEYS = ("max_position_embeddings", "seq_length", "max_sequence_length", "n_positions", "max_seq_len",
                 "n_ctx", "model_max_length")
 QWEN_DEFAULT_WINDOW = 6144  # make_context's default max_window_size
+# Names apply_chat_template (transformers 4.40) passes to the template itself or takes as its own
+# arguments: a request's chat_template_kwargs may not replace them.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "conversation", "add_generation_prompt", "chat_template", "tokenize", "padding", "truncation",
+    "max_length", "return_tensors", "return_dict", "tokenizer_kwargs", "tools", "documents", "raise_exception",
+    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+    "additional_special_tokens"})
 
 
 class PromptError(ValueError):
     """The messages cannot be rendered in this model's chat format (a client error)."""
+
+    param = "messages"  # the request field at fault
+
+
+class TemplateKwargsError(PromptError):
+    param = "chat_template_kwargs"
 
 
 def _config_dict(folder: Path, config) -> dict:
@@ -124,6 +142,22 @@ def _uses_tools(messages: list[dict], tools) -> bool:
     return bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
 
 
+def checked_template_kwargs(value: Any) -> dict:
+    """A request's chat_template_kwargs, checked: an object whose keys are not names the template
+    machinery sets itself (RESERVED_TEMPLATE_KWARGS). Other keys reach the template as variables; a
+    template that does not read one ignores it (as vLLM and SGLang do)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TemplateKwargsError(f"chat_template_kwargs must be an object like {{\"enable_thinking\": false}} "
+                          f"(got {type(value).__name__})")
+    reserved = sorted(k for k in value if k in RESERVED_TEMPLATE_KWARGS)
+    if reserved:
+        raise TemplateKwargsError(f"chat_template_kwargs may not set {', '.join(reserved)}: the chat template machinery "
+                          f"sets it itself")
+    return dict(value)
+
+
 def _split_system_and_turns(messages: list[dict], fmt: str) -> tuple[str | None, list[dict]]:
     """(system or None, turns) where turns alternate user, assistant, ..., user."""
     system, turns = None, messages
@@ -169,6 +203,8 @@ class ChatFormat:
             self.kind = self.family.prompt
         self.stop_strings: tuple[str, ...] = tuple(s for s in stop_strings if s)
         self.stop_token_ids: frozenset[int] = frozenset(self._stop_ids(extra_stop_ids))
+        self.reasoning = None if conv_template is not None else families.reasoning_markers(
+            self.config, lambda text: token_id(tokenizer, text) is not None, _template_text(tokenizer))
 
     # ------------------------------------------------------------------------------- stops
 
@@ -202,21 +238,25 @@ class ChatFormat:
             return None
         return tool_formats.format_for(self.family, self.tokenizer)
 
-    def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def render(self, messages: list[dict], template_kwargs: Mapping | None = None,
+               tools: list[dict] | None = None) -> list[int]:
         """The prompt token ids for `messages` (the last one from the user, or a tool result), ready for
-        generate(); `tools` ([{"name", "description", "parameters"}]) are offered in the model's own way."""
+        generate(). `template_kwargs` (a request's chat_template_kwargs) reach a chat template as variables;
+        the other formats have no template variables and ignore them. `tools` ([{"name", "description",
+        "parameters"}]) are offered in the model's own way."""
         messages = normalize_messages(messages)
+        kwargs = checked_template_kwargs(template_kwargs)
         if _uses_tools(messages, tools):
-            return self._render_with_tools(messages, tools or None)
+            return self._render_with_tools(messages, tools or None, kwargs)
         if self.conv_template is not None:
             return self._render_fastchat(messages)
         if self.kind == families.PROMPT_CHATGLM3:
             return self._render_chatglm3(messages)
         if self.kind == families.PROMPT_QWEN_CHATML:
             return self._render_qwen(messages)
-        return self._render_chat_template(messages)
+        return self._render_chat_template(messages, kwargs)
 
-    def _render_with_tools(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
+    def _render_with_tools(self, messages: list[dict], tools: list[dict] | None, kwargs: dict) -> list[int]:
         if self.conv_template is not None:
             raise PromptError(f"tools and tool messages need the model's own chat format; FastChat template "
                               f"{self.conv_template!r} (models[].conv_template) has no tool-call format")
@@ -233,21 +273,23 @@ class ChatFormat:
         except ValueError as exc:
             raise PromptError(str(exc)) from None
         takes = tool_formats.template_takes_tools(self.tokenizer)
-        return self._render_chat_template(tool_formats.template_messages(messages, tools, takes),
+        return self._render_chat_template(tool_formats.template_messages(messages, tools, takes), kwargs,
                                           tools=tool_formats._openai_tools(tools) if (takes and tools) else None)
 
-    def _render_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def _render_chat_template(self, messages: list[dict], kwargs: dict | None = None,
+                              tools: list[dict] | None = None) -> list[int]:
         from jinja2 import TemplateError
 
         try:
-            if tools:
+            if tools and "tools" not in inspect.signature(self.tokenizer.apply_chat_template).parameters:
                 # transformers 4.40's apply_chat_template passes no `tools` to the template: render it here as
                 # apply_chat_template does (its compiled template, the special tokens as variables).
                 template = self.tokenizer._compile_jinja_template(self.tokenizer.chat_template)
                 text = template.render(messages=messages, tools=tools, add_generation_prompt=True,
-                                       **self.tokenizer.special_tokens_map)
+                                       **self.tokenizer.special_tokens_map, **(kwargs or {}))
                 return [int(i) for i in self.tokenizer.encode(text, add_special_tokens=False)]
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            extra = {"tools": tools} if tools else {}
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra, **(kwargs or {}))
         except TemplateError as exc:  # e.g. "Conversation roles must alternate user/assistant/..."
             raise PromptError(f"the model's chat template refuses these messages: {exc}") from None
         return [int(i) for i in ids]
@@ -351,11 +393,21 @@ class ChatFormat:
             return text
         return self.family.postprocess_text(text)
 
+    def thinking(self, prompt_ids: list[int]) -> Thinking | None:
+        """How the answer to this rendered chat prompt carries its thinking; None for a model that does not reason."""
+        if self.reasoning is None:
+            return None
+        start, end = self.reasoning.start, self.reasoning.end
+        opened = opened_by_prompt(prompt_ids, token_id(self.tokenizer, start), token_id(self.tokenizer, end),
+                                  lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
+        return Thinking(start, end, opened)
+
     def describe(self) -> str:
         """One line for the worker's log."""
         family = self.family.name if self.family else "unknown family"
         return f"prompt {self.kind} ({family}), stop ids {sorted(self.stop_token_ids)}" + (
-            f", stop strings {list(self.stop_strings)}" if self.stop_strings else "")
+            f", stop strings {list(self.stop_strings)}" if self.stop_strings else "") + (
+            f", thinking {self.reasoning.start}...{self.reasoning.end}" if self.reasoning else "")
 
 
 # ----------------------------------------------------------------------------------- defaults

@@ -6,6 +6,8 @@ serving process.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -51,3 +53,16 @@ def run_quantizer(work) -> int:
         log.error("%s", exc)
         return 3
     return 0
+
+
+def quantizer_cli(quantize_and_save, description: str, settings_help: str, argv: list[str] | None) -> int:
+    """A quantizer child's command line, the same for every runtime:
+    --source DIR --staging DIR --settings JSON [--trust-remote-code]."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--source", type=Path, required=True)
+    parser.add_argument("--staging", type=Path, required=True)
+    parser.add_argument("--settings", required=True, help=settings_help)
+    parser.add_argument("--trust-remote-code", action="store_true")
+    args = parser.parse_args(argv)
+    return run_quantizer(lambda: quantize_and_save(args.source, args.staging, json.loads(args.settings),
+                                                   args.trust_remote_code))

@@ -159,7 +159,7 @@ class ServedModel:
         offered), or a plain text `prompt` (completions), or `prompt_token_ids` given by the client."""
         try:
             if params.get("messages") is not None:
-                return self.chat.render(params["messages"], _tools(params))
+                return self.chat.render(params["messages"], params.get("chat_template_kwargs"), _tools(params))
             if params.get("prompt_token_ids") is not None:
                 ids = params["prompt_token_ids"]
                 if not (isinstance(ids, list) and ids and all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids)):
@@ -169,7 +169,7 @@ class ServedModel:
             if isinstance(params.get("prompt"), str) and params["prompt"]:
                 return self.chat.encode_text(params["prompt"])
         except prompt.PromptError as exc:
-            raise BadRequest(str(exc), "messages") from None
+            raise BadRequest(str(exc), exc.param) from None
         raise BadRequest("give messages, a non-empty prompt, or prompt token ids", "messages")
 
     @property
@@ -219,6 +219,7 @@ class ServedModel:
             logit_bias=logit_bias(params.get("logit_bias"), self.vocab_size),
             seed=_seed(params.get("seed")),
             added_prefix=len(ids) - len(client_ids),
+            thinking=self.chat.thinking(client_ids) if params.get("messages") is not None else None,
         )
         if job.prompt_logprobs is not None and self.engine.no_prompt_logits:
             raise BadRequest(f"model {self.name} {self.engine.no_prompt_logits}", "echo")

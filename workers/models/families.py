@@ -149,6 +149,128 @@ CHAT_TEMPLATE = Family(name="chat_template", prompt=PROMPT_CHAT_TEMPLATE)
 
 FAMILIES: tuple[Family, ...] = (CHATGLM3, QWEN)
 
+# ---------------------------------------------------------------------------------- reasoning
+
+@dataclass(frozen=True)
+class ReasoningMarkers:
+    """How a reasoning model marks its thinking before the answer (workers/engine/reasoning.py splits it).
+
+    A model uses these markers when its config.json model_type is one of `model_types`, its tokenizer
+    has both markers as single tokens and its chat template writes the opening one: the same
+    model_type also names models that do not reason (Qwen2.5 and the R1-Distill-Qwen models are both
+    "qwen2"; their tokenizers and templates tell them apart). Whether the template opens the thinking
+    block in the prompt itself is read from each request's prompt (the R1 distills always do; Qwen3
+    leaves it to the model, and closes an empty block when `enable_thinking` is false).
+    """
+
+    start: str
+    end: str
+    model_types: tuple[str, ...]
+    notes: str = field(default="", compare=False)
+
+
+REASONING_MARKERS: tuple[ReasoningMarkers, ...] = (
+    ReasoningMarkers(
+        start="<think>", end="</think>",
+        # qwen3: Qwen3 dense (<think> 151667, </think> 151668); qwen2: DeepSeek-R1-Distill-Qwen and QwQ
+        # (151648/151649); llama: DeepSeek-R1-Distill-Llama (128013/128014); smollm3: SmolLM3 (128002/128003)
+        model_types=("qwen3", "qwen2", "llama", "smollm3"),
+        notes="R1 distills: the template ends with '<｜Assistant｜><think>\\n'; Qwen3: '<think>\\n\\n</think>\\n\\n' "
+              "when enable_thinking is false; SmolLM3: an empty block unless reasoning mode is /think",
+    ),
+)
+
+
+def reasoning_markers(config: Mapping | PretrainedConfig, has_token, template: str) -> ReasoningMarkers | None:
+    """The reasoning markers this model writes, or None. `has_token(text)`: the tokenizer has it as one
+    token; `template`: its chat template text ("" without one)."""
+    model_type = _get(config, "model_type")
+    for markers in REASONING_MARKERS:
+        if (model_type in markers.model_types and markers.start in template
+                and has_token(markers.start) and has_token(markers.end)):
+            return markers
+    return None
+
+
+# ------------------------------------------------------------------------ files and ModelScope ids
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What a model folder of these model_types needs besides config.json and its weights (the
+    completeness check, workers/models/check.py): tokenizer files, each group a set of alternatives
+    of which one must be there, and a chat template (tokenizer_config.json's `chat_template`, or the
+    chat_template.jinja / chat_template.json files newer transformers versions write)."""
+
+    model_types: tuple[str, ...]
+    tokenizer: tuple[tuple[str, ...], ...]
+    chat_template: bool = True
+
+
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+_FAST_TOKENIZER = (("tokenizer_config.json",), ("tokenizer.json",))
+_FAST_OR_SENTENCEPIECE = (("tokenizer_config.json",), ("tokenizer.json", "tokenizer.model"))
+
+MODEL_FILES: tuple[ModelFiles, ...] = (
+    # byte-level BPE with its tokenizer.json (Qwen2.5/Qwen3/R1-Distill-Qwen also ship vocab.json + merges.txt)
+    ModelFiles(("qwen2", "qwen3", "llama", "glm", "glm4", "smollm3"), _FAST_TOKENIZER),
+    # sentencepiece families: tokenizer.model, and tokenizer.json in their current repositories
+    ModelFiles(("phi3", "gemma", "gemma2", "gemma3", "gemma3_text", "mistral"), _FAST_OR_SENTENCEPIECE),
+)
+
+
+def model_files(config: Mapping | PretrainedConfig) -> ModelFiles | None:
+    model_type = _get(config, "model_type")
+    return next((f for f in MODEL_FILES if model_type in f.model_types), None)
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A ModelScope repository the bundle knows, and the config.json model_type its folder must have."""
+
+    modelscope: str
+    model_type: str
+    notes: str = field(default="", compare=False)
+
+
+# Ids checked against ModelScope references on 2026-12-06 (docs/reasoning-and-current-models.md says how).
+KNOWN_MODELS: tuple[KnownModel, ...] = (
+    KnownModel("ZhipuAI/chatglm3-6b", "chatglm", "seed model"),
+    KnownModel("qwen/Qwen-7B-Chat", "qwen", "seed model"),
+    KnownModel("Qwen/Qwen3-8B", "qwen3", "thinks: <think> ... </think>; enable_thinking switch"),
+    KnownModel("Qwen/Qwen3-4B", "qwen3"),
+    KnownModel("Qwen/Qwen3-1.7B", "qwen3"),
+    KnownModel("Qwen/Qwen3-0.6B", "qwen3"),
+    KnownModel("Qwen/Qwen2.5-7B-Instruct", "qwen2"),
+    KnownModel("Qwen/Qwen2.5-3B-Instruct", "qwen2"),
+    KnownModel("Qwen/Qwen2.5-1.5B-Instruct", "qwen2"),
+    KnownModel("LLM-Research/Meta-Llama-3.1-8B-Instruct", "llama"),
+    KnownModel("LLM-Research/Llama-3.2-3B-Instruct", "llama"),
+    KnownModel("LLM-Research/Llama-3.2-1B-Instruct", "llama"),
+    KnownModel("LLM-Research/Llama-3.3-70B-Instruct", "llama", "too large for one 24 GiB host"),
+    KnownModel("LLM-Research/Phi-3.5-mini-instruct", "phi3"),
+    KnownModel("LLM-Research/phi-4", "phi3"),
+    KnownModel("LLM-Research/gemma-2-9b-it", "gemma2"),
+    KnownModel("LLM-Research/gemma-2-2b-it", "gemma2"),
+    KnownModel("LLM-Research/gemma-3-1b-it", "gemma3_text"),
+    KnownModel("LLM-Research/gemma-3-4b-it", "gemma3", "image-text model; the bundle serves its text"),
+    KnownModel("ZhipuAI/glm-4-9b-chat-hf", "glm"),
+    KnownModel("ZhipuAI/GLM-4-9B-0414", "glm4"),
+    KnownModel("HuggingFaceTB/SmolLM3-3B", "smollm3", "thinks unless the system prompt says /no_think"),
+    KnownModel("LLM-Research/Mistral-7B-Instruct-v0.3", "mistral"),
+    KnownModel("mistralai/Ministral-8B-Instruct-2410", "mistral"),
+    KnownModel("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "qwen2", "thinks; its template opens <think>"),
+    KnownModel("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "qwen2", "thinks; its template opens <think>"),
+    KnownModel("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "llama", "thinks; its template opens <think>"),
+    KnownModel("deepseek-ai/DeepSeek-R1-0528-Qwen3-8B", "qwen3", "thinks"),
+)
+
+
+def known_model(modelscope_id: str) -> KnownModel | None:
+    """The known repository of this id (ModelScope ids are case-insensitive: qwen/ and Qwen/ are one)."""
+    wanted = modelscope_id.lower()
+    return next((m for m in KNOWN_MODELS if m.modelscope.lower() == wanted), None)
+
+
 @dataclass(frozen=True)
 class NeuralSpeedGraph:
     """A model architecture neural-speed (ITREX's own CPU runtime) has a graph for, and what it needs.
@@ -227,6 +349,114 @@ def neural_speed_graph(config: Mapping | PretrainedConfig) -> tuple[NeuralSpeedG
                 return None, f"neural-speed's {graph.module} graph takes at most {max(graph.layer_counts)} layers"
             return graph, ""
     return None, f"neural-speed has no graph the bundle uses for model_type {model_type!r}"
+
+
+# ---------------------------------------------------------------------------------- environments
+
+@dataclass(frozen=True)
+class NewerTransformers:
+    """Model types, or a config.json setting of them, that the pinned transformers (4.40.2) cannot run
+    (it refuses the config, ignores the setting, or does not know the model type): their worker runs
+    in the environment with a newer transformers (workers/config/environments.py)."""
+
+    since: str                               # the first transformers release that runs it
+    model_types: tuple[str, ...]
+    setting: str = ""                        # what in config.json; "" for the model type itself
+    applies: Any = None                      # config -> bool for a setting; None for the model type
+
+
+def _rope_type(config) -> str | None:
+    scaling = _get(config, "rope_scaling") or {}
+    return scaling.get("rope_type") or scaling.get("type") if isinstance(scaling, Mapping) else None
+
+
+def _own_head_dim(config) -> bool:
+    head_dim, hidden, heads = _get(config, "head_dim"), _get(config, "hidden_size"), _get(config, "num_attention_heads")
+    return bool(head_dim and hidden and heads and head_dim * heads != hidden)
+
+
+NEWER_TRANSFORMERS: tuple[NewerTransformers, ...] = (
+    NewerTransformers("4.43", ("llama",), "rope_scaling rope_type llama3 (Llama 3.1 and later)",
+                      lambda c: _rope_type(c) == "llama3"),
+    NewerTransformers("4.43", ("llama", "mistral", "qwen2"), "head_dim other than hidden_size / num_attention_heads "
+                      "(Mistral-Nemo)", _own_head_dim),
+    NewerTransformers("4.41", ("llama",), "mlp_bias: true", lambda c: bool(_get(c, "mlp_bias"))),
+    NewerTransformers("4.41", ("phi3",)),            # Phi-3.5 longrope 4.43, Phi-4-mini partial rotary 4.49
+    NewerTransformers("4.42", ("gemma2",)),
+    NewerTransformers("4.46", ("glm",)),             # glm-4-9b-chat-hf
+    NewerTransformers("4.50", ("gemma3_text",)),
+    NewerTransformers("4.51", ("qwen3", "qwen3_moe")),
+    NewerTransformers("4.51.3", ("glm4",)),          # GLM-4-0414
+    NewerTransformers("4.53", ("smollm3",)),
+)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(".") if p.isdigit())
+
+
+def newer_transformers_needed(config: Mapping | PretrainedConfig) -> tuple[str, str] | None:
+    """(the transformers version this config needs, why) when it is newer than the pinned one, else None.
+
+    From NEWER_TRANSFORMERS; a model type none of it names and the pinned transformers does not know
+    needs a newer one too (its release is not recorded: the newest environment is tried).
+    """
+    from workers.config.environments import PINNED
+
+    model_type = _get(config, "model_type")
+    needs = [(r.since, f"its {r.setting}" if r.setting else f"model_type {model_type!r}")
+             for r in NEWER_TRANSFORMERS if model_type in r.model_types and (r.applies is None or r.applies(config))]
+    if needs:
+        return max(needs, key=lambda n: _version_tuple(n[0]))
+    if _get(config, "auto_map") or not model_type or model_type in pinned_model_types():
+        return None
+    return "", f"model_type {model_type!r} (unknown to transformers {PINNED.transformers})"
+
+
+def pinned_model_types() -> frozenset[str]:
+    """The model types the pinned environment's transformers knows."""
+    return _pinned_model_types()
+
+
+_PINNED_TYPES: frozenset[str] | None = None
+
+
+def _pinned_model_types() -> frozenset[str]:
+    global _PINNED_TYPES
+    if _PINNED_TYPES is None:
+        import subprocess
+
+        from workers.config.environments import PINNED
+
+        code = ("import json; from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES as m; "
+                "print(json.dumps(sorted(m)))")
+        if PINNED.is_this_process():
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+            _PINNED_TYPES = frozenset(CONFIG_MAPPING_NAMES)
+        else:
+            out = subprocess.run([PINNED.python(), "-c", code], capture_output=True, text=True, check=True)
+            _PINNED_TYPES = frozenset(json.loads(out.stdout))
+    return _PINNED_TYPES
+
+
+def environment_for(config: Mapping | PretrainedConfig):
+    """(the Python environment a worker for this config.json runs in, why).
+
+    The pinned one unless the model needs a newer transformers (`newer_transformers_needed`); remote-code
+    models (ChatGLM3-6B, Qwen-7B-Chat) stay pinned: their code breaks on newer transformers.
+    """
+    from workers.config.environments import ENVIRONMENTS, PINNED
+
+    need = newer_transformers_needed(config)
+    if need is None:
+        return PINNED, f"transformers {PINNED.transformers} runs it"
+    since, why = need
+    for env in ENVIRONMENTS:
+        if since and _version_tuple(env.transformers) >= _version_tuple(since):
+            return env, f"{why} needs transformers >= {since}"
+    newest = ENVIRONMENTS[-1]
+    return newest, f"{why}: the newest environment (transformers {newest.transformers}) is tried"
 
 
 NEUTRAL_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0}

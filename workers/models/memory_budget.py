@@ -46,7 +46,8 @@ def kv_bytes_per_token(config: dict) -> int:
         raise UnknownShape(f"config.json lacks {', '.join(missing) or 'num_hidden_layers'}")
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     layers = config.get("num_hidden_layers") or config.get("num_layers")
-    head_dim = config.get("kv_channels") or hidden // heads
+    # chatglm: kv_channels; Qwen3, Gemma: head_dim, which need not be hidden / heads (Qwen3-4B: 128, not 80)
+    head_dim = config.get("kv_channels") or config.get("head_dim") or hidden // heads
     if config.get("multi_query_attention"):
         kv_heads = config["multi_query_group_num"]  # chatglm
     else:

@@ -30,7 +30,7 @@ def prepare(source: Source) -> Path:
 
         return prepare_embedded(model_dir(source))
     folder = model_dir(source)
-    if source.modelscope and model_check.problems(folder):
+    if source.modelscope and model_check.problems(folder, source.modelscope):
         from workers.models.download import DownloadError, check_reachable, download
 
         try:
@@ -41,7 +41,7 @@ def prepare(source: Source) -> Path:
             ) from None
         download(source.modelscope, source.revision, folder, None)
     try:
-        model_check.require_complete(folder)
+        model_check.require_complete(folder, source.modelscope)
     except model_check.IncompleteModel as exc:
         raise SourceNotReady(str(exc)) from None
     return folder

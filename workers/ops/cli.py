@@ -24,6 +24,7 @@ from supervisor.states import ProcessStates
 from workers.config import deployment, hosts, rules, secrets
 from workers.models import sources as model_sources
 from workers.ops import download, supervisor_client, supervisor_conf
+from workers.ops import environments as worker_environments
 from workers.serving import auth
 from workers.config.deployment import DeploymentError
 from workers.config.schema import Deployment
@@ -285,6 +286,14 @@ def cmd_start(args) -> int:
             _say(f"Cannot start: models[{m.program}]: {exc}")
             return 2
         _say(f"  {m.program}: {folders[m.program]} ({m.backend}, {m.threads} thread(s))")
+    environments = worker_environments.for_models(folders)
+    for program, (env, why) in environments.items():
+        if env.name != "pinned":
+            _say(f"  {program}: runs in the '{env.name}' environment ({why})")
+    problem = worker_environments.build_missing([env for env, _ in environments.values()], _say)
+    if problem:
+        _say(f"Cannot start: {problem}")
+        return 2
     if not args.skip_memory_check:
         problem = memory_problem(dep, host)
         if problem:
@@ -295,7 +304,7 @@ def cmd_start(args) -> int:
         _say(f"Cannot start: {problem}")
         return 2
     snapshot = deployment.write_snapshot(dep, args.profile, host=host if hosts.has_hosts(dep) else None)
-    conf = supervisor_conf.write(dep, snapshot, host)
+    conf = supervisor_conf.write(dep, snapshot, host, {p: env.python() for p, (env, _) in environments.items()})
     offsets = _log_sizes(m.program for m in local)
     _say(f"[3/4] starting supervisord ({conf})")
     supervisor_client.start_daemon(conf)

@@ -75,8 +75,12 @@ def command_line(args: list[str]) -> str:
     return shlex.join(args).replace("%", "%%")
 
 
-def render(dep: Deployment, snapshot: Path, python: str | None = None, host: str = hosts.LOCAL) -> str:
+def render(dep: Deployment, snapshot: Path, python: str | None = None, host: str = hosts.LOCAL,
+           worker_pythons: dict[str, str] | None = None) -> str:
+    """`worker_pythons`: program -> the Python of the environment its model needs (environments.py);
+    every other program runs in `python` (this process's own by default)."""
     python = python or sys.executable
+    worker_pythons = worker_pythons or {}
     user, password = credentials()
     logs, run = logs_dir(), run_dir()
     cp = configparser.ConfigParser(interpolation=None)
@@ -93,7 +97,7 @@ def render(dep: Deployment, snapshot: Path, python: str | None = None, host: str
     for name, args in program_commands(dep, snapshot, host).items():
         program = name.split(":")[-1]
         cp[f"program:{program}"] = {
-            "command": command_line([python, *args]),
+            "command": command_line([worker_pythons.get(program, python), *args]),
             "directory": str(run),
             "environment": env,
             "autostart": "true",
@@ -117,6 +121,6 @@ def render(dep: Deployment, snapshot: Path, python: str | None = None, host: str
     return out.getvalue()
 
 
-def write(dep: Deployment, snapshot: Path, host: str = hosts.LOCAL) -> Path:
+def write(dep: Deployment, snapshot: Path, host: str = hosts.LOCAL, worker_pythons: dict[str, str] | None = None) -> Path:
     logs_dir().mkdir(parents=True, exist_ok=True)
-    return write_atomic(conf_path(), render(dep, snapshot, host=host))
+    return write_atomic(conf_path(), render(dep, snapshot, host=host, worker_pythons=worker_pythons))

@@ -13,6 +13,9 @@ rules here cover what they let through:
 - logprobs (chat: `logprobs` true and `top_logprobs` 0..20; completions: `logprobs` 0..5, with `echo` also the
   prompt's), `logit_bias` ({token id: -100..100}; ids the model lacks are the worker's 400) and `seed` (an
   integer) go to the worker; the OpenAI shapes of the logprobs are built here (chat_logprobs, completion_logprobs).
+- `chat_template_kwargs` (chat): an object passed to the model's chat template as variables (Qwen3's
+  `enable_thinking`), as vLLM and SGLang take it; anything else -> 400. The worker refuses keys the
+  template machinery sets itself (messages, add_generation_prompt, bos_token, ...).
 - prompts and embedding inputs: a string, a list of strings, a list of token ids or a list of lists of token
   ids (decoded by the worker with the model's own tokenizer); empty, `[{}]`, `[null]` -> 400.
 - sampling fields the client leaves out are sent as null: the worker applies the model's defaults.
@@ -90,6 +93,7 @@ class ChatPlan:
     protocol: ChatCompletionRequest
     logprobs: Optional[int] = None  # None: no logprobs; else top logprobs per token
     tools: tool_calls.ToolPlan = field(default_factory=tool_calls.ToolPlan)
+    template_kwargs: dict = field(default_factory=dict)  # chat_template_kwargs, for the worker
 
 
 @dataclass
@@ -130,6 +134,11 @@ class ChatLogprobs(pydantic.BaseModel):
     """Chat's logprob fields (FastChat's ChatCompletionRequest has none)."""
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
+
+
+class ChatExtras(Extras):
+    """Chat fields FastChat's protocol model does not have."""
+    chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -421,7 +430,7 @@ def chat_request(body: dict) -> ChatPlan:
     tools = tool_calls.plan(body)
     protocol = validate(ChatCompletionRequest, {**body, "messages": [{"role": m["role"], "content": m["content"]}
                                                                     for m in messages]})
-    extras = validate(Extras, body)
+    extras = validate(ChatExtras, body)
     s = sampling(body, protocol, extras)
     if extras.max_completion_tokens is not None:
         check_range("max_completion_tokens", extras.max_completion_tokens, 1)
@@ -431,7 +440,7 @@ def chat_request(body: dict) -> ChatPlan:
         s.max_tokens = extras.max_completion_tokens
     stream = bool(protocol.stream)
     return ChatPlan(model, messages, s, _n(protocol), stream, _include_usage(extras, stream), protocol,
-                    chat_logprobs_asked(body), tools)
+                    chat_logprobs_asked(body), tools, dict(extras.chat_template_kwargs or {}))
 
 
 def completion_request(body: dict) -> CompletionPlan:
@@ -524,7 +533,8 @@ def fastchat_prompt(conv: dict, messages: list[dict]) -> str:
 def worker_payload(model: str, s: Sampling, *, max_new_tokens: Optional[int], request_id: str,
                    messages: list[dict] | None = None, prompt: str | None = None,
                    prompt_token_ids: list[int] | None = None, logprobs: Optional[int] = None,
-                   prompt_logprobs: Optional[int] = None, choice: int = 0, extra: dict | None = None) -> dict:
+                   prompt_logprobs: Optional[int] = None, choice: int = 0, extra: dict | None = None,
+                   template_kwargs: dict | None = None) -> dict:
     """The JSON for /worker_generate_stream (see the contract in workers/serving/api_server.py). `echo` is
     always false: the API echoes the prompt itself. With a seed, the `choice`-th of n answers is drawn with
     seed + choice: n answers differ, and each repeats."""
@@ -539,6 +549,8 @@ def worker_payload(model: str, s: Sampling, *, max_new_tokens: Optional[int], re
     payload.update({k: v for k, v in asked.items() if v is not None})  # absent: none asked
     if messages is not None:
         payload["messages"] = messages
+    if template_kwargs:
+        payload["chat_template_kwargs"] = template_kwargs
     if prompt is not None:
         payload["prompt"] = prompt
     if prompt_token_ids is not None:
@@ -565,6 +577,34 @@ class TextDeltas:
             return ""
         delta, self.sent = shown[len(self.sent):], shown
         return delta
+
+
+class AnswerDeltas:
+    """The new parts of a chat answer, chunk by chunk: `content` and, for a reasoning model (the worker sends
+    `reasoning_content` and `content`, workers/engine/reasoning.py), `reasoning_content`, in that order."""
+
+    FIELDS = ("reasoning_content", "content")
+
+    def __init__(self) -> None:
+        self.deltas = {name: TextDeltas() for name in self.FIELDS}
+
+    def feed(self, chunk: dict, final: bool = False) -> list[dict]:
+        """The deltas ({"reasoning_content": ...} then {"content": ...}) this chunk adds."""
+        out = []
+        for name, value in message_fields(chunk).items():
+            delta = self.deltas[name].feed(value or "", final)
+            if delta:
+                out.append({name: delta})
+        return out
+
+
+def message_fields(chunk: dict) -> dict:
+    """A worker chunk's answer as the message fields: {"content"} or, for a reasoning model, also
+    {"reasoning_content"} (first; null when the model did not think)."""
+    if "content" in chunk and "reasoning_content" in chunk:
+        return {"reasoning_content": str(chunk["reasoning_content"] or "") or None,
+                "content": str(chunk["content"] or "")}
+    return {"content": str(chunk.get("text") or "")}
 
 
 class Usage:

@@ -29,7 +29,8 @@ non-streaming requests alike, so a client that goes away always closes the worke
      chat only: "tools": [{"name", "description", "parameters"}] (rendered in the model's own tool protocol),
      "tool_choice": "auto" | "none" | "required" | {"name"}, "response_format": {"type": "json_object"} |
      {"type": "json_schema", "schema"}; messages may then hold assistant "tool_calls" [{"id", "name",
-     "arguments"}] and "tool" messages (workers/serving/tool_calls.py)}
+     "arguments"}] and "tool" messages (workers/serving/tool_calls.py),
+     "chat_template_kwargs": {...} (chat, when the client gives it: variables of the model's chat template)}
 
 Chat requests also carry FastChat's `prompt`, built from the worker's /worker_get_conv_template, for FastChat's
 own worker; a worker that reads `messages` ignores it. The worker answers HTTP 400/429/503 with
@@ -40,7 +41,9 @@ total_tokens}, "finish_reason": null | "stop" | "length", with logprobs asked al
 "prompt_logprobs": [entry]; an entry is {"id", "token", "bytes", "logprob", "top": [{"id", "token", "bytes",
 "logprob"}]}, the logprob the model's log-softmax of its raw logits (null for a prompt's first token); with
 tools, the last chunk's "tool_calls": [{"name", "arguments"}] are the calls read from the answer and its "text"
-what else the answer said}.
+what else the answer said; for a reasoning model's chat answer also
+"reasoning_content" and "content" (the text split at its thinking markers, workers/engine/reasoning.py;
+the answer's message gets both, a stream sends reasoning_content deltas, then content deltas)}.
 Closing the connection cancels the request.
 Embeddings: POST /worker_get_embeddings {"model", "input": [str | [int]], "encoding_format"} ->
 {"embedding": [...], "token_num": int} or {"error_code", "text"}.
@@ -57,18 +60,18 @@ import shortuuid
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials
 from fastchat.protocol.openai_api_protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                                    CompletionResponse, CompletionResponseChoice, EmbeddingsRequest,
                                                    EmbeddingsResponse, UsageInfo)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from workers.config import secrets
-from workers.serving import api_policy, errors, launch, tool_calls
+from workers.config import hosts, secrets
+from workers.serving import api_policy, errors, launch, placement, tool_calls
 from workers.serving.api_metrics import Metrics, MetricsMiddleware
-from workers.serving.api_policy import TextDeltas, Usage, finish_reason, sse
+from workers.serving.api_policy import AnswerDeltas, TextDeltas, Usage, finish_reason, message_fields, sse
 from workers.serving.errors import ApiError
+from workers.serving.fastchat_compat import WorkerUnavailable
 from workers.serving.worker_client import (DEFAULT_FIRST_CHUNK_TIMEOUT_S, Upstream, all_or_nothing,
                                            unless_disconnected)
 
@@ -77,7 +80,6 @@ log = logging.getLogger("api_server")
 PREFILL_ALLOWANCE_S = 600.0  # beyond the worker's own queue timeout, before the API gives up on a first chunk
 EMBEDDING_BATCH = 4  # inputs per /worker_get_embeddings call (FastChat's WORKER_API_EMBEDDING_BATCH_SIZE)
 REPLACED_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/engines/{model_name}/embeddings"}
-OPEN_ROUTES = {"/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 
 
 async def _next_or_none(chunks):
@@ -132,15 +134,17 @@ class StreamLogprobs:
 class BundleApi:
     """The bundle's handlers, bound to one deployment, one upstream client and one metrics registry."""
 
-    def __init__(self, api_module, dep=None):
+    def __init__(self, api_module, dep=None, http_options: dict | None = None):
         self.settings = api_module.app_settings
-        self.configure(dep)
         self.registered: set[str] = set()
-        self.upstream = Upstream(lambda: self.settings.controller_address)
+        self.upstream = Upstream(lambda: self.settings.controller_address, http_options)
+        self.configure(dep)
         self.metrics = Metrics()
 
     def configure(self, dep) -> None:
         self.specs = {name: m for m in dep.models for name in m.names} if dep is not None else {}
+        # with hosts: errors for a model whose host is away name model and host
+        self.not_registered, self.upstream.unavailable = placement.outage_errors(dep)
 
     # --- shared steps ------------------------------------------------------------------------------------
     def first_chunk_timeout(self, model: str) -> float:
@@ -162,12 +166,12 @@ class BundleApi:
         self.registered = set(served)
         if model not in served:
             if model in self.specs:
-                raise errors.not_registered(model)
+                raise self.not_registered(model)
             raise api_policy.unknown_model(model, sorted(set(served) | set(self.specs)))
         self.metrics.started(request, model)
         addr = await self.upstream.worker_address(model)
         if not addr:
-            raise errors.not_registered(model)
+            raise self.not_registered(model)
         return addr
 
     async def generate(self, request: Request, model: str, addr: str, payload: dict) -> dict:
@@ -246,35 +250,44 @@ class BundleApi:
                         first = await _next_or_none(chunks)  # it carries the prompt's logprobs
                     yield sse(api_policy.completion_chunk(id_, created, model, index, echoed, include_usage=include_usage,
                                                           logprobs=logprobs.prompt(first)))
-                deltas, last, first_text_at = TextDeltas(), None, None
+                deltas, answer, last, first_text_at = TextDeltas(), AnswerDeltas(), None, None
                 async for chunk in with_first(first, chunks):
                     last = chunk
                     logprobs.add(chunk)
                     if held:
                         continue
-                    delta = deltas.feed(str(chunk.get("text") or ""), final=chunk.get("finish_reason") is not None)
-                    if not delta:
+                    final = chunk.get("finish_reason") is not None
+                    if kind == "chat":
+                        new = answer.feed(chunk, final)
+                    else:
+                        new = [delta] if (delta := deltas.feed(str(chunk.get("text") or ""), final)) else []
+                    if not new:
                         continue
                     if first_text_at is None:
                         first_text_at = time.monotonic()
                         self.metrics.ttft.labels(model).observe(first_text_at - t0)
-                    if kind == "chat":
-                        yield sse(api_policy.chat_chunk(id_, created, model, index, {"content": delta},
-                                                        include_usage=include_usage, logprobs=logprobs.take()))
-                    else:
-                        yield sse(api_policy.completion_chunk(id_, created, model, index, delta,
-                                                              include_usage=include_usage, logprobs=logprobs.take()))
+                    for k, delta in enumerate(new):
+                        taken = logprobs.take() if k == len(new) - 1 else None  # the chunk's tokens, once
+                        if kind == "chat":
+                            yield sse(api_policy.chat_chunk(id_, created, model, index, delta,
+                                                            include_usage=include_usage, logprobs=taken))
+                        else:
+                            yield sse(api_policy.completion_chunk(id_, created, model, index, delta,
+                                                                  include_usage=include_usage, logprobs=taken))
                 if last is None:
                     raise ApiError(errors.WORKER_ERROR, f"the model worker at {addr} ended the answer without output")
-                tail = deltas.feed(str(last.get("text") or ""), final=True)
                 finish = finish_reason(last.get("finish_reason"))
                 if kind == "chat":
                     if held and first_text_at is None:
                         first_text_at = time.monotonic()
                         self.metrics.ttft.labels(model).observe(first_text_at - t0)
-                    if tail or logprobs.pending:
-                        yield sse(api_policy.chat_chunk(id_, created, model, index, {"content": tail},
-                                                        include_usage=include_usage, logprobs=logprobs.take()))
+                    rest = answer.feed(last, final=True)
+                    if not rest and logprobs.pending:
+                        rest = [{"content": ""}]
+                    for k, delta in enumerate(rest):
+                        taken = logprobs.take() if k == len(rest) - 1 else None
+                        yield sse(api_policy.chat_chunk(id_, created, model, index, delta, include_usage=include_usage,
+                                                        logprobs=taken))
                     calls = last.get("tool_calls") if held else None
                     if calls:
                         for delta in tool_calls.deltas(calls, tools):
@@ -283,6 +296,7 @@ class BundleApi:
                         finish = "function_call" if tools.legacy else "tool_calls"
                     yield sse(api_policy.chat_chunk(id_, created, model, index, {}, finish, include_usage=include_usage))
                 else:
+                    tail = deltas.feed(str(last.get("text") or ""), final=True)
                     yield sse(api_policy.completion_chunk(id_, created, model, index, tail, finish,
                                                           include_usage=include_usage, logprobs=logprobs.take()))
                 usage.add(prompt_key, last.get("usage"))
@@ -314,12 +328,14 @@ class BundleApi:
         prompt = api_policy.fastchat_prompt(conv, plan.messages)
         context_len = await self.upstream.context_length(addr, plan.model)
         extra = plan.tools.worker_fields()
-        prompt_tokens = await self.upstream.count_tokens(addr, plan.model, prompt, plan.messages, extra)
+        prompt_tokens = await self.upstream.count_tokens(addr, plan.model, prompt, plan.messages, plan.template_kwargs,
+                                                         extra)
         max_new = api_policy.max_new_tokens(plan.sampling.max_tokens, context_len, prompt_tokens, plan.model)
         id_ = f"chatcmpl-{shortuuid.random()}"
         jobs = [(0, api_policy.worker_payload(plan.model, plan.sampling, max_new_tokens=max_new,
                                               request_id=f"{id_}-{i}", messages=plan.messages, prompt=prompt,
-                                              logprobs=plan.logprobs, choice=i, extra=extra), "")
+                                              logprobs=plan.logprobs, choice=i, extra=extra,
+                                              template_kwargs=plan.template_kwargs), "")
                 for i in range(plan.n)]
         if plan.stream:
             return await self.stream(request, plan.model, addr, jobs, id_, "chat", plan.include_usage, plan.tools)
@@ -328,15 +344,16 @@ class BundleApi:
         choices = []
         for i, r in enumerate(results):
             usage.add(0, r.get("usage"))
-            message, called = tool_calls.message(str(r.get("text") or ""), r.get("tool_calls"), plan.tools)
-            choices.append({"index": i, "message": message, "logprobs": None,
+            fields = message_fields(r)
+            message, called = tool_calls.message(fields["content"], r.get("tool_calls"), plan.tools)
+            message.update({k: v for k, v in fields.items() if k != "content"})  # reasoning_content (DeepSeek's shape)
+            choices.append({"index": i, "message": message,
+                            "logprobs": (api_policy.chat_logprobs(r["logprob_entries"]) if plan.logprobs is not None
+                                         else None),
                             "finish_reason": called or finish_reason(r.get("finish_reason"))})
         self.metrics.tokens(plan.model, usage.prompt_tokens, usage.completion)
-        for choice, r in zip(choices, results):
-            choice["logprobs"] = (api_policy.chat_logprobs(r["logprob_entries"]) if plan.logprobs is not None
-                                  else None)
         body = ChatCompletionResponse(id=id_, model=plan.model, choices=[], usage=UsageInfo(**usage.as_dict())).model_dump()
-        body["choices"] = choices  # FastChat's choice model has neither tool_calls nor logprobs
+        body["choices"] = choices  # FastChat's choice model has no tool_calls, logprobs or reasoning_content
         return JSONResponse(body)
 
     # --- /v1/completions ---------------------------------------------------------------------------------
@@ -454,14 +471,15 @@ def _inline_refs(schema):
     return walk(schema)
 
 
-def install(api_module, dep=None) -> BundleApi:
-    """Make FastChat's openai_api_server app (module passed in) the bundle's API; returns the handlers."""
+def install(api_module, dep=None, http_options: dict | None = None) -> BundleApi:
+    """Make FastChat's openai_api_server app (module passed in, fastchat_compat.apply_api done) the bundle's API;
+    returns the handlers. `http_options`: auth.httpx_options for the calls to the controller and workers."""
     app = api_module.app
     existing = getattr(app.state, "bundle_api", None)
     if existing is not None:  # installed already (tests): only the deployment changes
         existing.configure(dep)
         return existing
-    bundle = app.state.bundle_api = BundleApi(api_module, dep)
+    bundle = app.state.bundle_api = BundleApi(api_module, dep, http_options)
 
     async def check_api_key(auth: Optional[HTTPAuthorizationCredentials] = Depends(api_module.get_bearer_token)):
         keys = bundle.settings.api_keys
@@ -476,6 +494,9 @@ def install(api_module, dep=None) -> BundleApi:
 
     async def on_api_error(request: Request, exc: ApiError):
         return exc.response()
+
+    async def on_fetch_unavailable(request: Request, exc: WorkerUnavailable):  # FastChat's own /v1/models
+        return bundle.upstream.unavailable(exc.url, exc.exc).response()
 
     async def on_validation_error(request: Request, exc: RequestValidationError):
         return errors.from_validation(list(exc.errors())).response()
@@ -500,7 +521,8 @@ def install(api_module, dep=None) -> BundleApi:
         return ApiError(errors.INTERNAL, f"internal error: {type(exc).__name__}: {exc}").response()
 
     app.dependency_overrides[api_module.check_api_key] = check_api_key
-    for exc_class, handler in ((ApiError, on_api_error), (RequestValidationError, on_validation_error),
+    for exc_class, handler in ((ApiError, on_api_error), (WorkerUnavailable, on_fetch_unavailable),
+                               (RequestValidationError, on_validation_error),
                                (StarletteHTTPException, on_http_exception), (errors.ClientDisconnected, on_client_gone),
                                (Exception, on_unexpected)):
         app.add_exception_handler(exc_class, handler)
@@ -510,7 +532,7 @@ def install(api_module, dep=None) -> BundleApi:
                             if not (getattr(r, "path", "").startswith("/api/") or getattr(r, "path", "") in REPLACED_ROUTES)]
     keyed = [Depends(api_module.check_api_key)]
     for path, endpoint, models in (
-            ("/v1/chat/completions", bundle.chat_completions, (ChatCompletionRequest, api_policy.Extras)),
+            ("/v1/chat/completions", bundle.chat_completions, (ChatCompletionRequest, api_policy.ChatExtras)),
             ("/v1/completions", bundle.completions, (CompletionRequest, api_policy.Extras)),
             ("/v1/embeddings", bundle.embeddings, (EmbeddingsRequest,)),
             ("/v1/engines/{model_name}/embeddings", bundle.engine_embeddings, (EmbeddingsRequest,))):
@@ -527,19 +549,6 @@ def install(api_module, dep=None) -> BundleApi:
     return bundle
 
 
-def unguarded_routes(app, api_module) -> list[str]:
-    """Routes that answer without the API-key check, other than the open ones (health, metrics, docs)."""
-    found = []
-    for route in app.routes:
-        path = getattr(route, "path", "")
-        if path in OPEN_ROUTES:
-            continue
-        deps = [d.call for d in getattr(getattr(route, "dependant", None), "dependencies", [])]
-        if not isinstance(route, APIRoute) or api_module.check_api_key not in deps:
-            found.append(path)
-    return found
-
-
 def main(argv: list[str] | None = None) -> int:
     args = launch.parser(__doc__).parse_args(argv)
     dep, _ = launch.settings(args)
@@ -549,18 +558,17 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start the API server: %s", exc)
         return 2
 
-    from workers.serving import auth, fastchat_compat, placement
-
-    fastchat_compat.apply_api()
     import uvicorn
-    from fastchat.serve import openai_api_server as fastchat_api
 
+    from workers.serving import auth, fastchat_compat
+
+    secret = auth.secret(dep)
+    # FastChat's own calls (/v1/models) carry the worker secret too
+    fastchat_api = fastchat_compat.apply_api(auth.AiohttpShim(secret), auth.CONNECT_TIMEOUT_S)
     controller = launch.controller_url(dep)
     fastchat_api.app_settings.controller_address = controller
     fastchat_api.app_settings.api_keys = keys or None
-    install(fastchat_api, dep)
-    auth.install_api(fastchat_api, dep)  # calls to the controller and workers carry the worker secret
-    placement.install_api(dep)  # with hosts: errors for a model whose host is away name model and host
+    install(fastchat_api, dep, auth.httpx_options(secret, hosts.several(dep)))
     log.info("API on http://%s:%d/v1, controller %s, %s", dep.api.host, dep.api.port, controller,
              f"{len(keys)} API key(s) required" if keys else "no API key required")
     uvicorn.run(fastchat_api.app, host=launch.bind_address(dep, "api"), port=dep.api.port, log_level="info")

@@ -6,26 +6,21 @@ worker secret (see workers/config/secrets.py), every call between controller, wo
 and web UI carries it in the header X-Bundle-Worker-Secret, and the controller and the workers
 answer 401 to a call without it. Without a secret (allowed on one host only) nothing is checked.
 
-One hook per process, each called before its server starts:
-
-    install_controller(fastchat.serve.controller, dep)   controller -> worker status calls; its app
-    install_worker(dep, app)                             worker -> register, heartbeat; its app
-    install_api(fastchat.serve.openai_api_server, dep)   API -> controller, worker (worker_client, fetch_remote)
-    install_web(fastchat.serve.gradio_web_server, dep)   web -> controller, worker (and web_chat)
-    client(dep)                                          the bundle CLI, tests
+Each program, before its server starts, takes `secret(dep)`, requires it on its app (`install_server`) and
+gives its callers the clients made here: FastChat's modules get RequestsShim / AiohttpShim through
+workers/serving/fastchat_compat.py; the bundle's own callers take them as arguments (the API's Upstream
+takes `httpx_options`, the web chat a RequestsShim); the bundle CLI and tests use `client(dep)`.
 
 The clients also get a connect timeout (CONNECT_TIMEOUT_S): FastChat's own calls have none or
 a long one, so a call to a host whose link is down waited for the kernel's SYN retries (about 2
 minutes) instead of failing over to a clear 503.
 
-Calls are patched per module (the module's own `requests`/`aiohttp` global, the API's httpx
-client), never process-wide, so the secret goes only where the bundle's programs call each other.
+Nothing is patched process-wide, so the secret goes only where the bundle's programs call each other.
 """
 from __future__ import annotations
 
 import hmac
 import logging
-import time
 from urllib.parse import urlsplit
 
 import requests
@@ -137,90 +132,16 @@ def client(dep) -> RequestsShim:
     return RequestsShim(secrets.worker_secret(dep), who="bundle CLI")
 
 
-# -- per-process hooks ----------------------------------------------------------------------
+# -- calling side: the API server's clients ----------------------------------------------------
 
-def install_worker(dep, app) -> str | None:
-    """In a model worker, before it registers and serves `app` (its FastAPI app): registration and
-    heartbeats (FastChat's BaseModelWorker) carry the secret, a refused registration logs a clear
-    line and retries, and `app` requires the secret."""
-    from fastchat.serve import base_model_worker
-
-    value = secret(dep)
-    base_model_worker.requests = RequestsShim(value, who="worker")
-    cls = base_model_worker.BaseModelWorker
-    inner = cls.register_to_controller
-    if not getattr(inner, "_bundle_refusal", False):
-        def register_to_controller(self):
-            attempt = 0
-            while True:
-                try:
-                    return inner(self)
-                except RegistrationRefused as exc:
-                    attempt += 1
-                    log.error("%s (HTTP 401, attempt %d); this worker is not registered. Give every host the same "
-                              "worker secret; retrying in %.0f s", exc, attempt, REFUSED_RETRY_S)
-                    time.sleep(REFUSED_RETRY_S)
-
-        register_to_controller._bundle_refusal = True
-        register_to_controller._bundle_retry = getattr(inner, "_bundle_retry", False)
-        cls.register_to_controller = register_to_controller
-    install_server(app, value)
-    return value
-
-
-def install_controller(controller_module, dep) -> str | None:
-    """In the controller (fastchat.serve.controller imported, not run with runpy): its status
-    calls to workers carry the secret; its app requires it."""
-    value = secret(dep)
-    controller_module.requests = RequestsShim(value, who="controller")
-    install_server(controller_module.app, value)
-    return value
-
-
-def install_api(api_module, dep) -> str | None:
-    """In the API server, before it serves: its calls to the controller and the workers carry the
-    secret, and a 401 from them is answered as a clear 503 rather than passed on (the client's API
-    key is not what was refused).
-
-    - the bundle's handlers: the pooled httpx client of workers/serving/worker_client.Upstream
-      (secret header, a connect timeout and a response hook on the client when it is created; with several hosts,
-      `Connection: close`, so every call opens a connection and a vanished host fails its connect);
-    - FastChat's own /v1/models handler: `fetch_remote`'s aiohttp session (the module's `aiohttp`
-      global is replaced; its connect timeout bounded)."""
-    import aiohttp
-
-    from workers.serving import worker_client
-
-    from workers.config import hosts
-
-    value = secret(dep)
-    # Across hosts, no pooled keep-alive connections: a call reusing one to a host whose link is
-    # down waits for its read timeout (60 s for a token count, minutes for a first chunk), while
-    # a new connection fails after CONNECT_TIMEOUT_S, so the client gets its 503 in seconds.
-    fresh_connections = hosts.several(dep)
-    original = worker_client.Upstream.http.fget
-    if getattr(original, "_bundle_auth", False):  # installed before (tests): only the secret changes
-        original = original._bundle_original
-
-    def http(self):
-        client = original(self)
-        if getattr(client, "_bundle_secret", None) != value:
-            client.headers.pop(HEADER, None)
-            client.headers.update(headers(value))
-            if _httpx_refused not in client.event_hooks.get("response", []):
-                client.event_hooks = {"request": [*client.event_hooks.get("request", []), _bounded_connect],
-                                      "response": [*client.event_hooks.get("response", []), _httpx_refused]}
-            if fresh_connections:
-                client.headers["Connection"] = "close"
-            client._bundle_secret = value
-        return client
-
-    http._bundle_auth, http._bundle_original = True, original
-    worker_client.Upstream.http = property(http)
-    api_module.fetch_timeout = aiohttp.ClientTimeout(total=api_module.fetch_timeout.total,
-                                                     sock_connect=CONNECT_TIMEOUT_S)
-    api_module.aiohttp = _AiohttpShim(value)
-    return value
+def httpx_options(secret: str | None, fresh_connections: bool) -> dict:
+    """Keyword arguments for the API server's pooled httpx client (workers/serving/worker_client.Upstream): the
+    secret on every call, a bounded connect, and a 401 from a worker or the controller raised as a clear 503 (the
+    client's API key is not what was refused). `fresh_connections` (several hosts): no pooled keep-alive
+    connections, since a call reusing one to a host whose link is down waits for its read timeout (60 s for a
+    token count, minutes for a first chunk), while a new connection fails after CONNECT_TIMEOUT_S."""
+    return {"headers": {**headers(secret), **({"Connection": "close"} if fresh_connections else {})},
+            "event_hooks": {"request": [_bounded_connect], "response": [_httpx_refused]}}
 
 
 def _refused_error(url, who: str = "API server"):
@@ -245,7 +166,7 @@ async def _httpx_refused(response) -> None:
         raise _refused_error(response.request.url)
 
 
-class _AiohttpShim:
+class AiohttpShim:
     """Stands in for `aiohttp` inside openai_api_server: sessions send the secret, and a 401 raises
     a clear 503 instead of FastChat's error string."""
 
@@ -268,14 +189,3 @@ class _AiohttpShim:
 async def _aiohttp_refused(response) -> None:
     if response.status == 401:
         raise _refused_error(response.url)
-
-
-def install_web(web_module, dep) -> str | None:
-    """In the web UI: FastChat's gradio_web_server (controller calls: model list, worker address)
-    and the bundle's web_chat (worker stream, cancel) send the secret and a connect timeout."""
-    from workers.serving import web_chat
-
-    value = secret(dep)
-    web_module.requests = RequestsShim(value, who="web UI")
-    web_chat.requests = RequestsShim(value, who="web UI")
-    return value

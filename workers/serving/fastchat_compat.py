@@ -1,39 +1,51 @@
-"""FastChat 0.2.36 compatibility patches, all in one place. Each has a test (tests/unit/test_fastchat_compat.py,
-or with real processes in tests/integration/).
+"""Every patch of FastChat 0.2.36, in one place: each names the upstream behaviour it corrects and has a test that
+fails without it (tests/unit/test_fastchat_compat.py). The bundle's own code is never patched: what a patch needs
+from it (the worker-secret clients of workers/serving/auth.py) is passed in.
 
-apply() is idempotent and is called by every bundle entry point before FastChat serves anything; the API
-server also calls apply_api().
+One entry point per program, called before FastChat serves anything; each is idempotent (a patched function is
+wrapped once however often it is called):
 
-1. stream_json_pydantic2: openai_api_server streams `chunk.json(exclude_unset=True, ensure_ascii=False)`;
-   pydantic 2 rejects `ensure_ascii` ("`dumps_kwargs` keyword arguments are no longer supported"),
-   the TypeError escapes the generator and streaming responses arrive with empty bodies.
-2. smollm2_template: FastChat has no conversation template for SmolLM2; register one whose prompt
-   is byte-identical to the tokenizer's own ChatML chat template, and an adapter that selects it.
-3. register_retry: the worker's first registration is a bare `requests.post` and kills the worker
-   when the controller is not up yet (supervisord starts all programs at once); retry with a log line.
-4. worker_unavailable (apply_api): when the controller or a worker does not answer, FastChat's API answers a
-   bare "500 Internal Server Error". Its `fetch_remote` (still used by /v1/models) raises errors.ApiError
-   503 naming the address instead. The bundle's own generation handlers (api_server.py) answer the same
-   503 before a stream starts, and end a stream under way with an `error` event clients raise.
-5. usage_length_count: inference.generate_stream reports `completion_tokens = i`, the last loop
-   index, so an answer cut off at max_tokens=N reports N-1 tokens. Count the last token too.
+    apply_worker(requests_shim)                                  a model worker
+    apply_controller(requests_shim, expiry_check_s) -> Controller    the controller
+    apply_api(aiohttp_shim, connect_timeout_s)                   the API server
+
+(The web UI uses no FastChat code: workers/serving/web_chat.py talks to the controller and the workers.)
+
+The patches:
+1. stream_json_pydantic2 (API): openai_api_server streams `chunk.json(exclude_unset=True, ensure_ascii=False)`;
+   pydantic 2 rejects `ensure_ascii` ("`dumps_kwargs` keyword arguments are no longer supported"), the TypeError
+   escapes the generator and streaming responses arrive with empty bodies.
+2. module_requests (worker, controller): FastChat's modules call each other with their module's own
+   `requests` global: no header can be added (the worker secret) and no connect timeout is set (a call to a host
+   whose link is down waits for the kernel's SYN retries, about 2 minutes). That global becomes the bundle's
+   RequestsShim in each module, never process-wide.
+3. controller_expiry (controller): the controller drops silent workers only every CONTROLLER_HEART_BEAT_EXPIRATION
+   (90 s), so a vanished host's models stayed listed for up to twice that: check every `expiry_check_s`.
+4. controller_daemon_thread (controller): its expiry thread is not a daemon, so after a SIGTERM the process waited
+   for it until supervisord's SIGKILL.
+5. worker_unavailable (API): when the controller or a worker does not answer, FastChat's `fetch_remote` (still
+   used by /v1/models) lets the aiohttp error escape: a bare "500 Internal Server Error". It raises
+   WorkerUnavailable instead, which the API answers as 503 naming the address (api_server.install).
+6. api_aiohttp (API): `fetch_remote` opens its aiohttp sessions through the module's `aiohttp` global, without
+   the worker secret and with only a total timeout: the bundle's AiohttpShim, and a bounded connect.
 """
 from __future__ import annotations
 
-import logging
+import functools
+import threading
 import time
+from types import SimpleNamespace
 
-import requests
+CONTROLLER_DISPATCH = "shortest_queue"  # FastChat's default
 
-from workers.serving import errors
 
-log = logging.getLogger("fastchat_compat")
+def _wrapped_once(function) -> bool:
+    return getattr(function, "_bundle_patch", False)
 
-SMOLLM2_TEMPLATE = "smollm2"
-SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-REGISTER_RETRY_SECONDS = 2.0
 
-_applied = False
+def _mark(function):
+    function._bundle_patch = True
+    return function
 
 
 def _patch_stream_json_pydantic2() -> None:
@@ -50,127 +62,65 @@ def _patch_stream_json_pydantic2() -> None:
                 obj.json = json_compat
 
 
-def _register_smollm2_template() -> None:
-    from fastchat.conversation import Conversation, SeparatorStyle, conv_templates, register_conv_template
-    from fastchat.model.model_adapter import BaseModelAdapter, model_adapters, register_model_adapter
+class WorkerUnavailable(Exception):
+    """fetch_remote found no one at `url` (the API answers 503 naming it)."""
 
-    if SMOLLM2_TEMPLATE in conv_templates:
-        return
-    register_conv_template(
-        Conversation(
-            name=SMOLLM2_TEMPLATE,
-            system_template="<|im_start|>system\n{system_message}",
-            system_message=SMOLLM2_DEFAULT_SYSTEM,
-            roles=("<|im_start|>user", "<|im_start|>assistant"),
-            sep_style=SeparatorStyle.CHATML,
-            sep="<|im_end|>",
-            stop_str="<|im_end|>",
-            stop_token_ids=[0, 2],  # <|endoftext|>, <|im_end|>
-        )
-    )
-
-    class SmolLM2Adapter(BaseModelAdapter):
-        def match(self, model_path: str) -> bool:
-            return "smollm2" in model_path.lower()
-
-        def get_default_conv_template(self, model_path: str):
-            from fastchat.conversation import get_conv_template
-
-            return get_conv_template(SMOLLM2_TEMPLATE)
-
-    register_model_adapter(SmolLM2Adapter)
-    # register_model_adapter appends after the catch-all BaseModelAdapter; put ours first so a
-    # path like ".../smollm2-135m-instruct" is not claimed by a broader adapter.
-    model_adapters.insert(0, model_adapters.pop())
-
-
-def _patch_register_retry() -> None:
-    from fastchat.serve import base_model_worker
-
-    original = base_model_worker.BaseModelWorker.register_to_controller
-    if getattr(original, "_bundle_retry", False):
-        return
-
-    def register_with_retry(self):
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return original(self)
-            except (requests.exceptions.RequestException, AssertionError) as exc:
-                log.warning(
-                    "controller at %s is not reachable yet (attempt %d: %s); retrying in %.0f s",
-                    self.controller_addr, attempt, type(exc).__name__, REGISTER_RETRY_SECONDS,
-                )
-                time.sleep(REGISTER_RETRY_SECONDS)
-
-    register_with_retry._bundle_retry = True
-    base_model_worker.BaseModelWorker.register_to_controller = register_with_retry
-
-
-class WorkerUnavailable(errors.ApiError):
     def __init__(self, url: str, exc: BaseException):
+        super().__init__(f"{url}: {type(exc).__name__}")
         self.url, self.exc = url, exc
-        err = errors.unavailable(url, exc)
-        super().__init__(err.kind, err.message, headers=err.headers)
 
 
-worker_unavailable_message = errors.worker_unavailable_message
-
-
-def _patch_worker_unavailable() -> None:
+def _patch_worker_unavailable(api) -> None:
     import asyncio
 
     import aiohttp
-    from fastchat.serve import openai_api_server as api
 
-    if getattr(api.fetch_remote, "_bundle_patched", False):
+    if _wrapped_once(api.fetch_remote):
         return
-    original_fetch = api.fetch_remote
+    original = api.fetch_remote
 
+    @functools.wraps(original)
     async def fetch_remote(url, pload=None, name=None):
         try:
-            return await original_fetch(url, pload, name)
+            return await original(url, pload, name)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise WorkerUnavailable(url, exc) from exc
 
-    fetch_remote._bundle_patched = True
-    api.fetch_remote = fetch_remote  # the app's ApiError handler (api_server.install) answers it
+    api.fetch_remote = _mark(fetch_remote)
 
 
-def _patch_usage_length_count() -> None:
-    from fastchat.serve import inference
+def apply_worker(requests_shim) -> None:
+    from fastchat.serve import base_model_worker
 
-    original = inference.generate_stream
-    if getattr(original, "_bundle_patched", False):
-        return
-
-    def generate_stream(*args, **kwargs):
-        for out in original(*args, **kwargs):
-            if out.get("finish_reason") == "length" and "usage" in out:
-                usage = dict(out["usage"])
-                usage["completion_tokens"] += 1
-                usage["total_tokens"] += 1
-                out = {**out, "usage": usage}
-            yield out
-
-    generate_stream._bundle_patched = True
-    # model_adapter.get_generate_stream_function imports it from this module at call time.
-    inference.generate_stream = generate_stream
+    base_model_worker.requests = requests_shim  # 2: registration and heartbeats
 
 
-def apply() -> None:
-    global _applied
-    if _applied:
-        return
-    _patch_stream_json_pydantic2()
-    _register_smollm2_template()
-    _patch_register_retry()
-    _patch_usage_length_count()
-    _applied = True
+def apply_controller(requests_shim, expiry_check_s: float):
+    """Patch FastChat's controller module and create its `controller` global (the one its endpoints use), as its
+    __main__ block does; returns the module, whose `app` is then served."""
+    from fastchat.serve import controller as module
+
+    module.requests = requests_shim  # 2: its status calls to workers
+
+    def heart_beat_controller(controller) -> None:  # 3
+        while True:
+            time.sleep(expiry_check_s)
+            controller.remove_stale_workers_by_expiration()
+
+    module.heart_beat_controller = heart_beat_controller  # read by Controller.__init__
+    # 4: the module uses `threading` for nothing else
+    module.threading = SimpleNamespace(Thread=functools.partial(threading.Thread, daemon=True))
+    module.controller = module.Controller(CONTROLLER_DISPATCH)
+    return module
 
 
-def apply_api() -> None:
-    """The API server's patches (imports FastChat's openai_api_server)."""
-    apply()
-    _patch_worker_unavailable()
+def apply_api(aiohttp_shim, connect_timeout_s: float):
+    """Patch FastChat's openai_api_server; returns the module."""
+    import aiohttp
+    from fastchat.serve import openai_api_server as api
+
+    _patch_stream_json_pydantic2()  # 1
+    _patch_worker_unavailable(api)  # 5
+    api.aiohttp = aiohttp_shim  # 6
+    api.fetch_timeout = aiohttp.ClientTimeout(total=api.fetch_timeout.total, sock_connect=connect_timeout_s)
+    return api

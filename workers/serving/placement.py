@@ -10,13 +10,17 @@ the model and its host:
     registered with the controller (that host is down, unreachable or restarting; ...)
     model 'qwen-7b-chat' on host 'second' (10.0.0.11:21002) is not answering: the model worker ...
 
-One hook, called by the API server once its handlers are installed: `placement.install_api(dep)`.
-It wraps the two error constructors of workers/serving/errors.py in this process (they are looked
-up as `errors.<name>` at call time). Without hosts: it does nothing.
+`outage_errors(dep)` gives the API server its two constructors of these errors (passed to its handlers
+and its Upstream client): errors.not_registered and errors.unavailable, which with hosts name the
+model and its host.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from workers.config import hosts
+from workers.serving import errors
+from workers.serving.errors import ApiError
 
 
 def not_registered_message(dep, spec, name: str) -> str:
@@ -33,30 +37,23 @@ def model_named(dep, name: str):
     return next((m for m in dep.models if name in m.names), None)
 
 
-def install_api(dep) -> None:
-    if not hosts.has_hosts(dep):
-        return
-    from workers.serving import errors
+def outage_errors(dep) -> tuple[Callable[[str], ApiError], Callable[[str, BaseException], ApiError]]:
+    """(not_registered(model), unavailable(url, exc)) for this deployment."""
+    if dep is None or not hosts.has_hosts(dep):
+        return errors.not_registered, errors.unavailable
 
-    not_registered = getattr(errors.not_registered, "_bundle_original", errors.not_registered)
-    unavailable = getattr(errors.unavailable, "_bundle_original", errors.unavailable)
-
-    def not_registered_on_host(model: str):
-        err = not_registered(model)
+    def not_registered_on_host(model: str) -> ApiError:
+        err = errors.not_registered(model)
         spec = model_named(dep, model)
-        if spec is not None:
-            err.message = not_registered_message(dep, spec, model)
-            err.args = (err.message,)
-        return err
+        return err if spec is None else _reworded(err, not_registered_message(dep, spec, model))
 
-    def unavailable_on_host(url: str, exc: BaseException):
-        err = unavailable(url, exc)
+    def unavailable_on_host(url: str, exc: BaseException) -> ApiError:
+        err = errors.unavailable(url, exc)
         spec = hosts.model_for_url(dep, url)
-        if spec is not None:
-            err.message = unreachable_message(dep, spec, err.message)
-            err.args = (err.message,)
-        return err
+        return err if spec is None else _reworded(err, unreachable_message(dep, spec, err.message))
 
-    not_registered_on_host._bundle_original = not_registered
-    unavailable_on_host._bundle_original = unavailable
-    errors.not_registered, errors.unavailable = not_registered_on_host, unavailable_on_host
+    return not_registered_on_host, unavailable_on_host
+
+
+def _reworded(err: ApiError, message: str) -> ApiError:
+    return ApiError(err.kind, message, err.param, headers=err.headers, type_=err.type, code=err.code)

@@ -1,17 +1,19 @@
-"""The bundle's browser chat: FastChat's own Gradio UI pieces (single-model chat and the named
-side-by-side view) on one page with the bundle's title and notice.
+"""The bundle's browser chat: a Gradio page of its own (Chat and Side by side tabs).
 
-FastChat's multi-tab server is not used because it imports its leaderboard monitor (needs plotly),
-shows arena battle tabs, upstream terms of use and links that need the internet.
-The model list is reloaded from the controller on every page load, so models follow the workers.
+Built from Gradio components directly, not from FastChat's web server: that one brings arena
+voting, flagging, conversation logs, upstream terms and links that need the internet. Talking to
+the controller and the workers is web_chat's job; keeping conversations in the browser is
+web_storage's. The model list is reloaded from the controller on every page load, so models follow
+the workers, INT8 models first.
 """
 from __future__ import annotations
 
 import sys
 
-import gradio as gr  # module level: gradio resolves the gr.Request annotation below by name
+import gradio as gr  # module level: gradio resolves the gr.Request annotations below by name
+import requests
 
-from workers.serving import launch, web_chat
+from workers.serving import launch, web_chat, web_storage
 
 
 def notice(title: str, models: list[str]) -> str:
@@ -24,44 +26,26 @@ def notice(title: str, models: list[str]) -> str:
     )
 
 
-# Upstream pieces that do not belong on the bundle's page: research-preview terms, links that need
-# the internet, the arena rules, and model descriptions pointing to external sites.
-_HIDDEN_ELEM_IDS = {"notice_markdown", "model_description_markdown", "ack_markdown"}
-_HIDDEN_ACCORDION_PREFIX = "🔍 Expand to see the descriptions"
-_HIDDEN_BUTTONS = {"📷  Share"}  # needs html2canvas from a CDN, which FastChat's own page loads
-
 # Local font stacks: gradio's default theme loads Google Fonts, which fail without internet access.
 THEME = dict(
     font=["ui-sans-serif", "system-ui", "Noto Sans", "Noto Sans CJK SC", "sans-serif"],
     font_mono=["ui-monospace", "DejaVu Sans Mono", "monospace"],
 )
-
-
-def hide_upstream_notices(demo) -> int:
-    hidden = 0
-    for block in demo.blocks.values():
-        label = getattr(block, "label", None) or ""
-        if (getattr(block, "elem_id", None) in _HIDDEN_ELEM_IDS or str(label).startswith(_HIDDEN_ACCORDION_PREFIX)
-                or (isinstance(block, gr.Button) and block.value in _HIDDEN_BUTTONS)):
-            block.visible = False
-            if isinstance(block, gr.Markdown):
-                block.value = ""  # browsers fetch <img> even inside hidden elements (sponsor logos)
-            hidden += 1
-    return hidden
-
-
+CSS = """
+#chat_list .wrap { flex-direction: column; gap: 4px; max-height: 520px; overflow-y: auto; flex-wrap: nowrap; }
+#chat_list label { width: 100%; }
+#chat_list label span { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+#bundle_notice h1 { margin-bottom: 4px; }
+"""
 CONCURRENCY = 8  # answers the page streams at once (gradio queue)
-
-
 CONTROLLER_WAIT_S = 300  # supervisord starts every program at once; the controller may take a while
+CHAT_HEIGHT = 560
 
 
 def first_model_list(model_list) -> list[str]:
     """The model list at start, waiting for the controller (it may still be importing) instead of
     exiting, which supervisord would count as a failed start."""
     import time
-
-    import requests
 
     deadline = time.monotonic() + CONTROLLER_WAIT_S
     while True:
@@ -74,60 +58,263 @@ def first_model_list(model_list) -> list[str]:
             time.sleep(2)
 
 
-def stop_button(elem_id: str) -> None:
-    """Stops the answers this browser session is waiting for, on their workers."""
-    def stop(request: gr.Request):
-        web_chat.stop_answers(request.session_hash)
+class Page:
+    """The page's event handlers, bound to one controller and deployment."""
 
-    gr.Button("⏹  Stop", elem_id=elem_id, variant="stop").click(stop, None, None, concurrency_limit=None,
-                                                               queue=False)
+    def __init__(self, workers: web_chat.Workers, deployment_models, title: str):
+        self.workers, self.deployment_models, self.title = workers, deployment_models, title
+
+    def models(self) -> list[str]:
+        return web_chat.int8_first(self.workers.model_list(), self.deployment_models)
+
+    # -- parameters -------------------------------------------------------------------------------
+    def show_defaults(self, model: str | None):
+        """The panel's sliders set to the model's own defaults (which are then not sent)."""
+        if not model:
+            return gr.update(), gr.update(), gr.update(), gr.update(), ""
+        try:
+            d = self.workers.model_defaults(model)
+        except (requests.RequestException, RuntimeError, ValueError) as exc:  # the worker went away: keep the panel
+            return gr.update(), gr.update(), gr.update(), gr.update(), f"Defaults of `{model}` unavailable ({exc})."
+        state = {**d.panel(), "markers": list(d.reasoning_markers)}
+        return (gr.update(value=d.temperature), gr.update(value=d.top_p),
+                gr.update(value=d.max_new_tokens, maximum=d.context_length), state,
+                (f"`{model}`'s own defaults: temperature {d.temperature:g}, top_p {d.top_p:g}, "
+                 f"{d.max_new_tokens} tokens. Only values you change are sent."))
+
+    # -- one conversation -------------------------------------------------------------------------
+    def _add_user_turn(self, text: str, chats, request):
+        text = (text or "").strip()
+        if not text or self.workers.answering(getattr(request, "session_hash", None)):
+            return (gr.update(),) + tuple(gr.update() for _ in chats)  # keep the text until the answer ends
+        return ("",) + tuple((chat or []) + [{"role": "user", "content": text}] for chat in chats)
+
+    def user_turn(self, text: str, chat, request: gr.Request):
+        return self._add_user_turn(text, [chat], request)
+
+    def user_turn_both(self, text: str, chat_a, chat_b, request: gr.Request):
+        return self._add_user_turn(text, [chat_a, chat_b], request)
+
+    def bot_turn(self, model, chat, temperature, top_p, max_new_tokens, defaults, request: gr.Request):
+        chat = chat or []
+        if not chat or chat[-1].get("role") != "user":
+            yield gr.update()  # nothing to answer: an empty message, or one sent while an answer streamed
+            return
+        model = model or next(iter(self.models()), None)  # sent before the page's first load finished
+        if not model:
+            yield chat + [{"role": "assistant", "content": "**Error:** no model is served now; reload the page."}]
+            return
+        params = web_chat.changed_params(
+            {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}, defaults)
+        markers = tuple((defaults or {}).get("markers") or web_chat.DEFAULT_REASONING_MARKERS)
+        for answer in self.workers.stream_answer(model, chat, params, getattr(request, "session_hash", None), markers):
+            yield chat + answer.messages()
+
+    @staticmethod
+    def without_answer(*chats):
+        """Each chat up to and with its last user turn (for regenerate)."""
+        out = []
+        for chat in chats:
+            chat = list(chat or [])
+            while chat and chat[-1].get("role") == "assistant":
+                chat.pop()
+            out.append(chat)
+        return out[0] if len(out) == 1 else tuple(out)
+
+    @staticmethod
+    def edit_last(chat):
+        """The last user turn back in the input box, and the chat before it (edit, then send)."""
+        chat = list(chat or [])
+        for i in range(len(chat) - 1, -1, -1):
+            if chat[i].get("role") == "user":
+                return chat[i]["content"], chat[:i]
+        return gr.update(), chat
+
+    def stop(self, request: gr.Request):
+        self.workers.stop_answers(request.session_hash)
+
+    # -- saved conversations ----------------------------------------------------------------------
+    def controls(self, count: int, request: gr.Request):
+        """Switching controls back on once no answer of this session streams (a message sent with
+        Enter while one did ends its own chain at once)."""
+        busy = self.workers.answering(getattr(request, "session_hash", None))
+        return [gr.update(interactive=not busy)] * count
+
+    def remember(self, conv_id, model, chat, chats, request: gr.Request):
+        chats = dict(chats or {})
+        if not chat or self.workers.answering(getattr(request, "session_hash", None)):
+            return conv_id, gr.update(), chats, None  # nothing yet, or saved when the streaming answer ends
+        rec = web_storage.record(conv_id, model, chat, web_chat.title_of(chat))
+        chats[rec["id"]] = rec
+        return rec["id"], gr.update(choices=web_storage.listing(chats), value=rec["id"]), chats, rec
+
+    @staticmethod
+    def open_chat(conv_id, chats, models):
+        rec = (chats or {}).get(conv_id)
+        if rec is None:
+            return gr.update(), gr.update(), gr.update()
+        model = rec.get("model") if rec.get("model") in (models or []) else gr.update()
+        return conv_id, rec["messages"], model
+
+    @staticmethod
+    def new_chat():
+        return "", [], gr.update(value=None)
+
+    @staticmethod
+    def forget(conv_id, chats):
+        chats = dict(chats or {})
+        chats.pop(conv_id, None)
+        deleted = {"id": conv_id, "deleted": True} if conv_id else None
+        return "", [], gr.update(choices=web_storage.listing(chats), value=None), chats, deleted
+
+    # -- page load --------------------------------------------------------------------------------
+    def load(self, url_params, saved):
+        models = self.models()  # follow workers as they come and go
+        chats = web_storage.valid(saved)
+        first = models[0] if models else None
+        second = models[1] if len(models) > 1 else first
+        return (gr.Tabs(selected=1 if "compare" in (url_params or {}) else 0),
+                gr.update(value=notice(self.title, models)),
+                gr.update(choices=models, value=first), models, chats,
+                gr.update(choices=web_storage.listing(chats), value=None),
+                gr.update(choices=models, value=first), gr.update(choices=models, value=second))
+
+
+def model_dropdown(models: list[str], value: str | None, **kw):
+    return gr.Dropdown(choices=models, value=value, interactive=True, show_label=False, container=False, **kw)
+
+
+def parameters_panel():
+    """Sliders and the state of what they showed before any change (compared against when sending):
+    the values below until the picked model's own defaults arrive."""
+    shown = web_chat.PANEL_BEFORE_DEFAULTS
+    with gr.Accordion("Parameters", open=False):
+        about = gr.Markdown("")
+        temperature = gr.Slider(0.0, 2.0, value=shown["temperature"], step=0.05, interactive=True, label="Temperature")
+        top_p = gr.Slider(0.0, 1.0, value=shown["top_p"], step=0.05, interactive=True, label="Top P")
+        max_tokens = gr.Slider(1, 8192, value=shown["max_new_tokens"], step=1, interactive=True,
+                               label="Max output tokens")
+    return about, temperature, top_p, max_tokens, gr.State(dict(shown))
+
+
+def chatbot(label: str, **kw):
+    return gr.Chatbot(type="messages", elem_id="chatbot", label=label, height=CHAT_HEIGHT, show_copy_button=True,
+                      **kw)
+
+
+PLACEHOLDER = ("**Ask anything.** Answers stream in with their tokens and speed; "
+               "chats are kept in this browser, listed on the left.")
+
+
+def input_row():
+    with gr.Row():
+        box = gr.Textbox(show_label=False, placeholder="Type a message; Enter sends (Shift+Enter: new line)",
+                         elem_id="input_box", scale=8, container=False, lines=1, max_lines=8)
+        send = gr.Button("Send", variant="primary", scale=1, min_width=90)
+    return box, send
+
+
+def build(page: Page, models: list[str]):
+    first = models[0] if models else None
+    with gr.Blocks(title=page.title, theme=gr.themes.Default(**THEME), css=CSS) as demo:
+        header = gr.Markdown(notice(page.title, models), elem_id="bundle_notice")
+        served = gr.State(models)
+        chats = gr.State({})
+        with gr.Tabs() as tabs:
+            with gr.Tab("Chat", id=0):
+                with gr.Row():
+                    with gr.Column(scale=1, min_width=230):
+                        new_btn = gr.Button("➕  New chat", elem_id="new_chat")
+                        chat_list = gr.Radio(choices=[], label="Saved chats (in this browser)", elem_id="chat_list")
+                        delete_btn = gr.Button("🗑  Delete chat", elem_id="delete_chat", size="sm")
+                    with gr.Column(scale=4):
+                        with gr.Row(elem_id="model_selector_row"):
+                            model = model_dropdown(models, first)
+                        chat = chatbot("Chat", placeholder=PLACEHOLDER)
+                        box, send = input_row()
+                        with gr.Row():
+                            stop_btn = gr.Button("⏹  Stop", elem_id="stop_single", variant="stop")
+                            regen_btn = gr.Button("🔄  Regenerate", elem_id="regenerate")
+                            edit_btn = gr.Button("✏️  Edit last message", elem_id="edit_last")
+                        about, temperature, top_p, max_tokens, defaults = parameters_panel()
+            with gr.Tab("Side by side", id=1):
+                with gr.Row():
+                    model_a = model_dropdown(models, first, elem_id="model_a")
+                    model_b = model_dropdown(models, models[1] if len(models) > 1 else first, elem_id="model_b")
+                with gr.Row():
+                    chat_a, chat_b = chatbot("Model A"), chatbot("Model B")
+                box2, send2 = input_row()
+                with gr.Row():
+                    stop2 = gr.Button("⏹  Stop", elem_id="stop_side_by_side", variant="stop")
+                    regen2 = gr.Button("🔄  Regenerate")
+                    clear2 = gr.Button("🧹  Clear")
+                about2, temperature2, top_p2, max_tokens2, defaults2 = parameters_panel()
+        # Hidden carriers between the page's scripts and the server.
+        url_params = gr.JSON(visible=False)
+        saved = gr.JSON(visible=False)
+        to_store = gr.JSON(visible=False)
+        conv_id = gr.Textbox(visible=False)
+
+        # Chat tab.
+        panel = [temperature, top_p, max_tokens, defaults, about]
+        model.change(page.show_defaults, [model], panel, queue=False)
+        sampling = [temperature, top_p, max_tokens, defaults]
+
+        # While an answer streams, what would switch or rewrite the conversation under it waits.
+        switchers = [send, regen_btn, edit_btn, new_btn, delete_btn, chat_list]
+
+        def unlock(request: gr.Request):
+            return page.controls(len(switchers), request)
+
+        def answer_then_store(event):
+            (event.then(lambda: [gr.update(interactive=False)] * len(switchers), None, switchers, queue=False)
+                  .then(page.bot_turn, [model, chat] + sampling, [chat])
+                  .then(unlock, None, switchers, queue=False)
+                  .then(page.remember, [conv_id, model, chat, chats], [conv_id, chat_list, chats, to_store])
+                  .then(None, [to_store], None, js=web_storage.STORE_JS))
+
+        for trigger in (box.submit, send.click):
+            answer_then_store(trigger(page.user_turn, [box, chat], [box, chat], queue=False))
+        answer_then_store(regen_btn.click(page.without_answer, [chat], [chat], queue=False))
+        edit_btn.click(page.edit_last, [chat], [box, chat], queue=False)
+        stop_btn.click(page.stop, None, None, queue=False)
+        new_btn.click(page.new_chat, None, [conv_id, chat, chat_list], queue=False)
+        chat_list.input(page.open_chat, [chat_list, chats, served], [conv_id, chat, model], queue=False)
+        (delete_btn.click(page.forget, [conv_id, chats], [conv_id, chat, chat_list, chats, to_store], queue=False)
+                   .then(None, [to_store], None, js=web_storage.STORE_JS))
+
+        # Side-by-side tab: one question to two models; the panel shows model A's defaults.
+        panel2 = [temperature2, top_p2, max_tokens2, defaults2, about2]
+        model_a.change(page.show_defaults, [model_a], panel2, queue=False)
+        sampling2 = [temperature2, top_p2, max_tokens2, defaults2]
+
+        def both_answer(event):
+            event.then(page.bot_turn, [model_a, chat_a] + sampling2, [chat_a])
+            event.then(page.bot_turn, [model_b, chat_b] + sampling2, [chat_b])
+
+        for trigger in (box2.submit, send2.click):
+            both_answer(trigger(page.user_turn_both, [box2, chat_a, chat_b], [box2, chat_a, chat_b], queue=False))
+        both_answer(regen2.click(page.without_answer, [chat_a, chat_b], [chat_a, chat_b], queue=False))
+        stop2.click(page.stop, None, None, queue=False)
+        clear2.click(lambda: ([], []), None, [chat_a, chat_b], queue=False)
+
+        (demo.load(page.load, [url_params, saved],
+                   [tabs, header, model, served, chats, chat_list, model_a, model_b], js=web_storage.LOAD_JS)
+             .then(page.show_defaults, [model], panel)
+             .then(page.show_defaults, [model_a], panel2))
+    return demo
 
 
 def main(argv: list[str] | None = None) -> int:
     args = launch.parser(__doc__).parse_args(argv)
     dep, _ = launch.settings(args)
     web, controller = dep.web, launch.controller_url(dep)
-    from workers.serving import auth as worker_auth, fastchat_compat
+    from workers.serving import auth as worker_auth
 
-    fastchat_compat.apply()
-    web_chat.install()
-
-    from fastchat.serve import gradio_block_arena_named as named
-    from fastchat.serve import gradio_web_server as single
-    from fastchat.utils import get_window_url_params_js
-
-    worker_auth.install_web(single, dep)  # calls to the controller and workers carry the worker secret
-    single.set_global_vars(controller, False)
-    named.set_global_vars_named(False)
-
-    def model_list() -> list[str]:
-        models, _ = single.get_model_list(controller, None, False)
-        return models
-
-    models = first_model_list(model_list)
-    with gr.Blocks(title=web.title, theme=gr.themes.Default(**THEME), css=single.block_css) as demo:
-        header = gr.Markdown(notice(web.title, models), elem_id="bundle_notice")
-        with gr.Tabs() as tabs:
-            with gr.Tab("Chat", id=0):
-                single_components = single.build_single_model_ui(models)
-                stop_button("stop_single")
-            with gr.Tab("Side by side", id=1):
-                named_components = named.build_side_by_side_ui_named(models)
-                stop_button("stop_side_by_side")
-        url_params = gr.JSON(visible=False)
-
-        def load_demo(url_params, request: gr.Request):
-            current = model_list()  # follow workers as they come and go
-            selected = 1 if "compare" in (url_params or {}) else 0
-            return (
-                (gr.Tabs(selected=selected), gr.Markdown(notice(web.title, current)))
-                + single.load_demo_single(current, url_params)
-                + named.load_demo_side_by_side_named(current, url_params)
-            )
-
-        demo.load(load_demo, [url_params], [tabs, header] + single_components + named_components,
-                  js=get_window_url_params_js)
-    hide_upstream_notices(demo)
+    # calls to the controller and workers carry the worker secret and a connect timeout
+    workers = web_chat.Workers(controller, worker_auth.RequestsShim(worker_auth.secret(dep), who="web UI"))
+    page = Page(workers, dep.models, web.title)
+    demo = build(page, first_model_list(page.models))
 
     auth = None
     if web.auth_file:
@@ -140,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.serving.offline_page import OfflinePage
 
     demo.queue(default_concurrency_limit=CONCURRENCY, status_update_rate=10, api_open=False)
+    demo.show_api = False  # no "Use via API" footer: the page's events are not an API (the bundle's is on 8000)
     app = gr.mount_gradio_app(FastAPI(), demo, path="", auth=auth, show_error=True)
     app.add_middleware(OfflinePage)
     uvicorn.run(app, host=launch.bind_address(dep, "web"), port=web.port, log_level="warning")

@@ -35,6 +35,7 @@ from workers.serving import api_policy, launch
 log = logging.getLogger("bundle_worker")
 STREAM_MIN_INTERVAL_S = 0.05  # coalesce tokens that arrive faster than this into one chunk
 INTERNAL_ERROR = 50001  # FastChat's ErrorCode.INTERNAL_ERROR, which its API server and web UI understand
+REGISTER_RETRY_S = 2.0  # between registration attempts while the controller is not up
 
 
 def error_response(kind, message: str, param: str | None = None, headers: dict | None = None):
@@ -176,7 +177,7 @@ def build_app(worker):
                     kind, value, n = await chunks.get()
                     if kind == "text":
                         if time.monotonic() - last_sent >= STREAM_MIN_INTERVAL_S:
-                            yield worker.chunk(value, job, n, None, logprobs.upto(n))
+                            yield worker.chunk(value, job, n, None, logprobs.upto(n), final=False)
                             last_sent = time.monotonic()
                     elif kind == "done":
                         content, calls = served.tool_calls(params, value.text)
@@ -256,7 +257,10 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> None:
 
 
 def make_worker_class():
+    import requests
     from fastchat.serve.base_model_worker import BaseModelWorker
+
+    from workers.serving import auth
 
     class BundleWorker(BaseModelWorker):
         """FastChat's registration, heartbeat and status; the bundle's generation and admission."""
@@ -270,6 +274,23 @@ def make_worker_class():
             super().__init__(controller_addr, worker_addr, uuid.uuid4().hex[:8], str(served.folder), spec.names,
                              spec.limit_concurrency, conv_template=conv_template_name)
             self.tokenizer, self.context_len = served.tokenizer, served.context_len
+
+        def register_to_controller(self):
+            """FastChat's registration is one bare POST that kills the worker when the controller is not up yet
+            (supervisord starts every program at once): retry, with a log line, until it answers."""
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    return super().register_to_controller()
+                except auth.RegistrationRefused as exc:
+                    log.error("%s (HTTP 401, attempt %d); this worker is not registered. Give every host the same "
+                              "worker secret; retrying in %.0f s", exc, attempt, auth.REFUSED_RETRY_S)
+                    time.sleep(auth.REFUSED_RETRY_S)
+                except (requests.exceptions.RequestException, AssertionError) as exc:
+                    log.warning("controller at %s is not reachable yet (attempt %d: %s); retrying in %.0f s",
+                                self.controller_addr, attempt, type(exc).__name__, REGISTER_RETRY_S)
+                    time.sleep(REGISTER_RETRY_S)
 
         def make_conv_template(self, conv_template=None, model_path=None):
             from fastchat.conversation import get_conv_template
@@ -297,13 +318,19 @@ def make_worker_class():
 
         @staticmethod
         def chunk(text: str, job, completion_tokens: int, finish_reason: str | None,
-                  logprobs: dict | None = None, tool_calls: list[dict] | None = None) -> bytes:
+                  logprobs: dict | None = None, tool_calls: list[dict] | None = None, final: bool = True) -> bytes:
+            """One stream chunk. For a reasoning model's chat answer (`job.thinking`, engine/reasoning.py) `text`
+            has its markers balanced and `reasoning_content` / `content` split it; `final=False` while it
+            may still grow (a marker being written is held back)."""
             if finish_reason is not None:  # the worker protocol's reasons are OpenAI's: a cancelled answer stopped
                 finish_reason = api_policy.finish_reason(finish_reason)
             prompt_tokens = len(job.prompt_ids) - job.added_prefix  # the client's prompt, as it sent it
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                      "total_tokens": prompt_tokens + completion_tokens}
             body = {"text": text, "error_code": 0, "usage": usage, "finish_reason": finish_reason}
+            if job.thinking is not None:
+                body["reasoning_content"], body["content"] = job.thinking.split(text, final)
+                body["text"] = job.thinking.text(text)
             if tool_calls:
                 body["tool_calls"] = tool_calls  # the calls read from the answer; `text` is what else it said
             return (json.dumps({**body, **(logprobs or {})}, ensure_ascii=False) + "\0").encode()
@@ -324,14 +351,15 @@ def main(argv: list[str] | None = None) -> int:
     from workers.models.sources import model_dir
 
     folder = model_dir(spec.source)
-    incomplete = model_check.problems(folder)
+    incomplete = model_check.problems(folder, spec.source.modelscope)
     if incomplete:
         log.error("cannot serve %s: %s", folder, "; ".join(incomplete))
         return 2
 
     from workers.serving import auth, fastchat_compat
 
-    fastchat_compat.apply()
+    secret = auth.secret(dep)
+    fastchat_compat.apply_worker(auth.RequestsShim(secret, who="worker"))  # registration and heartbeats carry it
     import uvicorn
 
     from workers.engine.loader import UnsupportedBackend, load_model
@@ -359,9 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     worker = make_worker_class()(launch.controller_url(dep), launch.worker_url(dep, spec), spec, served,
                                  spec.conv_template)
     app = build_app(worker)
-    auth.install_worker(dep, app)  # registration and heartbeats carry the worker secret; the app requires it
+    auth.install_server(app, secret)
 
-    # Registration retries until the controller answers (compat patch), so not on the event loop.
+    # Registration retries until the controller answers (register_to_controller), so not on the event loop.
     threading.Thread(target=worker.init_heart_beat, name="register", daemon=True).start()
 
     log.info("worker ready: %s (context length %s)", worker.model_names, worker.context_len)

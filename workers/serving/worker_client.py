@@ -35,8 +35,15 @@ KEEPALIVE_EXPIRY_S = 2.0
 
 
 class Upstream:
-    def __init__(self, controller_address: Callable[[], str]):
+    """`http_options`: what the client adds to every call (auth.httpx_options: the worker secret, a bounded
+    connect, a 401 as a clear 503). `unavailable(url, exc)`: the error for an address that does not answer
+    (errors.unavailable, or placement's naming the model and its host)."""
+
+    def __init__(self, controller_address: Callable[[], str], http_options: dict | None = None,
+                 unavailable: Callable[[str, BaseException], ApiError] = errors.unavailable):
         self._controller = controller_address
+        self._options = http_options or {}
+        self.unavailable = unavailable
         self._http: httpx.AsyncClient | None = None
         self._context_len: dict[tuple[str, str], int] = {}
         self._conv: dict[tuple[str, str], dict] = {}
@@ -49,7 +56,9 @@ class Upstream:
     def http(self) -> httpx.AsyncClient:
         # Created on first use, inside the server's event loop.
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), trust_env=False, headers=HEADERS,
+            self._http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), trust_env=False,
+                                           headers={**HEADERS, **self._options.get("headers", {})},
+                                           event_hooks=self._options.get("event_hooks"),
                                            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
                                                                keepalive_expiry=KEEPALIVE_EXPIRY_S))
         return self._http
@@ -69,7 +78,7 @@ class Upstream:
         try:
             r = await self.http.post(url, json=payload, timeout=timeout)
         except httpx.HTTPError as exc:
-            raise errors.unavailable(url, exc) from exc
+            raise self.unavailable(url, exc) from exc
         if r.status_code != 200:
             raise errors.from_worker_http(r.status_code, r.content, r.headers, url)
         try:
@@ -113,12 +122,15 @@ class Upstream:
         return self._conv[key]
 
     async def count_tokens(self, addr: str, model: str, prompt: str, messages: list[dict] | None = None,
-                           extra: dict | None = None) -> int:
+                           template_kwargs: dict | None = None, extra: dict | None = None) -> int:
         """The prompt's tokens, as the worker counts them: from `messages` in the model's own format when given
-        (the bundle's worker; `extra`: the tools it renders with them), else from FastChat's `prompt`."""
+        (the bundle's worker, with the request's chat_template_kwargs; `extra`: the tools it renders with them),
+        else from FastChat's `prompt`."""
         payload = {"model": model, "prompt": prompt, **(extra or {})}
         if messages is not None:
             payload["messages"] = messages
+        if template_kwargs:
+            payload["chat_template_kwargs"] = template_kwargs
         data = await self._worker_call(addr, "/count_token", payload, COUNT_TIMEOUT_S)
         return int(data["count"])
 
@@ -135,7 +147,7 @@ class Upstream:
         try:
             status = await self.status(addr, model)
         except ApiError:
-            return errors.unavailable(addr, httpx.ReadTimeout(f"no answer in {waited_s:.0f} s"))
+            return self.unavailable(addr, httpx.ReadTimeout(f"no answer in {waited_s:.0f} s"))
         return errors.busy(model, waited_s, status.get("queue_length"))
 
     # --- generation ---------------------------------------------------------------------------------------
@@ -150,7 +162,7 @@ class Upstream:
             raise await self._no_first_chunk(addr, model, time.monotonic() - started) from None
         except httpx.HTTPError as exc:
             self.forget(addr)
-            raise errors.unavailable(url, exc) from exc
+            raise self.unavailable(url, exc) from exc
         if response.status_code != 200:
             try:
                 body = await response.aread()
@@ -183,13 +195,13 @@ class WorkerStream:
                     break
                 except asyncio.TimeoutError:
                     if got_any:
-                        raise errors.unavailable(self.addr, httpx.ReadTimeout(
+                        raise self.upstream.unavailable(self.addr, httpx.ReadTimeout(
                             f"no output for {CHUNK_TIMEOUT_S:.0f} s")) from None
                     raise await self.upstream._no_first_chunk(self.addr, self.model,
                                                               time.monotonic() - self.opened) from None
                 except httpx.HTTPError as exc:
                     self.upstream.forget(self.addr)
-                    raise errors.unavailable(self.addr, exc) from exc
+                    raise self.upstream.unavailable(self.addr, exc) from exc
                 got_any = True
                 buffer += raw
                 while (end := buffer.find(b"\0")) >= 0:

@@ -2,6 +2,7 @@
 answer with its timings, and token counts by the model's own tokenizer."""
 from __future__ import annotations
 
+import sys
 import time
 
 import requests
@@ -20,8 +21,17 @@ def api_key(dep: Deployment) -> str:
     return keys[0] if keys else "none"
 
 
-def api_settings(dep: Deployment) -> tuple[str, str]:
-    return base_url(dep), api_key(dep)
+def profile_api(profile: str) -> tuple[Deployment, str, str]:
+    """The profile's deployment, its API's address and key; a profile that does not load, or a key that cannot be
+    read, ends the tool with exit code 2 and the problem on stderr."""
+    from workers.config import deployment
+
+    try:
+        dep = deployment.load(profile)
+        return dep, base_url(dep), api_key(dep)
+    except (deployment.DeploymentError, secrets.SecretError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 class NotServed(Exception):

@@ -31,11 +31,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from workers.config import cpu, deployment, secrets
+from workers.config import cpu
 from workers.config.paths import reports_dir
 from workers.config.schema import ModelSpec
 from workers.models.sources import model_dir
-from workers.tools.api_client import NotServed, answer_tokens, api_settings, ask, openai_client, served_models
+from workers.tools.api_client import NotServed, answer_tokens, profile_api, ask, openai_client, served_models
 
 PROMPT = "Write a short story about a robot who learns to paint."
 MAX_TOKENS = 64
@@ -178,12 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--constrained", type=int, default=0, metavar="N",
                    help="N answers per model with and without a JSON-schema grammar: its decode cost per token")
     args = p.parse_args(argv)
-    try:
-        dep = deployment.load(args.profile)
-        api, key = api_settings(dep)
-    except (deployment.DeploymentError, secrets.SecretError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    dep, api, key = profile_api(args.profile)
     specs = {m.names[0]: m for m in dep.models}
     models, levels = list(specs), sorted(set(args.concurrency))
     try:

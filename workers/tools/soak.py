@@ -39,7 +39,7 @@ from workers.config import deployment, hosts, secrets
 from workers.config.paths import reports_dir, run_dir
 from workers.config.schema import Deployment, ModelSpec
 from workers.serving import errors as api_errors
-from workers.tools.api_client import api_settings, openai_client
+from workers.tools.api_client import profile_api, openai_client
 
 REQUEST_TIMEOUT_S = 300.0
 OVERLONG_WORDS = 9000  # ~9k tokens: over the 8k context of the embedded model (--overlong-words for larger ones)
@@ -617,12 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", type=Path, default=None, help="the bundle's var/run (default: $BUNDLE_VAR_DIR/run)")
     p.add_argument("--out", type=Path, default=None, help="report folder (default var/reports/soak)")
     args = p.parse_args(argv)
-    try:
-        dep = deployment.load(args.profile)
-        api, key = api_settings(dep)
-    except (deployment.DeploymentError, secrets.SecretError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    dep, api, key = profile_api(args.profile)
     run = args.run_dir or run_dir()
     out_dir = args.out or reports_dir() / "soak"
     bursts = args.bursts if args.bursts is not None else max(1, args.requests // 250)

@@ -98,8 +98,9 @@ class Runtime(ABC):
     def add_cache_key(self, inputs: dict) -> None:
         """Add this runtime's part to an INT8 cache entry's key inputs (int8_cache.key_inputs)."""
 
-    def quantize_command(self, source: Path, staging: Path, inputs: dict) -> list[str]:
-        """The child process that quantizes `source` into `staging` (int8_cache); RuntimeUnavailable if it cannot."""
+    def quantize_command(self, source: Path, staging: Path, inputs: dict, python: str) -> list[str]:
+        """The child process that quantizes `source` into `staging` (int8_cache), run by `python` (the
+        environment the model's worker runs in: config/environments.py); RuntimeUnavailable if it cannot."""
         raise RuntimeUnavailable(f"the {self.name} runtime does not quantize")
 
     #: Appended to the error when its quantizer fails (int8_cache).

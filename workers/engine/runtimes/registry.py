@@ -71,16 +71,30 @@ def runtime_for(backend: str, settings: Int8Settings, source: Path, shared_threa
     candidates = serving(backend)
     if not candidates:
         raise UnsupportedBackend(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == INT8_BACKEND:
+        return by_name(resolve_runtime(settings, source, shared_threads).runtime)
     if len(candidates) == 1:
         return candidates[0]
-    return by_name(resolve_runtime(settings, source, shared_threads).runtime)
+    runtime, passed = _first_match(candidates, source, shared_threads, backend)
+    log.info("%s runtime for %s: %s%s", backend, source.name, runtime.name, f" ({'; '.join(passed)})" if passed else "")
+    return runtime
+
+
+def _first_match(candidates: list[Runtime], source: Path, shared_threads: bool, what: str) -> tuple[Runtime, list[str]]:
+    """The first runtime whose match() accepts the model, and why each one before it stepped aside."""
+    passed = []
+    for runtime in candidates:
+        ok, why = runtime.match(source, shared_threads, auto=True)
+        if ok:
+            return runtime, passed
+        passed.append(why)
+    raise RuntimeUnavailable(f"no {what} runtime serves {source.name}: {'; '.join(passed)}")
 
 
 def select(backend: str, settings: Int8Settings, source: Path, shared_threads: bool = False
            ) -> tuple[Runtime, Int8Settings]:
     """runtime_for, and the INT8 settings with its name and the group size resolved when it quantizes."""
-    candidates = serving(backend)
-    if len(candidates) > 1:
+    if backend == INT8_BACKEND and serving(backend):
         settings = resolve(settings, source, shared_threads)
         return by_name(settings.runtime), settings
     runtime = runtime_for(backend, settings, source, shared_threads)
@@ -120,14 +134,7 @@ def resolve_runtime(settings: Int8Settings, source: Path, shared_threads: bool =
         if not ok:
             raise RuntimeUnavailable(f"int8.runtime: {runtime.name} cannot serve {source.name}: {why}; {runtime.instead}")
         return settings
-    passed = []
-    for runtime in serving(INT8_BACKEND):
-        ok, why = runtime.match(source, shared_threads, auto=True)
-        if ok:
-            break
-        passed.append(why)
-    else:
-        raise RuntimeUnavailable(f"no INT8 runtime serves {source.name}: {'; '.join(passed)}")
+    runtime, passed = _first_match(serving(INT8_BACKEND), source, shared_threads, "INT8")
     log.info("INT8 runtime for %s: %s%s", source.name, runtime.name, f" ({'; '.join(passed)})" if passed else "")
     return settings.model_copy(update={"runtime": runtime.name})
 

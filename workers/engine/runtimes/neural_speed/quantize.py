@@ -19,7 +19,6 @@ the embedding table it leaves in 4-bit GGML Q4_0 is rewritten in INT8 GGML Q8_0 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import struct
@@ -235,16 +234,10 @@ def quantize_and_save(source: Path, staging: Path, settings: dict, trust_remote_
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="quantize one model into a neural-speed INT8 cache folder")
-    parser.add_argument("--source", type=Path, required=True)
-    parser.add_argument("--staging", type=Path, required=True)
-    parser.add_argument("--settings", required=True, help="the INT8 settings as JSON")
-    parser.add_argument("--trust-remote-code", action="store_true")
-    args = parser.parse_args(argv)
-    from workers.engine.quantize_child import run_quantizer
+    from workers.engine.quantize_child import quantizer_cli
 
-    return run_quantizer(lambda: quantize_and_save(args.source, args.staging, json.loads(args.settings),
-                                                   args.trust_remote_code))
+    return quantizer_cli(quantize_and_save, "quantize one model into a neural-speed INT8 cache folder",
+                         "the INT8 settings as JSON", argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -69,11 +68,11 @@ class NeuralSpeedRuntime(Runtime):
         inputs["versions"]["neural-speed"] = version("neural-speed")
         inputs["ns_file_layout"] = FILE_LAYOUT
 
-    def quantize_command(self, source: Path, staging: Path, inputs: dict) -> list[str]:
+    def quantize_command(self, source: Path, staging: Path, inputs: dict, python: str) -> list[str]:
         graph, why = graph_for(source)
         if graph is None:
             raise RuntimeUnavailable(f"neural-speed cannot quantize {source.name}: {why}")
-        return [sys.executable, "-m", "workers.engine.runtimes.neural_speed.quantize", "--source", str(source),
+        return [python, "-m", "workers.engine.runtimes.neural_speed.quantize", "--source", str(source),
                 "--staging", str(staging), "--settings", json.dumps(inputs["settings"])]
 
     def memory_extra(self, source: Path, concurrency: int) -> int:

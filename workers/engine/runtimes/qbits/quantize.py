@@ -11,8 +11,6 @@ per layer, so the saved checkpoint is bit-identical to ITREX's whole-model path
 """
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import shutil
 import sys
@@ -24,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from workers.config.files import GIB
-from workers.engine.quantize_child import check_memory, run_quantizer
+from workers.engine.quantize_child import check_memory, quantizer_cli
 from workers.models import memory_budget
 
 log = logging.getLogger("quantize")
@@ -109,14 +107,8 @@ def quantize_and_save(source: Path, staging: Path, settings: dict, trust_remote_
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="quantize one model into an INT8 cache folder")
-    parser.add_argument("--source", type=Path, required=True)
-    parser.add_argument("--staging", type=Path, required=True)
-    parser.add_argument("--settings", required=True, help="RtnConfig keyword arguments as JSON")
-    parser.add_argument("--trust-remote-code", action="store_true")
-    args = parser.parse_args(argv)
-    return run_quantizer(lambda: quantize_and_save(args.source, args.staging, json.loads(args.settings),
-                                                   args.trust_remote_code))
+    return quantizer_cli(quantize_and_save, "quantize one model into an INT8 cache folder",
+                         "RtnConfig keyword arguments as JSON", argv)
 
 
 if __name__ == "__main__":

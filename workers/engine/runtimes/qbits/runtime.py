@@ -4,7 +4,6 @@ transformers model. It runs every family, and is served exactly as the transform
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from workers.config.int8 import Int8Settings
@@ -32,16 +31,18 @@ class QbitsRuntime(TransformersRuntime):
                     "(and qbits refuses it per channel); use compute_dtype: fp32, or runtime: neural-speed")
         return None
 
-    def quantize_command(self, source: Path, staging: Path, inputs: dict) -> list[str]:
-        return [sys.executable, "-m", "workers.engine.runtimes.qbits.quantize", "--source", str(source),
+    def quantize_command(self, source: Path, staging: Path, inputs: dict, python: str) -> list[str]:
+        return [python, "-m", "workers.engine.runtimes.qbits.quantize", "--source", str(source),
                 "--staging", str(staging), "--settings", json.dumps(inputs["settings"])]
 
+    def owns(self, model) -> bool:  # ITREX records its RtnConfig on the model's config
+        return super().owns(model) and getattr(getattr(model, "config", None), "quantization_config", None) is not None
+
     def load(self, request: LoadRequest, tokenizer):
-        from intel_extension_for_transformers.transformers import AutoModelForCausalLM as ItrexAuto
+        from workers.engine.runtimes.qbits.saved import load_saved
 
         # Loading repacks the INT8 weights with qbits kernels: with a thread team that differs from
         # qbits' count, part of every matrix is left unpacked (a garbage model from then on).
         threads.add_kernel_pool(set_kernel_threads)
         threads.align_this_thread()
-        return ItrexAuto.from_pretrained(str(request.entry), use_neural_speed=False,
-                                         trust_remote_code=request.trust_remote_code)
+        return load_saved(request.entry, request.trust_remote_code)
