@@ -19,9 +19,9 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from workers.engine.token_choice import ChosenTokenProcessor, TokenChooser, TokenLogprob
 from workers.engine.prefix_cache import model_cache, takes_cache_objects
 from workers.engine.reasoning import Thinking
+from workers.engine.token_choice import ChosenTokenProcessor, TokenChooser, TokenLogprob
 
 log = logging.getLogger("generate")
 

@@ -18,3 +18,8 @@ LIMITS: dict[str, tuple[float, float]] = {
     "presence_penalty": (-2.0, 2.0),
     "frequency_penalty": (-2.0, 2.0),
 }
+
+# logit_bias values (OpenAI's: -100 bans a token, +100 all but forces it)
+LOGIT_BIAS: tuple[float, float] = (-100.0, 100.0)
+# top logprobs per token: chat's top_logprobs, completions' logprobs (OpenAI's limits)
+TOP_LOGPROBS = {"chat": 20, "completions": 5}

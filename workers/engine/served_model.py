@@ -19,9 +19,9 @@ from workers.engine.generate import Job
 from workers.engine.prefix_cache import PrefixCache
 from workers.engine.runtimes import registry
 from workers.engine.runtimes.base import Engine
-from workers.engine.sampling_limits import LIMITS
+from workers.engine.sampling_limits import LIMITS, LOGIT_BIAS, TOP_LOGPROBS
 from workers.engine.token_bytes import TokenPieces
-from workers.engine.token_choice import MAX_TOP_LOGPROBS, TokenLogprob, prompt_logprobs
+from workers.engine.token_choice import TokenLogprob, prompt_logprobs
 
 log = logging.getLogger("served_model")
 
@@ -49,13 +49,12 @@ def _number(params: dict, key: str, default, kind=float):
 
 
 def _top_count(params: dict, key: str) -> int | None:
-    """None (no logprobs) or how many top logprobs per token, 0..MAX_TOP_LOGPROBS."""
-    value = params.get(key)
+    """None (no logprobs) or how many top logprobs per token (at most chat's limit)."""
+    value, most = params.get(key), max(TOP_LOGPROBS.values())
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
-        raise BadRequest(f"{key} must be an integer from 0 to {MAX_TOP_LOGPROBS} (top logprobs per token), "
-                         f"got {value!r}", key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+        raise BadRequest(f"{key} must be an integer from 0 to {most} (top logprobs per token), got {value!r}", key)
     return value
 
 
@@ -75,8 +74,9 @@ def logit_bias(value, vocab_size: int) -> dict[int, float]:
         if not 0 <= token < vocab_size:
             raise BadRequest(f"logit_bias: token id {token} is not in this model's vocabulary (0..{vocab_size - 1})",
                              "logit_bias")
-        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
-            raise BadRequest(f"logit_bias[{key!r}] must be a number from -100 to 100, got {bias!r}", "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not LOGIT_BIAS[0] <= bias <= LOGIT_BIAS[1]:
+            raise BadRequest(f"logit_bias[{key!r}] must be a number from {LOGIT_BIAS[0]:g} to {LOGIT_BIAS[1]:g}, "
+                             f"got {bias!r}", "logit_bias")
         out[token] = float(bias)
     return out
 
@@ -219,7 +219,7 @@ class ServedModel:
             logit_bias=logit_bias(params.get("logit_bias"), self.vocab_size),
             seed=_seed(params.get("seed")),
             added_prefix=len(ids) - len(client_ids),
-            thinking=self.chat.thinking(client_ids) if params.get("messages") is not None else None,
+            thinking=self.chat.thinking(ids) if params.get("messages") is not None else None,
         )
         if job.prompt_logprobs is not None and self.engine.no_prompt_logits:
             raise BadRequest(f"model {self.name} {self.engine.no_prompt_logits}", "echo")

@@ -19,9 +19,6 @@ import torch
 from transformers import (LogitsProcessor, LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat top_logprobs (completions: 5)
-
-
 @dataclass
 class TokenLogprob:
     """A chosen token, its logprob, and the `top` most likely tokens with theirs (most likely first); a prompt's

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import pydantic
 from fastchat.protocol.openai_api_protocol import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest
 
-from workers.engine.sampling_limits import LIMITS
+from workers.engine.sampling_limits import LIMITS, LOGIT_BIAS, TOP_LOGPROBS
 from workers.serving import errors, tool_calls
 from workers.serving.errors import ApiError
 
@@ -40,8 +40,6 @@ MAX_CHOICES = 16  # prompts x n in one /v1/completions request
 MAX_EMBEDDING_INPUTS = 256
 MAX_STOP = 16
 MAX_TOKEN_ID = 2**31 - 1
-MAX_TOP_LOGPROBS = {"chat": 20, "completions": 5}  # OpenAI's limits: top_logprobs (chat), logprobs (completions)
-MAX_LOGIT_BIAS = 100
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions (chat: the model's default)
 ROLES = ("system", "user", "assistant", "tool", "function")  # function: the older form of a tool result
 NON_TEXT_PARTS = ("image_url", "input_image", "image", "input_audio", "audio", "file", "input_file", "video_url")
@@ -91,9 +89,9 @@ class ChatPlan:
     stream: bool
     include_usage: bool
     protocol: ChatCompletionRequest
+    template_kwargs: dict = field(default_factory=dict)  # chat_template_kwargs, for the worker
     logprobs: Optional[int] = None  # None: no logprobs; else top logprobs per token
     tools: tool_calls.ToolPlan = field(default_factory=tool_calls.ToolPlan)
-    template_kwargs: dict = field(default_factory=dict)  # chat_template_kwargs, for the worker
 
 
 @dataclass
@@ -366,9 +364,9 @@ def logit_bias(value: Optional[dict]) -> Optional[dict[str, float]]:
         if not 0 <= int(key) <= MAX_TOKEN_ID:
             raise _invalid(f"logit_bias: token id {int(key)} is out of range", "logit_bias")
         if isinstance(bias, bool) or not isinstance(bias, (int, float)):
-            raise _invalid(f"{at} must be a number from -{MAX_LOGIT_BIAS} to {MAX_LOGIT_BIAS} "
+            raise _invalid(f"{at} must be a number from {LOGIT_BIAS[0]:g} to {LOGIT_BIAS[1]:g} "
                            f"(got {errors.short(bias)})", "logit_bias")
-        check_range("logit_bias", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+        check_range("logit_bias", bias, int(LOGIT_BIAS[0]), int(LOGIT_BIAS[1]))
         out[str(int(key))] = float(bias)
     return out
 
@@ -398,7 +396,7 @@ def chat_logprobs_asked(body: dict) -> Optional[int]:
     """Chat: None without `logprobs: true`, else its `top_logprobs` (0..20, default 0)."""
     asked = validate(ChatLogprobs, body)
     top = asked.top_logprobs
-    check_range("top_logprobs", top, 0, MAX_TOP_LOGPROBS[CHAT])
+    check_range("top_logprobs", top, 0, TOP_LOGPROBS[CHAT])
     if not asked.logprobs:
         if top:
             raise _invalid("top_logprobs needs logprobs: true", "top_logprobs")
@@ -440,7 +438,7 @@ def chat_request(body: dict) -> ChatPlan:
         s.max_tokens = extras.max_completion_tokens
     stream = bool(protocol.stream)
     return ChatPlan(model, messages, s, _n(protocol), stream, _include_usage(extras, stream), protocol,
-                    chat_logprobs_asked(body), tools, dict(extras.chat_template_kwargs or {}))
+                    template_kwargs=dict(extras.chat_template_kwargs or {}), logprobs=chat_logprobs_asked(body), tools=tools)
 
 
 def completion_request(body: dict) -> CompletionPlan:
@@ -460,7 +458,7 @@ def completion_request(body: dict) -> CompletionPlan:
     if echo and any(isinstance(p, list) for p in prompts):
         raise ApiError(errors.UNSUPPORTED_PARAMETER, "echo is not supported with token-id prompts: send the prompt "
                        "as text to have it echoed", "echo")
-    check_range("logprobs", protocol.logprobs, 0, MAX_TOP_LOGPROBS[COMPLETIONS])
+    check_range("logprobs", protocol.logprobs, 0, TOP_LOGPROBS[COMPLETIONS])
     stream = bool(protocol.stream)
     return CompletionPlan(model, prompts, s, n, stream, _include_usage(extras, stream), echo, protocol,
                           protocol.logprobs)
@@ -532,9 +530,9 @@ def fastchat_prompt(conv: dict, messages: list[dict]) -> str:
 
 def worker_payload(model: str, s: Sampling, *, max_new_tokens: Optional[int], request_id: str,
                    messages: list[dict] | None = None, prompt: str | None = None,
-                   prompt_token_ids: list[int] | None = None, logprobs: Optional[int] = None,
-                   prompt_logprobs: Optional[int] = None, choice: int = 0, extra: dict | None = None,
-                   template_kwargs: dict | None = None) -> dict:
+                   prompt_token_ids: list[int] | None = None, template_kwargs: dict | None = None,
+                   logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None, choice: int = 0,
+                   extra: dict | None = None) -> dict:
     """The JSON for /worker_generate_stream (see the contract in workers/serving/api_server.py). `echo` is
     always false: the API echoes the prompt itself. With a seed, the `choice`-th of n answers is drawn with
     seed + choice: n answers differ, and each repeats."""

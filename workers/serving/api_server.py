@@ -36,14 +36,14 @@ Chat requests also carry FastChat's `prompt`, built from the worker's /worker_ge
 own worker; a worker that reads `messages` ignores it. The worker answers HTTP 400/429/503 with
 {"error": {"message", "type", "code"}} (Retry-After on 429) before streaming, or streams NUL-delimited JSON
 chunks {"text": the whole text so far, "error_code": 0, "usage": {prompt_tokens, completion_tokens,
-total_tokens}, "finish_reason": null | "stop" | "length", with logprobs asked also "token_logprobs":
-{"offset": int, "content": [entry]} (the tokens since the chunk before) and, in the first chunk,
-"prompt_logprobs": [entry]; an entry is {"id", "token", "bytes", "logprob", "top": [{"id", "token", "bytes",
-"logprob"}]}, the logprob the model's log-softmax of its raw logits (null for a prompt's first token); with
-tools, the last chunk's "tool_calls": [{"name", "arguments"}] are the calls read from the answer and its "text"
-what else the answer said; for a reasoning model's chat answer also
+total_tokens}, "finish_reason": null | "stop" | "length"}; for a reasoning model's chat answer also
 "reasoning_content" and "content" (the text split at its thinking markers, workers/engine/reasoning.py;
-the answer's message gets both, a stream sends reasoning_content deltas, then content deltas)}.
+the answer's message gets both, a stream sends reasoning_content deltas, then content deltas); with logprobs
+asked also "token_logprobs": {"offset": int, "content": [entry]} (the tokens since the chunk before) and, in the
+first chunk, "prompt_logprobs": [entry]; an entry is {"id", "token", "bytes", "logprob", "top": [{"id", "token",
+"bytes", "logprob"}]}, the logprob the model's log-softmax of its raw logits (null for a prompt's first token); with
+tools, the last chunk's "tool_calls": [{"name", "arguments"}] are the calls read from the answer and its "text"
+what else the answer said.
 Closing the connection cancels the request.
 Embeddings: POST /worker_get_embeddings {"model", "input": [str | [int]], "encoding_format"} ->
 {"embedding": [...], "token_num": int} or {"error_code", "text"}.
@@ -266,14 +266,14 @@ class BundleApi:
                     if first_text_at is None:
                         first_text_at = time.monotonic()
                         self.metrics.ttft.labels(model).observe(first_text_at - t0)
-                    for k, delta in enumerate(new):
-                        taken = logprobs.take() if k == len(new) - 1 else None  # the chunk's tokens, once
+                    for j, delta in enumerate(new):  # the tokens' logprobs ride with the first delta
                         if kind == "chat":
-                            yield sse(api_policy.chat_chunk(id_, created, model, index, delta,
-                                                            include_usage=include_usage, logprobs=taken))
+                            yield sse(api_policy.chat_chunk(id_, created, model, index, delta, include_usage=include_usage,
+                                                            logprobs=logprobs.take() if j == 0 else None))
                         else:
                             yield sse(api_policy.completion_chunk(id_, created, model, index, delta,
-                                                                  include_usage=include_usage, logprobs=taken))
+                                                                  include_usage=include_usage,
+                                                                  logprobs=logprobs.take() if j == 0 else None))
                 if last is None:
                     raise ApiError(errors.WORKER_ERROR, f"the model worker at {addr} ended the answer without output")
                 finish = finish_reason(last.get("finish_reason"))
@@ -281,13 +281,10 @@ class BundleApi:
                     if held and first_text_at is None:
                         first_text_at = time.monotonic()
                         self.metrics.ttft.labels(model).observe(first_text_at - t0)
-                    rest = answer.feed(last, final=True)
-                    if not rest and logprobs.pending:
-                        rest = [{"content": ""}]
-                    for k, delta in enumerate(rest):
-                        taken = logprobs.take() if k == len(rest) - 1 else None
+                    tail = answer.feed(last, final=True) or ([{"content": ""}] if logprobs.pending else [])
+                    for j, delta in enumerate(tail):
                         yield sse(api_policy.chat_chunk(id_, created, model, index, delta, include_usage=include_usage,
-                                                        logprobs=taken))
+                                                        logprobs=logprobs.take() if j == 0 else None))
                     calls = last.get("tool_calls") if held else None
                     if calls:
                         for delta in tool_calls.deltas(calls, tools):
@@ -334,8 +331,8 @@ class BundleApi:
         id_ = f"chatcmpl-{shortuuid.random()}"
         jobs = [(0, api_policy.worker_payload(plan.model, plan.sampling, max_new_tokens=max_new,
                                               request_id=f"{id_}-{i}", messages=plan.messages, prompt=prompt,
-                                              logprobs=plan.logprobs, choice=i, extra=extra,
-                                              template_kwargs=plan.template_kwargs), "")
+                                              template_kwargs=plan.template_kwargs, logprobs=plan.logprobs,
+                                              choice=i, extra=extra), "")
                 for i in range(plan.n)]
         if plan.stream:
             return await self.stream(request, plan.model, addr, jobs, id_, "chat", plan.include_usage, plan.tools)

@@ -319,21 +319,21 @@ def make_worker_class():
         @staticmethod
         def chunk(text: str, job, completion_tokens: int, finish_reason: str | None,
                   logprobs: dict | None = None, tool_calls: list[dict] | None = None, final: bool = True) -> bytes:
-            """One stream chunk. For a reasoning model's chat answer (`job.thinking`, engine/reasoning.py) `text`
-            has its markers balanced and `reasoning_content` / `content` split it; `final=False` while it
-            may still grow (a marker being written is held back)."""
+            """One stream chunk, with the job's logprob fields (LogprobFeed). For a reasoning model's chat answer
+            (`job.thinking`, engine/reasoning.py) `text` has its markers balanced and `reasoning_content` /
+            `content` split it; `final=False` while it may still grow (a marker being written is held back)."""
             if finish_reason is not None:  # the worker protocol's reasons are OpenAI's: a cancelled answer stopped
                 finish_reason = api_policy.finish_reason(finish_reason)
             prompt_tokens = len(job.prompt_ids) - job.added_prefix  # the client's prompt, as it sent it
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                      "total_tokens": prompt_tokens + completion_tokens}
-            body = {"text": text, "error_code": 0, "usage": usage, "finish_reason": finish_reason}
+            data = {"text": text, "error_code": 0, "usage": usage, "finish_reason": finish_reason, **(logprobs or {})}
             if job.thinking is not None:
-                body["reasoning_content"], body["content"] = job.thinking.split(text, final)
-                body["text"] = job.thinking.text(text)
+                data["reasoning_content"], data["content"] = job.thinking.split(text, final)
+                data["text"] = job.thinking.text(text)
             if tool_calls:
-                body["tool_calls"] = tool_calls  # the calls read from the answer; `text` is what else it said
-            return (json.dumps({**body, **(logprobs or {})}, ensure_ascii=False) + "\0").encode()
+                data["tool_calls"] = tool_calls  # the calls read from the answer; `text` is what else it said
+            return (json.dumps(data, ensure_ascii=False) + "\0").encode()
 
     return BundleWorker
 
