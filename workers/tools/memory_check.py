@@ -142,11 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from workers.config.int8 import Int8Settings
-    from workers.engine import int8_cache, int8_runtime
+    from workers.engine import int8_cache
+    from workers.engine.runtimes import registry
     from workers.models import memory_budget
 
     folder = random_checkpoint(f"random-{args.shape}-bf16", SHAPES[args.shape])
-    settings = int8_runtime.resolve(Int8Settings(), folder)
+    _, settings = registry.select("itrex-int8", Int8Settings(), folder)
     entry = int8_cache.ensure(folder, settings, int8_cache_dir())
     shape = memory_budget.shape_of_folder(folder)
     estimate = memory_budget.worker_bytes(shape, "itrex-int8", 1, settings.group_size)
