@@ -40,6 +40,7 @@ from pathlib import Path
 import pytest
 
 from tests import tiny_models
+from tests.chat_cases import CHAT_CASES
 
 MISSING = tiny_models.model_code_missing()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
@@ -48,7 +49,7 @@ MAX_TOKENS = 12
 QWEN_REPETITION_PENALTY = 1.1   # Qwen-7B-Chat's generation_config; the bundle applies it as Qwen's chat() does
 TURN_END_AFTER = 3
 
-CASES = tiny_models.CHAT_CASES
+CASES = CHAT_CASES
 
 # Model folders (key -> folder name: nothing in it says which family it is).
 FOLDER_NAMES = {"glm": "glm-folder", "qwen": "some-model", "smol": "my-model",
