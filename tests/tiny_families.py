@@ -36,17 +36,10 @@ if str(ROOT) not in sys.path:  # run as `python -m tests.tiny_families` from ano
     sys.path.insert(0, str(ROOT))
 
 from tests import gguf_vocab  # noqa: E402
+from tests.chat_cases import CHAT_CASES  # noqa: E402,F401 (test_families imports it from here)
 
 INIT_STD = 0.02
 CHAIN_TEXT = "Hello from a tiny model that stops here"
-# Conversations every family is asked (system-less families refuse "system": their template says so).
-CHAT_CASES = {
-    "single": [{"role": "user", "content": "Hello"}],
-    "multi": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."},
-              {"role": "user", "content": "And 3+3?"}],
-    "system": [{"role": "system", "content": "You are a terse assistant."}, {"role": "user", "content": "Hello"}],
-    "chinese": [{"role": "user", "content": "你好，请介绍一下你自己。"}],
-}
 # A plain-text prompt for /v1/completions: no newline (a chain start in several templates).
 COMPLETION_PROMPT = "The quick brown fox jumps over the lazy dog because"
 

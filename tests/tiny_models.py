@@ -48,14 +48,6 @@ INIT_STD = 0.02
 CHAIN_TEXT = ("Hello from a tiny model that stops here and never says anything more because "
               "its turn is over now")
 QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."
-# The conversations every family is asked in the fidelity tests (test_fidelity, neural_speed_cases).
-CHAT_CASES = {
-    "single": [{"role": "user", "content": "Hello"}],
-    "multi": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."},
-              {"role": "user", "content": "And 3+3?"}],
-    "system": [{"role": "system", "content": "You are a terse assistant."}, {"role": "user", "content": "Hello"}],
-    "chinese": [{"role": "user", "content": "你好，请介绍一下你自己。"}],
-}
 
 # Stop tokens of each family's chat(), mapped to the `stopped_by` reason they give.
 CHATGLM3_STOPS = {2: "eos", 64795: "turn_end", 64797: "turn_end"}          # </s>, <|user|>, <|observation|>

@@ -27,6 +27,7 @@ from workers.engine.runtimes.neural_speed.model import PREFILL_CHUNK, NeuralSpee
 from workers.engine.served_model import ServedModel
 from workers.models.families import neural_speed_graph
 from tests import tiny_models
+from tests.chat_cases import CHAT_CASES
 from tests.helpers import LONG_STORY, outcome, run_together
 
 QUESTIONS = ["What is the capital of France?", "Write one sentence about the sea.", "List three primary colors."]
@@ -456,7 +457,6 @@ REMOTE_FAMILIES = {
     "qwen": (tiny_models.build_qwen, "qwen", 24, 1.1),
     "chatglm3": (tiny_models.build_chatglm3, "chatglm2", 28, 1.0),
 }
-CHAT_CASES = tiny_models.CHAT_CASES
 
 
 @pytest.fixture(scope="module")

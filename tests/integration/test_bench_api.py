@@ -13,7 +13,7 @@ from tests.helpers import ROOT, bundle_env
 def test_bench_api_writes_table_and_plot(served_bundle, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "workers.tools.bench_api", "--profile", served_bundle["conf"], "--concurrency", "1", "2",
-         "--requests-per-client", "1", "--rounds", "1", "--no-in-process", "--max-tokens", "12", "--turns", "2"],
+         "--requests-per-client", "1", "--rounds", "1", "--no-in-process", "--max-tokens", "12", "--turns", "2", "--constrained", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
         env=bundle_env(BUNDLE_VAR_DIR=str(tmp_path), BUNDLE_TEST_API_KEYS=",".join(API_KEYS)))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -28,8 +28,11 @@ def test_bench_api_writes_table_and_plot(served_bundle, tmp_path):
     assert len(turns) == 2 and all("–" not in line and line.count("|") == 5 for line in turns), turns
     # Alone vs all busy: both speeds measured for both models.
     assert "the model alone vs every model busy at once" in table
-    busy = table.split("every model busy at once")[1].splitlines()
+    busy = table.split("every model busy at once")[1].split("Constrained decoding")[0].splitlines()
     assert sum(1 for line in busy if line.startswith("| smol-") and " 0.0 |" not in line) == 2, busy
+    # Constrained decoding: free and constrained ms per token and their difference, for both models.
+    constrained = [line for line in table.split("Constrained decoding")[1].splitlines() if line.startswith("| smol-")]
+    assert len(constrained) == 2 and all("–" not in line for line in constrained), constrained
     png = tmp_path / "reports" / "bench-api" / "bench-api.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -22,10 +22,19 @@ import pytest
 from tests import tiny_families
 from tests.tiny_families import CHAT_CASES, COMPLETION_PROMPT
 
-FAMILIES = list(tiny_families.FAMILIES)
-INT8 = ("qwen3", "llama3.2", "phi3.5", "glm4-0414")  # tied + qk-norm, tied + llama3 rope, fused qkv, qkv bias
+# One bundle per group at a time (four workers and one INT8 worker: about 0.9 GiB each by the memory check).
+GROUPS = {
+    "qwen": (("qwen2.5", "r1-distill-qwen", "qwen3", "smollm3"), ("qwen3",)),                # tied + qk-norm
+    "llama": (("llama3.1", "llama3.2", "llama3.3", "r1-distill-llama"), ("llama3.2",)),      # tied + llama3 rope
+    "phi-mistral": (("phi3.5", "phi4", "mistral-nemo"), ("phi3.5",)),                        # fused qkv, longrope
+    "gemma-glm": (("gemma2", "gemma3", "glm4-hf", "glm4-0414"), ("glm4-0414",)),             # qkv bias, post norms
+}
+FAMILIES = [f for fp32, _ in GROUPS.values() for f in fp32]
+INT8 = [f for _, int8 in GROUPS.values() for f in int8]
+GROUP_OF = {f: g for g, (fp32, _) in GROUPS.items() for f in fp32}
 MAX_TOKENS = 16
 COMPLETION_TOKENS = 8
+
 
 pytestmark = pytest.mark.timeout(1800)
 
@@ -58,18 +67,20 @@ def refs(folders) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def bundle(folders, tmp_path_factory):
+def bundle(request, folders, tmp_path_factory):
     from openai import OpenAI
 
     from tests.helpers import free_port, running_bundle
 
+    group = request.param
+    fp32, int8 = GROUPS[group]
     models = [{"names": [served_name(n)], "source": {"path": str(folders[n])}, "backend": "fp32",
-               "port": free_port(), "threads": "shared"} for n in FAMILIES]
+               "port": free_port(), "threads": "shared"} for n in fp32]
     models += [{"names": [served_name(n, "int8")], "source": {"path": str(folders[n])}, "backend": "itrex-int8",
-                "port": free_port(), "threads": "shared"} for n in INT8]
-    with running_bundle(tmp_path_factory.mktemp("families"), models, tiny_families.CACHE,
-                        tmp_path_factory.mktemp("families-int8")) as b:
-        yield {**b, "client": OpenAI(base_url=b["api"], api_key="none", max_retries=0, timeout=120)}
+                "port": free_port(), "threads": "shared"} for n in int8]
+    with running_bundle(tmp_path_factory.mktemp(f"families-{group}"), models, tiny_families.CACHE,
+                        tmp_path_factory.mktemp(f"families-int8-{group}")) as b:
+        yield {**b, "group": group, "client": OpenAI(base_url=b["api"], api_key="none", max_retries=0, timeout=120)}
 
 
 def ask(client, model: str, messages: list[dict], max_tokens: int = MAX_TOKENS) -> dict:
@@ -97,55 +108,79 @@ def expected(ref: dict) -> dict:
             "prompt_tokens": len(ref["prompt_ids"]), "completion_tokens": len(ref["output_ids"])}
 
 
-def test_each_family_runs_in_the_environment_its_config_needs(bundle, folders, environments):
+# Each test takes one group's bundle (only `bundle` is parametrised, so pytest runs a group's tests together)
+# and checks every model of it, reporting every mismatch at once.
+EACH_GROUP = pytest.mark.parametrize("bundle", GROUPS, indirect=True)
+
+
+@EACH_GROUP
+def test_each_family_runs_in_the_environment_its_config_needs(bundle, environments):
     """The supervisord program of each worker runs its environment's Python, chosen from config.json."""
     conf = (Path(bundle["var"]) / "run" / "supervisord.conf").read_text()
-    for name in FAMILIES:
+    for name in GROUPS[bundle["group"]][0]:
         line = next(l for l in conf.splitlines() if l.startswith("command =") and served_name(name) in l)
         venv = Path(line.split()[2]).parent.parent  # <venv>/bin/python (the interpreter itself is a link)
         assert venv.resolve() == environments[name].folder.resolve(), (name, line)
     assert {e.name for e in environments.values()} == {"pinned", "current"}
+    assert sorted(FAMILIES) == sorted(tiny_families.FAMILIES)  # every tiny family is served
 
 
-@pytest.mark.parametrize("case", CHAT_CASES)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_chat_answer_equals_transformers_generate(bundle, refs, family, case):
+@EACH_GROUP
+def test_chat_answers_equal_transformers_generate(bundle, refs):
     import openai
 
-    ref = refs[family][case]
-    if "error" in ref:  # the family's own template refuses it (Gemma: no system role): a clear 400
-        with pytest.raises(openai.BadRequestError, match="chat template"):
-            ask(bundle["client"], served_name(family), CHAT_CASES[case])
-        return
-    assert ref["stop_id"] is not None, "the tiny model's steered answer should end at its turn-end token"
-    assert ask(bundle["client"], served_name(family), CHAT_CASES[case]) == expected(ref)
+    wrong = {}
+    for family in GROUPS[bundle["group"]][0]:
+        for case, messages in CHAT_CASES.items():
+            ref = refs[family][case]
+            if "error" in ref:  # the family's own template refuses it (Gemma: no system role): a clear 400
+                with pytest.raises(openai.BadRequestError, match="chat template"):
+                    ask(bundle["client"], served_name(family), messages)
+                continue
+            assert ref["stop_id"] is not None, f"{family}: the steered answer should end at its turn-end token"
+            got = ask(bundle["client"], served_name(family), messages)
+            if got != expected(ref):
+                wrong[(family, case)] = (got, expected(ref))
+    assert not wrong, wrong
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_stream_equals_non_stream(bundle, refs, family):
-    case = "multi"
-    once = ask(bundle["client"], served_name(family), CHAT_CASES[case])
-    assert ask_stream(bundle["client"], served_name(family), CHAT_CASES[case]) == once == expected(refs[family][case])
+@EACH_GROUP
+def test_stream_equals_non_stream(bundle, refs):
+    wrong = {}
+    for family in GROUPS[bundle["group"]][0]:
+        messages = CHAT_CASES["multi"]
+        once = ask(bundle["client"], served_name(family), messages)
+        streamed = ask_stream(bundle["client"], served_name(family), messages)
+        if not streamed == once == expected(refs[family]["multi"]):
+            wrong[family] = (streamed, once, expected(refs[family]["multi"]))
+    assert not wrong, wrong
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_completion_equals_transformers_generate(bundle, refs, family):
-    ref = refs[family]["completion"]
-    r = bundle["client"].completions.create(model=served_name(family), prompt=COMPLETION_PROMPT, temperature=0,
-                                            max_tokens=COMPLETION_TOKENS)
-    assert (r.choices[0].text, r.usage.prompt_tokens, r.usage.completion_tokens) == (
-        ref["text"], len(ref["prompt_ids"]), len(ref["output_ids"]))
+@EACH_GROUP
+def test_completions_equal_transformers_generate(bundle, refs):
+    wrong = {}
+    for family in GROUPS[bundle["group"]][0]:
+        ref = refs[family]["completion"]
+        r = bundle["client"].completions.create(model=served_name(family), prompt=COMPLETION_PROMPT, temperature=0,
+                                                max_tokens=COMPLETION_TOKENS)
+        got = (r.choices[0].text, r.usage.prompt_tokens, r.usage.completion_tokens)
+        if got != (ref["text"], len(ref["prompt_ids"]), len(ref["output_ids"])):
+            wrong[family] = (got, ref)
+    assert not wrong, wrong
 
 
-@pytest.mark.parametrize("family", INT8)
-def test_int8_answers_equal_fp32(bundle, refs, family):
-    for case, messages in CHAT_CASES.items():
-        if "error" in refs[family][case]:
-            continue
-        assert ask(bundle["client"], served_name(family, "int8"), messages) == expected(refs[family][case]), case
+@EACH_GROUP
+def test_int8_answers_equal_fp32(bundle, refs):
+    for family in GROUPS[bundle["group"]][1]:
+        for case, messages in CHAT_CASES.items():
+            if "error" in refs[family][case]:
+                continue
+            assert ask(bundle["client"], served_name(family, "int8"), messages) == expected(refs[family][case]), \
+                (family, case)
 
 
-def test_int8_of_a_current_family_was_quantized_by_its_own_environment(bundle, folders):
+@EACH_GROUP
+def test_int8_of_a_current_family_was_quantized_by_its_own_environment(bundle):
     """The INT8 cache key records the versions of the environment that quantized and loads the entry."""
     entries = [json.loads(p.read_text()) for p in Path(bundle["env"]["BUNDLE_INT8_CACHE_DIR"]).glob("*/bundle_manifest.json")]
     transformers = {e["inputs"]["versions"]["transformers"] for e in entries}

@@ -40,6 +40,7 @@ from pathlib import Path
 import pytest
 
 from tests import tiny_models
+from tests.chat_cases import CHAT_CASES
 
 MISSING = tiny_models.model_code_missing()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
@@ -48,7 +49,7 @@ MAX_TOKENS = 12
 QWEN_REPETITION_PENALTY = 1.1   # Qwen-7B-Chat's generation_config; the bundle applies it as Qwen's chat() does
 TURN_END_AFTER = 3
 
-CASES = tiny_models.CHAT_CASES
+CASES = CHAT_CASES
 
 # Model folders (key -> folder name: nothing in it says which family it is).
 FOLDER_NAMES = {"glm": "glm-folder", "qwen": "some-model", "smol": "my-model",
@@ -61,6 +62,8 @@ GROUPS = {
     "qwen": {"qwen-fp32": ("qwen", "fp32"), "qwen-int8": ("qwen", "itrex-int8")},
     "smollm2": {"smol-fp32": ("smol", "fp32"), "smol-int8": ("smol", "itrex-int8")},
     "turn-end": {"glm-stop": ("glm-te", "fp32"), "qwen-stop": ("qwen-te", "fp32")},
+    # a Hermes-template model (tests/tiny_qwen2.py: Qwen2 with Qwen2.5's tokenizer and template), for tools only
+    "hermes": {"hermes-fp32": ("hermes", "fp32")},
 }
 PREFIX = {"chatglm3": "glm", "qwen": "qwen", "smollm2": "smol"}
 FAMILY_GROUPS = tuple(PREFIX)
@@ -141,6 +144,10 @@ def bundle(request, folders, int8_root, tmp_path_factory):
     from tests.helpers import free_port, running_bundle
 
     group = request.param
+    if group == "hermes":
+        from tests import tiny_qwen2
+
+        folders["hermes"] = tiny_qwen2.build(tmp_path_factory.mktemp("hermes") / "hermes-folder")
     if group == "smollm2":
         link_smollm2_entry(folders["smol"], request.getfixturevalue("int8_entry"), int8_root)
     models = []
@@ -434,3 +441,146 @@ def test_completions_answer_on_chatglm3(bundle, backend):
     again = bundle["client"].completions.create(model=name, prompt="Once upon a time", max_tokens=MAX_TOKENS,
                                                 temperature=0)
     assert again.choices[0].text == r.choices[0].text   # greedy: the same answer, the slot was freed
+
+
+# ------------------------------------------------------------------- tools and structured output (issue 28)
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                   "required": ["city"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}}
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+TOOL_GROUPS = ("chatglm3", "qwen", "smollm2")  # ChatGLM3's own tools, Qwen's ReAct, a template without tools (Hermes)
+# room for a whole call: a 12-character argument of rare characters is up to 36 byte-level tokens (Qwen2's vocabulary)
+CALL_TOKENS = 96
+
+
+def weather_model():
+    from pydantic import BaseModel, Field
+
+    class Weather(BaseModel):
+        city: str = Field(max_length=12)
+        celsius: int = Field(ge=-50, le=60)
+        sunny: bool
+
+    return Weather
+
+
+def assert_weather_call(call, name="get_weather"):
+    assert call.type == "function" and call.function.name == name and call.id.startswith("call_")
+    args = json.loads(call.function.arguments)
+    assert set(args) == {"city"} and isinstance(args["city"], str) and len(args["city"]) <= 12, args
+
+
+def tool_name(group: str, backend: str) -> str:
+    return "hermes-fp32" if group == "hermes" else served_name(group, backend)
+
+
+def round_trip(client, name):
+    """A random-weight model steered to a call by the grammar of tool_choice: the call, the tool's result,
+    then a final text answer, each through the family's own tool protocol."""
+    first = client.chat.completions.create(
+        model=name, messages=WEATHER_QUESTION, tools=[WEATHER_TOOL, TIME_TOOL], temperature=0, max_tokens=CALL_TOKENS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1, choice
+    call = choice.message.tool_calls[0]
+    assert_weather_call(call)
+    messages = WEATHER_QUESTION + [choice.message.model_dump(exclude_none=True),
+                                   {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 degrees"}]
+    final = client.chat.completions.create(model=name, messages=messages, tools=[WEATHER_TOOL, TIME_TOOL],
+                                           tool_choice="none", temperature=0, max_tokens=MAX_TOKENS)
+    answer = final.choices[0]
+    assert answer.finish_reason in ("stop", "length") and answer.message.tool_calls is None
+    assert isinstance(answer.message.content, str)
+    # "required" lets the model pick among the tools; the answer still is a valid call
+    required = client.chat.completions.create(model=name, messages=WEATHER_QUESTION, tools=[WEATHER_TOOL, TIME_TOOL],
+                                              tool_choice="required", temperature=0, max_tokens=CALL_TOKENS)
+    picked = required.choices[0].message.tool_calls[0]
+    assert_weather_call(picked, picked.function.name) and picked.function.name in ("get_weather", "get_time")
+
+
+def streamed_call(client, name):
+    ask_ = dict(model=name, messages=WEATHER_QUESTION, tools=[WEATHER_TOOL], tool_choice="required", temperature=0,
+                max_tokens=CALL_TOKENS)
+    whole = client.chat.completions.create(**ask_).choices[0].message.tool_calls[0]
+    calls, finish = {}, None
+    for chunk in client.chat.completions.create(stream=True, **ask_):
+        for d in chunk.choices[0].delta.tool_calls or []:
+            calls.setdefault(d.index, {"name": "", "arguments": ""})
+            calls[d.index]["name"] += d.function.name or ""
+            calls[d.index]["arguments"] += d.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    assert calls == {0: {"name": whole.function.name, "arguments": whole.function.arguments}}
+
+
+def parsed_answer(client, name):
+    Weather = weather_model()
+    r = client.beta.chat.completions.parse(model=name, messages=WEATHER_QUESTION, response_format=Weather,
+                                           temperature=0, max_tokens=64)
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(r.choices[0].message.parsed, Weather), r.choices[0].message.content
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bundle", TOOL_GROUPS, indirect=True)
+def test_tool_call_round_trip_with_the_official_client(bundle, backend):
+    round_trip(bundle["client"], tool_name(bundle["group"], backend))
+
+
+@pytest.mark.parametrize("bundle", TOOL_GROUPS + ("hermes",), indirect=True)
+def test_streamed_tool_call_equals_the_non_streamed_one(bundle):
+    streamed_call(bundle["client"], tool_name(bundle["group"], "fp32"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bundle", TOOL_GROUPS, indirect=True)
+def test_json_schema_answers_parse_with_the_clients_pydantic_parse(bundle, backend):
+    """client.beta.chat.completions.parse() with a pydantic model (json_schema, strict): a random-weight
+    model's answer validates, on every runtime (fp32 batcher, ITREX INT8, neural-speed INT8)."""
+    parsed_answer(bundle["client"], tool_name(bundle["group"], backend))
+
+
+@pytest.mark.parametrize("bundle", ["hermes"], indirect=True)
+def test_hermes_template_model_round_trip_and_parse(bundle):
+    """Qwen2.5's own template renders the tools and the <tool_call> history; its calls are read back."""
+    round_trip(bundle["client"], "hermes-fp32")
+    parsed_answer(bundle["client"], "hermes-fp32")
+
+
+@pytest.mark.parametrize("bundle", ["qwen"], indirect=True)
+def test_constrained_and_free_answers_share_a_batch(bundle):
+    """Constrained requests decode in one batch beside an unconstrained one: each keeps its own grammar."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    Weather = weather_model()
+    client, name = bundle["client"], served_name(bundle["group"], "fp32")
+    free = ask(client, name, CASES["single"], MAX_TOKENS)
+
+    def constrained(i):
+        messages = [{"role": "user", "content": f"Weather report number {i}"}]
+        return client.beta.chat.completions.parse(model=name, messages=messages, response_format=Weather,
+                                                  temperature=0, max_tokens=64).choices[0].message.parsed
+
+    with ThreadPoolExecutor(4) as pool:
+        jobs = [pool.submit(constrained, i) for i in range(3)] + [pool.submit(ask, client, name, CASES["single"],
+                                                                              MAX_TOKENS)]
+        results = [j.result() for j in jobs]
+    assert all(isinstance(r, Weather) for r in results[:3])
+    assert results[3] == free   # the free answer is the one it gives alone
+
+
+@pytest.mark.parametrize("bundle", ["chatglm3"], indirect=True)
+def test_tools_with_auto_choice_answer_text_when_no_call_is_made(bundle):
+    """A reply that is not a valid call comes back as text, never as an error."""
+    client, name = bundle["client"], served_name(bundle["group"], "fp32")
+    r = client.chat.completions.create(model=name, messages=WEATHER_QUESTION, tools=[WEATHER_TOOL], temperature=0,
+                                       max_tokens=MAX_TOKENS)
+    choice = r.choices[0]
+    assert choice.finish_reason in ("stop", "length", "tool_calls")
+    if choice.finish_reason != "tool_calls":
+        assert isinstance(choice.message.content, str) and not choice.message.tool_calls

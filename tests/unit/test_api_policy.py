@@ -157,7 +157,7 @@ def test_string_messages_are_refused():
     ([{"role": "user"}], "messages[0].content", "messages[0] has no 'content'"),
     (["hi"], "messages[0]", "must be an object"),
     ([{"role": "robot", "content": "hi"}], "messages[0].role", "must be one of system, user, assistant"),
-    ([{"role": "tool", "content": "42"}], "messages[0].role", "'tool'"),
+    ([{"role": "developer", "content": "42"}], "messages[0].role", "'developer'"),
     ([{"content": "hi"}], "messages[0].role", "None"),
     ([{"role": ["user"], "content": "hi"}], "messages[0].role", "must be one of"),
     ([{"role": "user", "content": None}], "messages[0].content", "a string or a list of content parts"),
@@ -168,7 +168,12 @@ def test_string_messages_are_refused():
     ([{"role": "user", "content": [{"type": "text", "text": 3}]}], "messages[0].content[0].text", "must be a string"),
     ([{"role": "user", "content": [{"type": "video", "text": "x"}]}], "messages[0].content[0].type", "must be 'text'"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}],
-     "messages[1].tool_calls", "not supported"),
+     "messages[1].tool_calls[0]", "must be"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": {"id": "1"}}],
+     "messages[1].tool_calls", "must be a list"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": None,
+                                         "function_call": {"name": "f", "arguments": {"x": 1}}}],
+     "messages[1].function_call", "a JSON string"),
 ])
 def test_bad_messages_name_the_problem(messages, param, fragment):
     err = refused(chat, messages=messages)
@@ -197,11 +202,7 @@ def test_text_parts_are_joined_and_other_fields_dropped():
 
 # --- parameters -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,value", [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"),
-    ("tool_choice", {"type": "function", "function": {"name": "f"}}), ("functions", [{"name": "f"}]),
-    ("function_call", {"name": "f"}), ("response_format", {"type": "json_object"}),
-    ("response_format", {"type": "json_schema", "json_schema": {}}), ("audio", {"voice": "x"}),
-    ("modalities", ["text", "audio"]),
+    ("audio", {"voice": "x"}), ("modalities", ["text", "audio"]),
     ("prediction", {"type": "content", "content": "x"}),
 ])
 def test_unsupported_chat_parameters_are_400_naming_them(name, value):

@@ -240,7 +240,10 @@ BAD = {
     "not-a-list": ("hello", "non-empty list"),
     "ends-with-assistant": ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
                             "last message must be from the user"),
-    "unknown-role": ([{"role": "tool", "content": "x"}, {"role": "user", "content": "a"}], r"messages\[0\]\.role 'tool'"),
+    "unknown-role": ([{"role": "developer", "content": "x"}, {"role": "user", "content": "a"}],
+                     r"messages\[0\]\.role 'developer'"),
+    "tool-result-without-call": ([{"role": "user", "content": "a"}, {"role": "tool", "content": "x"}],
+                                 r"messages\[1\] is a tool result, but no assistant message with tool_calls"),
     "content-not-text": ([{"role": "user", "content": 5}], r"messages\[0\]\.content must be a string"),
     "image-part": ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "only text parts"),
 }

@@ -19,17 +19,19 @@ The family data (which format, which tokens) lives in workers/models/families.py
 """
 from __future__ import annotations
 
+import inspect
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from transformers import PretrainedConfig
 
+from workers.engine import tool_formats
 from workers.engine.reasoning import Thinking, opened_by_prompt
 from workers.models import families
 from workers.models.families import Family, UnknownFamily, read_json
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_MAX_NEW_TOKENS = 512
 DEFAULT_CONTEXT_LENGTH = 2048
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
@@ -90,16 +92,13 @@ def token_id(tokenizer, token: str) -> int | None:
 
 
 def _template_text(tokenizer) -> str:
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, Mapping):
-        return "\n".join(str(v) for v in template.values())
-    if isinstance(template, list):  # [{"name": ..., "template": ...}] as some tokenizer_config.json files write it
-        return "\n".join(str(t.get("template", "")) if isinstance(t, Mapping) else str(t) for t in template)
-    return template or ""
+    return tool_formats.template_text(tokenizer)
 
 
 def normalize_messages(messages: Any) -> list[dict]:
-    """[{"role", "content": str}], checked: known roles, text content, ending with a user message.
+    """[{"role", "content": str}], checked: known roles, text content, ending with a user message (or a
+    tool result). An assistant message may carry "tool_calls" [{"id", "name", "arguments"}] (its content
+    may then be empty), a tool message "tool_call_id" and "name".
 
     Content given as OpenAI content parts is accepted when every part is text (joined).
     """
@@ -117,12 +116,30 @@ def normalize_messages(messages: Any) -> list[dict]:
                        for p in content):
                 raise PromptError(f"messages[{i}].content: only text parts are supported")
             content = "".join(p["text"] for p in content)
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if content is None and calls:
+            content = ""
         if not isinstance(content, str):
             raise PromptError(f"messages[{i}].content must be a string")
-        out.append({"role": role, "content": content})
-    if out[-1]["role"] != "user":
-        raise PromptError(f"the last message must be from the user (it is {out[-1]['role']!r})")
+        item = {"role": role, "content": content}
+        if calls:
+            if not (isinstance(calls, list) and all(isinstance(c, Mapping) and isinstance(c.get("name"), str)
+                                                    and isinstance(c.get("arguments"), str) for c in calls)):
+                raise PromptError(f"messages[{i}].tool_calls must be a list of {{id, name, arguments}}")
+            item["tool_calls"] = [dict(c) for c in calls]
+        if role == "tool":
+            if not out or not (out[-1].get("tool_calls") or out[-1]["role"] == "tool"):
+                raise PromptError(f"messages[{i}] is a tool result, but no assistant message with tool_calls "
+                                  f"comes right before it")
+            item["tool_call_id"], item["name"] = m.get("tool_call_id"), m.get("name")
+        out.append(item)
+    if out[-1]["role"] not in ("user", "tool"):
+        raise PromptError(f"the last message must be from the user or a tool result (it is {out[-1]['role']!r})")
     return out
+
+
+def _uses_tools(messages: list[dict], tools) -> bool:
+    return bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
 
 
 def checked_template_kwargs(value: Any) -> dict:
@@ -214,12 +231,23 @@ class ChatFormat:
 
     # ------------------------------------------------------------------------------ prompts
 
-    def render(self, messages: list[dict], template_kwargs: Mapping | None = None) -> list[int]:
-        """The prompt token ids for `messages` (the last one from the user), ready for generate().
-        `template_kwargs` (a request's chat_template_kwargs) reach a chat template as variables; the
-        other formats have no template variables and ignore them."""
+    @property
+    def tool_format(self) -> str | None:
+        """The model's tool-call protocol (tool_formats), None under a FastChat conv_template."""
+        if self.conv_template is not None:
+            return None
+        return tool_formats.format_for(self.family, self.tokenizer)
+
+    def render(self, messages: list[dict], template_kwargs: Mapping | None = None,
+               tools: list[dict] | None = None) -> list[int]:
+        """The prompt token ids for `messages` (the last one from the user, or a tool result), ready for
+        generate(). `template_kwargs` (a request's chat_template_kwargs) reach a chat template as variables;
+        the other formats have no template variables and ignore them. `tools` ([{"name", "description",
+        "parameters"}]) are offered in the model's own way."""
         messages = normalize_messages(messages)
         kwargs = checked_template_kwargs(template_kwargs)
+        if _uses_tools(messages, tools):
+            return self._render_with_tools(messages, tools or None, kwargs)
         if self.conv_template is not None:
             return self._render_fastchat(messages)
         if self.kind == families.PROMPT_CHATGLM3:
@@ -228,11 +256,40 @@ class ChatFormat:
             return self._render_qwen(messages)
         return self._render_chat_template(messages, kwargs)
 
-    def _render_chat_template(self, messages: list[dict], kwargs: dict | None = None) -> list[int]:
+    def _render_with_tools(self, messages: list[dict], tools: list[dict] | None, kwargs: dict) -> list[int]:
+        if self.conv_template is not None:
+            raise PromptError(f"tools and tool messages need the model's own chat format; FastChat template "
+                              f"{self.conv_template!r} (models[].conv_template) has no tool-call format")
+        try:
+            if self.kind == families.PROMPT_CHATGLM3:
+                history, query, role = tool_formats.chatglm3_turns(messages, tools)
+                encoded = self.tokenizer.build_chat_input(query, history=history, role=role)
+                ids = encoded["input_ids"]
+                return [int(i) for i in (ids[0].tolist() if hasattr(ids, "tolist") else ids[0])]
+            if self.kind == families.PROMPT_QWEN_CHATML:
+                default = self.family.default_system if self.family else ""
+                system, pairs, question, open_answer = tool_formats.qwen_react_turns(messages, tools, default or "")
+                return self._qwen_tokens(system, pairs, question, open_answer)
+        except ValueError as exc:
+            raise PromptError(str(exc)) from None
+        takes = tool_formats.template_takes_tools(self.tokenizer)
+        return self._render_chat_template(tool_formats.template_messages(messages, tools, takes), kwargs,
+                                          tools=tool_formats._openai_tools(tools) if (takes and tools) else None)
+
+    def _render_chat_template(self, messages: list[dict], kwargs: dict | None = None,
+                              tools: list[dict] | None = None) -> list[int]:
         from jinja2 import TemplateError
 
         try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **(kwargs or {}))
+            if tools and "tools" not in inspect.signature(self.tokenizer.apply_chat_template).parameters:
+                # transformers 4.40's apply_chat_template passes no `tools` to the template: render it here as
+                # apply_chat_template does (its compiled template, the special tokens as variables).
+                template = self.tokenizer._compile_jinja_template(self.tokenizer.chat_template)
+                text = template.render(messages=messages, tools=tools, add_generation_prompt=True,
+                                       **self.tokenizer.special_tokens_map, **(kwargs or {}))
+                return [int(i) for i in self.tokenizer.encode(text, add_special_tokens=False)]
+            extra = {"tools": tools} if tools else {}
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra, **(kwargs or {}))
         except TemplateError as exc:  # e.g. "Conversation roles must alternate user/assistant/..."
             raise PromptError(f"the model's chat template refuses these messages: {exc}") from None
         return [int(i) for i in ids]
@@ -250,6 +307,13 @@ class ChatFormat:
         system, turns = _split_system_and_turns(messages, "Qwen-7B-Chat's chat format")
         if system is None:
             system = self.family.default_system if self.family else ""
+        pairs = [(turns[i]["content"], turns[i + 1]["content"]) for i in range(0, len(turns) - 1, 2)]
+        return self._qwen_tokens(system, pairs, turns[-1]["content"])
+
+    def _qwen_tokens(self, system: str, pairs: list[tuple[str, str]], question: str,
+                     open_answer: str | None = None) -> list[int]:
+        """make_context's tokens; with `open_answer`, the last assistant turn left open for the model to
+        continue (Qwen's openai_api.py text_complete_last_message, after a tool result)."""
         tok = self.tokenizer
         window = self.generation_config.get("max_window_size") or QWEN_DEFAULT_WINDOW
         im_start, im_end = [tok.im_start_id], [tok.im_end_id]
@@ -260,14 +324,16 @@ class ChatFormat:
 
         system_tokens = im_start + part("system", system) + im_end
         context: list[int] = []
-        pairs = [(turns[i]["content"], turns[i + 1]["content"]) for i in range(0, len(turns) - 1, 2)]
         for query, response in reversed(pairs):  # whole (query, response) pairs, newest first, while they fit
             more = nl + im_start + part("user", query) + im_end + nl + im_start + part("assistant", response) + im_end
             if len(system_tokens) + len(more) + len(context) < window:
                 context = more + context
             else:
                 break
-        return (system_tokens + context + nl + im_start + part("user", turns[-1]["content"]) + im_end + nl
+        if open_answer is not None:
+            return (system_tokens + context + nl + im_start + part("user", question) + im_end + nl
+                    + im_start + part("assistant", open_answer))
+        return (system_tokens + context + nl + im_start + part("user", question) + im_end + nl
                 + im_start + tok.encode("assistant") + nl)
 
     def _render_fastchat(self, messages: list[dict]) -> list[int]:

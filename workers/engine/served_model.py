@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workers.config.schema import ModelSpec
-from workers.engine import generate, prompt, threads
+from workers.engine import generate, prompt, threads, tool_formats
+from workers.engine.constraint import GrammarError, Grammars
 from workers.engine.core_share import CoreShare
 from workers.engine.generate import Job
 from workers.engine.prefix_cache import PrefixCache
@@ -98,6 +99,23 @@ def _stop_strings(value) -> tuple[str, ...]:
     raise BadRequest("stop must be a string or a list of strings", "stop")
 
 
+def _tools(params: dict) -> list[dict] | None:
+    tools = params.get("tools")
+    if tools is None:
+        return None
+    if not (isinstance(tools, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools)):
+        raise BadRequest("tools must be a list of {name, description, parameters}", "tools")
+    return tools or None
+
+
+def _tool_choice(params: dict) -> str:
+    """"auto" | "none" | "required" | the name of the one tool to call."""
+    choice = params.get("tool_choice")
+    if isinstance(choice, dict) and isinstance(choice.get("name"), str):
+        return choice["name"]
+    return choice if choice in (tool_formats.AUTO, tool_formats.NONE, tool_formats.REQUIRED) else tool_formats.AUTO
+
+
 @dataclass
 class ServedModel:
     name: str
@@ -112,6 +130,7 @@ class ServedModel:
     share: CoreShare | None = None
     engine: Engine | None = None  # the runtime's serving side: set by build()
     pieces: TokenPieces | None = None  # each token's text and bytes, for logprobs
+    _grammars: Grammars | None = None
 
     @classmethod
     def build(cls, spec: ModelSpec, folder: Path, model, tokenizer, share: CoreShare | None = None) -> "ServedModel":
@@ -136,11 +155,11 @@ class ServedModel:
     # --- prompts -------------------------------------------------------------------------------
 
     def prompt_ids(self, params: dict) -> list[int]:
-        """The prompt token ids: rendered from `messages` in the model's own chat format, or a plain
-        text `prompt` (completions), or `prompt_token_ids` given by the client."""
+        """The prompt token ids: rendered from `messages` in the model's own chat format (with the `tools`
+        offered), or a plain text `prompt` (completions), or `prompt_token_ids` given by the client."""
         try:
             if params.get("messages") is not None:
-                return self.chat.render(params["messages"], params.get("chat_template_kwargs"))
+                return self.chat.render(params["messages"], params.get("chat_template_kwargs"), _tools(params))
             if params.get("prompt_token_ids") is not None:
                 ids = params["prompt_token_ids"]
                 if not (isinstance(ids, list) and ids and all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids)):
@@ -206,7 +225,55 @@ class ServedModel:
             raise BadRequest(f"model {self.name} {self.engine.no_prompt_logits}", "echo")
         if job.top_k is not None and job.top_k < 0:  # FastChat clients send -1 for "no top-k"
             job.top_k = 0
+        self._constrain(job, params)
         return job, client_ids
+
+    # --- tools and structured output ---------------------------------------------------------------
+
+    @property
+    def grammars(self) -> Grammars:
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.vocab_size)
+        return self._grammars
+
+    def _constrain(self, job: Job, params: dict) -> None:
+        """Stops and grammar of a request with tools or a response_format (json_object / json_schema)."""
+        tools, choice = _tools(params), _tool_choice(params)
+        fmt = self.chat.tool_format
+        grammar, param = None, "tools"
+        if tools and fmt is not None:
+            job.stop_strings += tuple(s for s in tool_formats.stop_strings(fmt) if s not in job.stop_strings)
+        if tools and choice not in (tool_formats.AUTO, tool_formats.NONE):
+            if fmt is None:
+                raise BadRequest(f"model {self.name} has a FastChat conv_template and no tool-call format", "tools")
+            if choice != tool_formats.REQUIRED and not any(t["name"] == choice for t in tools):
+                raise BadRequest(f"tool_choice names {choice!r}, which is not one of the tools", "tool_choice")
+            grammar = tool_formats.call_grammar(fmt, tools, choice)
+        else:
+            fmt_kind = (params.get("response_format") or {}).get("type")
+            if fmt_kind in ("json_object", "json_schema"):
+                from workers.engine.constraint import json_value
+
+                param = "response_format"
+                schema = params["response_format"].get("schema") if fmt_kind == "json_schema" else None
+                try:
+                    grammar = json_value(schema)
+                except GrammarError as exc:
+                    raise BadRequest(str(exc), param) from None
+        if grammar is not None:
+            try:
+                constraint = self.grammars.constraint(grammar, job.stop_token_ids)
+            except GrammarError as exc:
+                raise BadRequest(str(exc), param) from None
+            job.logits_masks += (constraint.as_mask(len(job.prompt_ids)),)  # the token chooser applies it
+
+    def tool_calls(self, params: dict, text: str) -> tuple[str, list[dict]]:
+        """(content, [{"name", "arguments"}]) of a finished answer when tools were offered (and may be called)."""
+        tools, fmt = _tools(params), self.chat.tool_format
+        if not tools or fmt is None or _tool_choice(params) == tool_formats.NONE:
+            return text, []
+        content, calls = tool_formats.parse(fmt, text, tools)
+        return content, [c.as_dict() for c in calls]
 
     def decode(self, ids: list[int]) -> str:
         return self.chat.decode(ids)

@@ -33,6 +33,18 @@ PRECISION_TORCH_DTYPE = "torch_dtype"   # from_pretrained's torch_dtype is enoug
 PRECISION_CONFIG_DTYPE = "config_dtype"  # its code builds layers in config.torch_dtype (ChatGLM3)
 PRECISION_FLAGS = "flags"               # config.fp32 / bf16 / fp16 flags (Qwen-7B)
 
+# How a family writes tool calls and reads tool results (workers/engine/tool_formats.py implements each):
+TOOLS_CHATGLM3 = "chatglm3"        # tools as JSON in the system turn; a call is "<name>\n```python\ntool_call(k=v)\n```"
+                                   # ending at <|observation|>; results come back as an <|observation|> turn (its chat())
+TOOLS_QWEN_REACT = "qwen_react"    # Qwen-7B-Chat's ReAct prompt, as Qwen's own openai_api.py builds and parses it:
+                                   # "Action: <name>\nAction Input: <JSON>", stopped at "Observation:"
+TOOLS_HERMES = "hermes"            # <tool_call>{"name", "arguments"}</tool_call> (Qwen2.5/Qwen3, Hermes templates)
+TOOLS_LLAMA3_JSON = "llama3_json"  # Llama 3.1: [<|python_tag|>]{"name", "parameters"} as the whole answer
+# A chat template's tool format, told by a marker in its text (first match wins); a template that
+# renders no tools gets TOOLS_HERMES: the tools and the call format are put in its system message.
+TEMPLATE_TOOL_MARKERS = (("<tool_call>", TOOLS_HERMES), ("<|python_tag|>", TOOLS_LLAMA3_JSON))
+QWEN_REACT_STOP = "Observation:"   # Qwen's openai_api.py adds it to the stop words when functions are given
+
 # Turn-end tokens of common chat templates, stopped on when the template itself writes them.
 TEMPLATE_TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>",
                       "<|user|>", "<|observation|>")
@@ -75,6 +87,7 @@ class Family:
     # Globals of the family's model code set while a batch with padding decodes (Qwen-7B's torch-2
     # attention path fails on a padding mask when decoding: it expands by a causal mask that is None).
     padded_decode_globals: tuple[tuple[str, Any], ...] = ()
+    tool_format: str | None = None               # one of TOOLS_*; None: as its chat template says
     notes: str = field(default="", compare=False)
 
     def postprocess_text(self, text: str) -> str:
@@ -101,6 +114,7 @@ CHATGLM3 = Family(
     tokenizer_files=("tokenizer.model", "tokenizer_config.json"),
     chat_sampling=(("temperature", 0.8), ("top_p", 0.8)),  # chat(..., do_sample=True, top_p=0.8, temperature=0.8)
     kv_axes=(1, 0),  # its cache is (seq, batch, groups, dim); it takes position ids and a padding mask
+    tool_format=TOOLS_CHATGLM3,
     notes="chat(): eos 2, <|user|> 64795, <|observation|> 64797; decode(out[:-1]) then process_response",
 )
 
@@ -126,6 +140,7 @@ QWEN = Family(
     # this module's cos/sin tables are shifted back per row by its padding.
     pad_shifted_rotary="transformer.rotary_emb",
     padded_decode_globals=(("SUPPORT_TORCH2", False),),  # its own _attn() adds the padding mask
+    tool_format=TOOLS_QWEN_REACT,
     notes="chat(): stop words <|im_end|>/<|im_start|> then a forced <|endoftext|>; decode(errors='replace').strip()",
 )
 

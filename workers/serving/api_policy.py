@@ -3,8 +3,10 @@
 Nothing here does I/O, so every rule is unit-tested without a server (tests/unit/test_api_policy.py).
 FastChat's protocol models (fastchat.protocol.openai_api_protocol) still validate the fields they know; the
 rules here cover what they let through:
-- `messages`: a non-empty list; roles system/user/assistant; `content` a string or a list of content parts
-  (text parts joined with newlines; image, audio and file parts -> 400 "not supported"); a string -> 400.
+- `messages`: a non-empty list; roles system/user/assistant/tool (and the older function); `content` a string
+  or a list of content parts (text parts joined with newlines; image, audio and file parts -> 400 "not
+  supported"); a string -> 400. Assistant `tool_calls`/`function_call` and a tool's `tool_call_id` are kept.
+- `tools`/`functions`, `tool_choice`/`function_call`, `response_format`: checked by tool_calls.plan.
 - OpenAI parameters this server does not implement -> 400 naming the parameter (UNSUPPORTED below), so
   nothing is silently ignored; `n` at most MAX_N; penalties in [-2, 2]; `max_completion_tokens` is max_tokens.
 - `stream_options.include_usage`: a last chunk with the usage and no choices.
@@ -29,7 +31,7 @@ import pydantic
 from fastchat.protocol.openai_api_protocol import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest
 
 from workers.engine.sampling_limits import LIMITS, LOGIT_BIAS, TOP_LOGPROBS
-from workers.serving import errors
+from workers.serving import errors, tool_calls
 from workers.serving.errors import ApiError
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: about 250k tokens of text, far more than any served context
@@ -39,20 +41,14 @@ MAX_EMBEDDING_INPUTS = 256
 MAX_STOP = 16
 MAX_TOKEN_ID = 2**31 - 1
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions (chat: the model's default)
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool", "function")  # function: the older form of a tool result
 NON_TEXT_PARTS = ("image_url", "input_image", "image", "input_audio", "audio", "file", "input_file", "video_url")
 
 CHAT, COMPLETIONS, EMBEDDINGS = "chat", "completions", "embeddings"
 
-NO_TOOLS = "this server has no function/tool calling"
 # parameter -> (values that mean "not used", why it is refused otherwise)
 UNSUPPORTED: dict[str, dict[str, tuple[tuple, str]]] = {
     CHAT: {
-        "tools": ((None, []), NO_TOOLS),
-        "functions": ((None, []), NO_TOOLS),
-        "tool_choice": ((None, "none", "auto"), NO_TOOLS),
-        "function_call": ((None, "none", "auto"), NO_TOOLS),
-        "response_format": ((None, {"type": "text"}), 'only {"type": "text"} is supported (no JSON mode or schemas)'),
         "audio": ((None,), "the served models read and write text only"),
         "modalities": ((None, ["text"]), "the served models read and write text only"),
         "prediction": ((None,), "predicted outputs are not implemented"),
@@ -95,6 +91,7 @@ class ChatPlan:
     protocol: ChatCompletionRequest
     template_kwargs: dict = field(default_factory=dict)  # chat_template_kwargs, for the worker
     logprobs: Optional[int] = None  # None: no logprobs; else top logprobs per token
+    tools: tool_calls.ToolPlan = field(default_factory=tool_calls.ToolPlan)
 
 
 @dataclass
@@ -276,13 +273,20 @@ def chat_messages(messages: Any) -> list[dict]:
         role = m.get("role")
         if not isinstance(role, str) or role not in ROLES:
             raise _invalid(f"{at}.role must be one of {', '.join(ROLES)} (got {errors.short(role)})", f"{at}.role")
-        for key in ("tool_calls", "function_call", "audio"):
-            if m.get(key) not in (None, [], {}):
-                raise ApiError(errors.UNSUPPORTED_PARAMETER, f"{at}.{key} is not supported by this server: {NO_TOOLS}",
-                               f"{at}.{key}")
-        if "content" not in m:
+        if m.get("audio") not in (None, [], {}):
+            raise ApiError(errors.UNSUPPORTED_PARAMETER, f"{at}.audio is not supported by this server: the served "
+                           "models read and write text only", f"{at}.audio")
+        calls = tool_calls.assistant_calls(m, at) if role == "assistant" else []
+        if "content" not in m and not calls:
             raise _invalid(f"{at} has no 'content'", f"{at}.content")
-        out.append({"role": role, "content": content_text(m["content"], f"{at}.content")})
+        content = "" if calls and m.get("content") is None else content_text(m["content"], f"{at}.content")
+        item = {"role": "tool" if role == "function" else role, "content": content}
+        if calls:
+            item["tool_calls"] = calls
+        if role in ("tool", "function"):
+            item["tool_call_id"] = m.get("tool_call_id") if isinstance(m.get("tool_call_id"), str) else None
+            item["name"] = m.get("name") if isinstance(m.get("name"), str) else None
+        out.append(item)
     return out
 
 
@@ -421,7 +425,9 @@ def chat_request(body: dict) -> ChatPlan:
     if "messages" not in body:
         raise ApiError(errors.MISSING_PARAMETER, "messages: this field is required", "messages")
     messages = chat_messages(body["messages"])
-    protocol = validate(ChatCompletionRequest, {**body, "messages": messages})
+    tools = tool_calls.plan(body)
+    protocol = validate(ChatCompletionRequest, {**body, "messages": [{"role": m["role"], "content": m["content"]}
+                                                                    for m in messages]})
     extras = validate(ChatExtras, body)
     s = sampling(body, protocol, extras)
     if extras.max_completion_tokens is not None:
@@ -432,7 +438,7 @@ def chat_request(body: dict) -> ChatPlan:
         s.max_tokens = extras.max_completion_tokens
     stream = bool(protocol.stream)
     return ChatPlan(model, messages, s, _n(protocol), stream, _include_usage(extras, stream), protocol,
-                    template_kwargs=dict(extras.chat_template_kwargs or {}), logprobs=chat_logprobs_asked(body))
+                    template_kwargs=dict(extras.chat_template_kwargs or {}), logprobs=chat_logprobs_asked(body), tools=tools)
 
 
 def completion_request(body: dict) -> CompletionPlan:
@@ -514,7 +520,7 @@ def fastchat_prompt(conv: dict, messages: list[dict]) -> str:
     for m in messages:
         if m["role"] == "system":
             c.set_system_message(m["content"])
-        elif m["role"] == "user":
+        elif m["role"] in ("user", "tool"):
             c.append_message(c.roles[0], m["content"])
         else:
             c.append_message(c.roles[1], m["content"])
@@ -525,7 +531,8 @@ def fastchat_prompt(conv: dict, messages: list[dict]) -> str:
 def worker_payload(model: str, s: Sampling, *, max_new_tokens: Optional[int], request_id: str,
                    messages: list[dict] | None = None, prompt: str | None = None,
                    prompt_token_ids: list[int] | None = None, template_kwargs: dict | None = None,
-                   logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None, choice: int = 0) -> dict:
+                   logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None, choice: int = 0,
+                   extra: dict | None = None) -> dict:
     """The JSON for /worker_generate_stream (see the contract in workers/serving/api_server.py). `echo` is
     always false: the API echoes the prompt itself. With a seed, the `choice`-th of n answers is drawn with
     seed + choice: n answers differ, and each repeats."""
@@ -546,6 +553,7 @@ def worker_payload(model: str, s: Sampling, *, max_new_tokens: Optional[int], re
         payload["prompt"] = prompt
     if prompt_token_ids is not None:
         payload["prompt_token_ids"] = prompt_token_ids
+    payload.update(extra or {})
     return payload
 
 

@@ -26,6 +26,10 @@ non-streaming requests alike, so a client that goes away always closes the worke
      "logprobs": null | int (top logprobs per generated token, 0..20), "prompt_logprobs": null | int (the same
               for the prompt's tokens: completions with echo), "logit_bias": null | {"token id": -100..100},
      "seed": null | int (a sampled answer that repeats, alone or batched),
+     chat only: "tools": [{"name", "description", "parameters"}] (rendered in the model's own tool protocol),
+     "tool_choice": "auto" | "none" | "required" | {"name"}, "response_format": {"type": "json_object"} |
+     {"type": "json_schema", "schema"}; messages may then hold assistant "tool_calls" [{"id", "name",
+     "arguments"}] and "tool" messages (workers/serving/tool_calls.py),
      "chat_template_kwargs": {...} (chat, when the client gives it: variables of the model's chat template)}
 
 Chat requests also carry FastChat's `prompt`, built from the worker's /worker_get_conv_template, for FastChat's
@@ -37,7 +41,9 @@ total_tokens}, "finish_reason": null | "stop" | "length"}; for a reasoning model
 the answer's message gets both, a stream sends reasoning_content deltas, then content deltas); with logprobs
 asked also "token_logprobs": {"offset": int, "content": [entry]} (the tokens since the chunk before) and, in the
 first chunk, "prompt_logprobs": [entry]; an entry is {"id", "token", "bytes", "logprob", "top": [{"id", "token",
-"bytes", "logprob"}]}, the logprob the model's log-softmax of its raw logits (null for a prompt's first token).
+"bytes", "logprob"}]}, the logprob the model's log-softmax of its raw logits (null for a prompt's first token); with
+tools, the last chunk's "tool_calls": [{"name", "arguments"}] are the calls read from the answer and its "text"
+what else the answer said.
 Closing the connection cancels the request.
 Embeddings: POST /worker_get_embeddings {"model", "input": [str | [int]], "encoding_format"} ->
 {"embedding": [...], "token_num": int} or {"error_code", "text"}.
@@ -55,14 +61,13 @@ from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
-from fastchat.protocol.openai_api_protocol import (ChatCompletionRequest, ChatCompletionResponse,
-                                                   ChatCompletionResponseChoice, ChatMessage, CompletionRequest,
+from fastchat.protocol.openai_api_protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                                    CompletionResponse, CompletionResponseChoice, EmbeddingsRequest,
                                                    EmbeddingsResponse, UsageInfo)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workers.config import hosts, secrets
-from workers.serving import api_policy, errors, launch, placement
+from workers.serving import api_policy, errors, launch, placement, tool_calls
 from workers.serving.api_metrics import Metrics, MetricsMiddleware
 from workers.serving.api_policy import AnswerDeltas, TextDeltas, Usage, finish_reason, message_fields, sse
 from workers.serving.errors import ApiError
@@ -196,7 +201,7 @@ class BundleApi:
             request, all_or_nothing([self.generate(request, model, addr, p) for p in payloads]))
 
     async def stream(self, request: Request, model: str, addr: str, jobs: list[tuple], id_: str, kind: str,
-                     include_usage: bool) -> Response:
+                     include_usage: bool, tools: tool_calls.ToolPlan | None = None) -> Response:
         """Start streaming only once the worker accepted the first answer and sent its first chunk, so that
         errors before it (bad input, queue full, busy, down) are real HTTP errors, not a 200 stream."""
         timeout = self.first_chunk_timeout(model)
@@ -209,11 +214,15 @@ class BundleApi:
             raise
         state: dict = {}
         closers = [first_stream.aclose]
-        events = self.events(request, model, addr, jobs, id_, kind, include_usage, chunks, first, closers, state)
+        events = self.events(request, model, addr, jobs, id_, kind, include_usage, chunks, first, closers, state,
+                             tools)
         return UpstreamStreamingResponse(events, closers, state, media_type="text/event-stream")
 
-    async def events(self, request, model, addr, jobs, id_, kind, include_usage, chunks0, first0, closers, state):
+    async def events(self, request, model, addr, jobs, id_, kind, include_usage, chunks0, first0, closers, state,
+                     tools=None):
         created = int(time.time())
+        # With tools that may be called, the answer is read for calls once it is whole: its text is held back.
+        held = tools is not None and tools.active
         t0 = self.metrics.arrived(request)
         usage = Usage()
         timeout = self.first_chunk_timeout(model)
@@ -245,6 +254,8 @@ class BundleApi:
                 async for chunk in with_first(first, chunks):
                     last = chunk
                     logprobs.add(chunk)
+                    if held:
+                        continue
                     final = chunk.get("finish_reason") is not None
                     if kind == "chat":
                         new = answer.feed(chunk, final)
@@ -267,10 +278,19 @@ class BundleApi:
                     raise ApiError(errors.WORKER_ERROR, f"the model worker at {addr} ended the answer without output")
                 finish = finish_reason(last.get("finish_reason"))
                 if kind == "chat":
+                    if held and first_text_at is None:
+                        first_text_at = time.monotonic()
+                        self.metrics.ttft.labels(model).observe(first_text_at - t0)
                     tail = answer.feed(last, final=True) or ([{"content": ""}] if logprobs.pending else [])
                     for j, delta in enumerate(tail):
                         yield sse(api_policy.chat_chunk(id_, created, model, index, delta, include_usage=include_usage,
                                                         logprobs=logprobs.take() if j == 0 else None))
+                    calls = last.get("tool_calls") if held else None
+                    if calls:
+                        for delta in tool_calls.deltas(calls, tools):
+                            yield sse(api_policy.chat_chunk(id_, created, model, index, delta,
+                                                            include_usage=include_usage))
+                        finish = "function_call" if tools.legacy else "tool_calls"
                     yield sse(api_policy.chat_chunk(id_, created, model, index, {}, finish, include_usage=include_usage))
                 else:
                     tail = deltas.feed(str(last.get("text") or ""), final=True)
@@ -304,33 +324,33 @@ class BundleApi:
         conv = await self.upstream.conv_template(addr, plan.model)
         prompt = api_policy.fastchat_prompt(conv, plan.messages)
         context_len = await self.upstream.context_length(addr, plan.model)
-        prompt_tokens = await self.upstream.count_tokens(addr, plan.model, prompt, plan.messages, plan.template_kwargs)
+        extra = plan.tools.worker_fields()
+        prompt_tokens = await self.upstream.count_tokens(addr, plan.model, prompt, plan.messages, plan.template_kwargs,
+                                                         extra)
         max_new = api_policy.max_new_tokens(plan.sampling.max_tokens, context_len, prompt_tokens, plan.model)
         id_ = f"chatcmpl-{shortuuid.random()}"
         jobs = [(0, api_policy.worker_payload(plan.model, plan.sampling, max_new_tokens=max_new,
                                               request_id=f"{id_}-{i}", messages=plan.messages, prompt=prompt,
                                               template_kwargs=plan.template_kwargs, logprobs=plan.logprobs,
-                                              choice=i), "")
+                                              choice=i, extra=extra), "")
                 for i in range(plan.n)]
         if plan.stream:
-            return await self.stream(request, plan.model, addr, jobs, id_, "chat", plan.include_usage)
+            return await self.stream(request, plan.model, addr, jobs, id_, "chat", plan.include_usage, plan.tools)
         results = await self.generate_all(request, plan.model, addr, [job[1] for job in jobs])
         usage = Usage()
-        choices, messages = [], []
+        choices = []
         for i, r in enumerate(results):
             usage.add(0, r.get("usage"))
             fields = message_fields(r)
-            messages.append(fields)
-            choices.append(ChatCompletionResponseChoice(
-                index=i, message=ChatMessage(role="assistant", content=fields["content"]),
-                finish_reason=finish_reason(r.get("finish_reason"))))
+            message, called = tool_calls.message(fields["content"], r.get("tool_calls"), plan.tools)
+            message.update({k: v for k, v in fields.items() if k != "content"})  # reasoning_content (DeepSeek's shape)
+            choices.append({"index": i, "message": message,
+                            "logprobs": (api_policy.chat_logprobs(r["logprob_entries"]) if plan.logprobs is not None
+                                         else None),
+                            "finish_reason": called or finish_reason(r.get("finish_reason"))})
         self.metrics.tokens(plan.model, usage.prompt_tokens, usage.completion)
-        body = ChatCompletionResponse(id=id_, model=plan.model, choices=choices,
-                                      usage=UsageInfo(**usage.as_dict())).model_dump()
-        for choice, fields, r in zip(body["choices"], messages, results):
-            choice["message"].update(fields)  # reasoning_content, for a reasoning model (DeepSeek's API shape)
-            # FastChat's choice model has no logprobs field
-            choice["logprobs"] = api_policy.chat_logprobs(r["logprob_entries"]) if plan.logprobs is not None else None
+        body = ChatCompletionResponse(id=id_, model=plan.model, choices=[], usage=UsageInfo(**usage.as_dict())).model_dump()
+        body["choices"] = choices  # FastChat's choice model has no tool_calls, logprobs or reasoning_content
         return JSONResponse(body)
 
     # --- /v1/completions ---------------------------------------------------------------------------------

@@ -180,8 +180,9 @@ def build_app(worker):
                             yield worker.chunk(value, job, n, None, logprobs.upto(n), final=False)
                             last_sent = time.monotonic()
                     elif kind == "done":
-                        yield worker.chunk(value.text, job, value.completion_tokens, value.finish_reason,
-                                           logprobs.upto(value.completion_tokens))
+                        content, calls = served.tool_calls(params, value.text)
+                        yield worker.chunk(content, job, value.completion_tokens, value.finish_reason,
+                                           logprobs.upto(value.completion_tokens), calls)
                         return
                     else:
                         message = f"generation failed: {type(value).__name__}: {value}"
@@ -199,8 +200,9 @@ def build_app(worker):
         rid = params.get("request_id") or uuid.uuid4().hex[:8]
         future = await admitted(request, params, lambda p: worker.run_job(rid, job, None, p))
         result = await until_done_or_gone(request, future, job.cancel)
-        return JSONResponse(json.loads(worker.chunk(result.text, job, result.completion_tokens, result.finish_reason,
-                                                    LogprobFeed(served, job).upto(result.completion_tokens))[:-1]))
+        content, calls = served.tool_calls(params, result.text)
+        return JSONResponse(json.loads(worker.chunk(content, job, result.completion_tokens, result.finish_reason,
+                                                    LogprobFeed(served, job).upto(result.completion_tokens), calls)[:-1]))
 
     @app.post("/worker_get_embeddings")
     async def embeddings(request: Request):
@@ -316,7 +318,7 @@ def make_worker_class():
 
         @staticmethod
         def chunk(text: str, job, completion_tokens: int, finish_reason: str | None,
-                  logprobs: dict | None = None, final: bool = True) -> bytes:
+                  logprobs: dict | None = None, tool_calls: list[dict] | None = None, final: bool = True) -> bytes:
             """One stream chunk, with the job's logprob fields (LogprobFeed). For a reasoning model's chat answer
             (`job.thinking`, engine/reasoning.py) `text` has its markers balanced and `reasoning_content` /
             `content` split it; `final=False` while it may still grow (a marker being written is held back)."""
@@ -329,6 +331,8 @@ def make_worker_class():
             if job.thinking is not None:
                 data["reasoning_content"], data["content"] = job.thinking.split(text, final)
                 data["text"] = job.thinking.text(text)
+            if tool_calls:
+                data["tool_calls"] = tool_calls  # the calls read from the answer; `text` is what else it said
             return (json.dumps(data, ensure_ascii=False) + "\0").encode()
 
     return BundleWorker

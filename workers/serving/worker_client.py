@@ -122,10 +122,11 @@ class Upstream:
         return self._conv[key]
 
     async def count_tokens(self, addr: str, model: str, prompt: str, messages: list[dict] | None = None,
-                           template_kwargs: dict | None = None) -> int:
+                           template_kwargs: dict | None = None, extra: dict | None = None) -> int:
         """The prompt's tokens, as the worker counts them: from `messages` in the model's own format when given
-        (the bundle's worker, with the request's chat_template_kwargs), else from FastChat's `prompt`."""
-        payload = {"model": model, "prompt": prompt}
+        (the bundle's worker, with the request's chat_template_kwargs; `extra`: the tools it renders with them),
+        else from FastChat's `prompt`."""
+        payload = {"model": model, "prompt": prompt, **(extra or {})}
         if messages is not None:
             payload["messages"] = messages
         if template_kwargs:

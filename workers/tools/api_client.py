@@ -69,9 +69,9 @@ def openai_client(api: str, key: str, max_retries: int, timeout: float):
     return OpenAI(base_url=api, api_key=key, max_retries=max_retries, timeout=timeout)
 
 
-def ask(client, model: str, text: str | list[dict], max_tokens: int, temperature: float) -> dict:
+def ask(client, model: str, text: str | list[dict], max_tokens: int, temperature: float, **extra) -> dict:
     """One streamed answer (to a question, or to a whole list of chat messages) with its timings, and
-    its token count when the API sends the usage."""
+    its token count when the API sends the usage. `extra`: more request fields (e.g. response_format)."""
     messages = text if isinstance(text, list) else [{"role": "user", "content": text}]
     t0 = time.perf_counter()
     first = None
@@ -80,7 +80,7 @@ def ask(client, model: str, text: str | list[dict], max_tokens: int, temperature
     try:
         stream = client.chat.completions.create(model=model, messages=messages,
                                                 max_tokens=max_tokens, temperature=temperature, stream=True,
-                                                stream_options={"include_usage": True})
+                                                stream_options={"include_usage": True}, **extra)
         for chunk in stream:
             delta = chunk.choices[0].delta.content if chunk.choices else None
             if delta:

@@ -12,7 +12,10 @@ token and latency (p50/p95), a Markdown table and a PNG plot. Then:
 - one model busy alone vs every model busy at once (one client each): decode tok/s of each, and
   alone / all busy (what cores shared by demand give a model running alone);
 - the API's single-client decode speed as a share of the in-process engine's (bench_engine, same
-  model, backend and threads).
+  model, backend and threads);
+- with --constrained N: N answers per model with and without a JSON schema (response_format
+  json_schema, decoded under its grammar), interleaved: decode ms per token of each and the difference,
+  the cost of constrained decoding per token.
 Prints figures; asserts nothing.
 """
 from __future__ import annotations
@@ -104,6 +107,24 @@ def alone_and_all_busy(api: str, key: str, models: list[str], max_tokens: int) -
     return {m: (alone[m], decode_rate(api, key, m, answers[m])) for m in models}
 
 
+# A schema whose string the model fills freely: the answer runs to max_tokens under the grammar.
+CONSTRAINED_FORMAT = {"type": "json_schema", "json_schema": {"name": "story", "strict": True, "schema": {
+    "type": "object", "properties": {"title": {"type": "string"}, "story": {"type": "string"}},
+    "required": ["title", "story"], "additionalProperties": False}}}
+
+
+def constrained_cost(api: str, key: str, model: str, answers: int, max_tokens: int) -> dict:
+    """Median decode ms per token of one client's answers, free and under CONSTRAINED_FORMAT (interleaved)."""
+    client = openai_client(api, key, max_retries=0, timeout=600)
+    ms: dict[str, list[float]] = {"free": [], "constrained": []}
+    for _ in range(answers):
+        for kind, extra in (("free", {}), ("constrained", {"response_format": CONSTRAINED_FORMAT})):
+            rate = decode_rate(api, key, model, ask(client, model, PROMPT, max_tokens, 0.0, **extra))
+            if rate:
+                ms[kind].append(1000.0 / rate)
+    return {kind: statistics.median(v) if v else None for kind, v in ms.items()}
+
+
 def in_process_decode(spec: ModelSpec) -> float | None:
     from workers.tools.bench_engine import Variant, run_child
     from workers.config.paths import int8_cache_dir
@@ -154,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="answer length of every request")
     p.add_argument("--turns", type=int, default=5, help="turns of the growing chat (0: skip)")
     p.add_argument("--no-in-process", action="store_true", help="skip the in-process engine comparison")
+    p.add_argument("--constrained", type=int, default=0, metavar="N",
+                   help="N answers per model with and without a JSON-schema grammar: its decode cost per token")
     args = p.parse_args(argv)
     dep, api, key = profile_api(args.profile)
     specs = {m.names[0]: m for m in dep.models}
@@ -206,6 +229,14 @@ def main(argv: list[str] | None = None) -> int:
             api_one = table[(m, min(levels))]["decode_tok_s"]
             ratio = f"{api_one / engine:.0%}" if engine and api_one else "–"
             lines.append(f"| {m} | {api_one or 0:.1f} | {engine or 0:.1f} | {ratio} |")
+    if args.constrained > 0:
+        lines += ["", f"Constrained decoding (response_format json_schema) vs free, one client, decode ms per token "
+                  f"(median of {args.constrained} answers each, interleaved):", "",
+                  "| model | free ms/token | constrained ms/token | grammar cost ms/token |", "|---|---|---|---|"]
+        for m in tqdm(models, desc="constrained decoding", unit="model"):
+            c = constrained_cost(api, key, m, args.constrained, args.max_tokens)
+            cost = f"{c['constrained'] - c['free']:.2f}" if c["free"] and c["constrained"] else "–"
+            lines.append(f"| {m} | {_fixed(c['free'])} | {_fixed(c['constrained'])} | {cost} |")
     out = reports_dir() / "bench-api"
     out.mkdir(parents=True, exist_ok=True)
     plot(table, models, levels, out / "bench-api.png")
