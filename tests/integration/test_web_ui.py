@@ -17,7 +17,7 @@ from tests.helpers import ROOT, bundle_env, free_port, rpc, snapshot_for, start,
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
-# The flags a headless Chromium needs on a machine whose network is closed (see README).
+# The flags a headless Chromium needs on a machine whose network is closed (docs/testing.md).
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 

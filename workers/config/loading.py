@@ -28,7 +28,7 @@ def field_path(loc: tuple) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
 
 
-def format_errors(exc: ValidationError, origin: str, keys_listed_in: str = "README, 'Configuration'") -> str:
+def format_errors(exc: ValidationError, origin: str, keys_listed_in: str = "docs/configuration.md, 'Every key'") -> str:
     """One line per problem: file, field path, message; an unknown key points to where the keys are listed."""
     lines = []
     for err in exc.errors():
@@ -40,7 +40,7 @@ def format_errors(exc: ValidationError, origin: str, keys_listed_in: str = "READ
 
 
 def load_yaml(path: Path, schema: type[T], error: type[ConfigError] = ConfigError,
-              keys_listed_in: str = "README, 'Configuration'") -> T:
+              keys_listed_in: str = "docs/configuration.md, 'Every key'") -> T:
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:

@@ -39,7 +39,8 @@ def check_memory(source: Path) -> None:
         raise NotEnoughMemory(
             f"quantizing {source.name} needs about {need / GIB:.1f} GiB of RAM at its peak and only "
             f"{available / GIB:.1f} GiB is available; stop other workers (scripts/stop_all.sh) and "
-            f"start again, or quantize on a larger machine and copy the INT8 cache folder (README)"
+            f"start again, or quantize on a larger machine and copy the INT8 cache folder "
+            f"(docs/int8.md, 'The quantized-weight cache')"
         )
     log.info("memory: quantizing needs about %.1f GiB, %.1f GiB available", need / GIB, available / GIB)
 

@@ -232,7 +232,7 @@ class KnownModel:
     notes: str = field(default="", compare=False)
 
 
-# Ids checked against ModelScope references on 2026-12-06 (docs/reasoning-and-current-models.md says how).
+# Ids checked against ModelScope references on 2026-12-06 (docs/models.md, 'Today's models from ModelScope', says how).
 KNOWN_MODELS: tuple[KnownModel, ...] = (
     KnownModel("ZhipuAI/chatglm3-6b", "chatglm", "seed model"),
     KnownModel("qwen/Qwen-7B-Chat", "qwen", "seed model"),

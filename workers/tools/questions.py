@@ -89,7 +89,7 @@ def load(paths: list[Path] | None = None) -> list[QuestionSet]:
     sets: list[QuestionSet] = []
     for path in paths:
         sets += load_yaml(Path(path), QuestionFile, QuestionsError,
-                          "README, 'Comparing models: scripts/compare.sh'").sets
+                          "docs/compare.md, 'Question sets'").sets
     ids = [q.id for s in sets for q in s.questions]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
