@@ -164,8 +164,8 @@ def ensure(source: Path, settings: Int8Settings, cache_root: Path, trust_remote_
             log.warning("INT8 cache at %s is invalid: %s; deleting it and quantizing again", entry, problem)
             shutil.rmtree(entry)
         log.info("INT8 cache miss for %s: quantizing now (first start only)", source.name)
-        # One quantization at a time on the machine: each needs about 1.1x its INT8 size + 1 GiB
-        # (memory_budget.quantize_peak_bytes), and two 7 B models at once would not fit in 24 GiB.
+        # One quantization at a time on the machine: each needs more than its INT8 size at its peak
+        # (memory_budget.quantize_peak_bytes; docs/benchmarks.md), and two 7 B models at once would not fit.
         machine_lock = FileLock(str(cache_root / ".quantize.lock"))
         try:
             machine_lock.acquire(timeout=0)

@@ -380,8 +380,9 @@ class ChatFormat:
 
     @cached_property
     def _decodable(self) -> int:
-        """Ids below this have a tokenizer entry. Once: a fast tokenizer's len() takes 1.4 ms on SmolLM2's 49 k
-        vocabulary (measured), and decode() runs for every streamed token of every sequence."""
+        """Ids below this have a tokenizer entry. Once: a fast tokenizer's len() is slow on a large vocabulary
+        and decode() runs for every streamed token of every sequence (figure: docs/benchmarks.md,
+        'Figures behind constants in the code')."""
         return max(len(self.tokenizer), getattr(self.tokenizer, "vocab_size", 0) or 0)
 
     def postprocess(self, text: str) -> str:

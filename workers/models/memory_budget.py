@@ -7,7 +7,7 @@ Per worker, from the model's config.json and weight index:
 - KV cache in fp32 for `limit_concurrency` requests of KV_TOKENS_PER_REQUEST tokens, plus the
   prefix cache of recent conversations (`prefix_cache_tokens`); a runtime that allocates its KV memory at
   load (its Runtime.memory_extra, e.g. a KV cache slot of a whole context per sequence) counts when that is more;
-- RUNTIME_GIB for the Python process itself (torch, ITREX, FastChat: measured ~0.9 GiB).
+- RUNTIME_GIB for the Python process itself (torch, ITREX, FastChat; measured, docs/benchmarks.md).
 Plus SERVICES_GIB once, for the controller, the API server and the web UI.
 """
 from __future__ import annotations
@@ -160,7 +160,6 @@ def check(needs: list[Need], available_bytes: int) -> str | None:
 
 def peak_rss_bytes() -> int:
     """This process's peak resident memory (Linux VmHWM). Not getrusage's ru_maxrss: that survives fork and
-    exec, so a child started by a big parent reports the parent's peak (measured: a child of a 2 GiB
-    parent read 2 GiB, its own peak was 13 MiB)."""
+    exec, so a child started by a big parent reports the parent's peak, not its own (docs/benchmarks.md)."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024

@@ -131,9 +131,9 @@ def build_app(worker):
 
         def done(_):
             worker.admission.release(time.monotonic() - start)
-            # Each request frees tens of MB of tensors (KV cache grown step by step, logits) that
-            # glibc keeps in its per-thread arenas: RSS grew ~1.2 GiB per worker over a soak run
-            # until they are trimmed. Off the event loop; nobody waits for it.
+            # Each request frees tensors (KV cache grown step by step, logits) that glibc keeps in
+            # its per-thread arenas, so RSS grows over a long run until they are trimmed
+            # (docs/benchmarks.md, 'Figures behind constants in the code'). Off the event loop; nobody waits for it.
             if not loop.is_closed():
                 loop.run_in_executor(None, release_freed_memory, False)
 

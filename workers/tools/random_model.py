@@ -9,8 +9,8 @@ from pathlib import Path
 
 from workers.config.paths import var_dir
 
-# Llama configs whose linear layers and embeddings have the real models' sizes (parameter counts
-# 7,721,324,544 and 6,243,584,032 within 0.01%): Qwen's fused c_attn is q+k+v here, ChatGLM3's
+# Llama configs whose linear layers and embeddings have the real models' sizes (their parameter
+# counts match the real models', docs/benchmarks.md): Qwen's fused c_attn is q+k+v here, ChatGLM3's
 # multi-query attention with 2 groups is 2 KV heads.
 SHAPES = {
     "qwen-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,

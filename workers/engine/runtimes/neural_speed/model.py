@@ -37,16 +37,15 @@ def scratch_ratio(context: int) -> float:
     return 1 if context <= 2048 else 2 if context <= 4096 else 4 if context <= 8192 else 8
 
 
-# Batch slots. neural-speed sizes each scratch buffer as slots x scratch ratio x a per-graph base (4 GiB for a
-# 32-layer llama graph), one malloc each, so 2 slots at the 8192-token ratio of 4 already fail on a 24 GiB machine
-# (measured). A batched model keeps slots x ratio at SCRATCH_UNITS, what one 8192-token slot takes alone, and
-# evaluates at most PREFILL_CHUNK tokens per row per call, which that smaller scratch holds (measured with 8 slots at
-# ratio 0.5: 8 prompts of 3000 tokens in chunks of 256, the same greedy tokens as alone).
+# Batch slots. neural-speed sizes each scratch buffer as slots x scratch ratio x a per-graph base, one malloc each,
+# so a few long-context slots already exhaust a 24 GiB machine. A batched model keeps slots x ratio at SCRATCH_UNITS,
+# what one 8192-token slot takes alone, and evaluates at most PREFILL_CHUNK tokens per row per call, which that
+# smaller scratch holds (the figures: docs/benchmarks.md, 'Figures behind constants in the code').
 SCRATCH_UNITS = 4
 MAX_SLOTS = 8
 PREFILL_CHUNK = 256
 # Each slot's KV cache holds a whole context (f16, slot_bytes): the slots of one worker may hold at
-# most this much (SmolLM2's 8192-token slots: 0.18 GiB each; a Llama-2-7B's 4096-token ones: 2 GiB each).
+# most this much, enough for several small-model slots and two of a 7 B model (docs/benchmarks.md).
 SLOTS_KV_BYTES = 4 * 2**30
 
 

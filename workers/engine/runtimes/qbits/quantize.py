@@ -2,8 +2,9 @@
 
 Why not simply `ITREX AutoModelForCausalLM.from_pretrained(..., quantization_config=RtnConfig)`:
 that path loads the whole model in fp32 (ITREX also calls `.float()` on chatglm), and
-neural-compressor then deep-copies the whole fp32 model before quantizing it. Qwen-7B would need
-about 2 x 29 GiB. Here the model is loaded in its checkpoint's own dtype (bf16 / fp16 for the seed
+neural-compressor then deep-copies the whole fp32 model before quantizing it: two fp32 copies of a
+7 B model, more than the machines the bundle targets have (docs/benchmarks.md, 'Figures behind
+constants in the code'). Here the model is loaded in its checkpoint's own dtype (bf16 / fp16 for the seed
 models: 2 bytes per weight), and ITREX's own `convert_to_quantized_model` runs on one linear layer
 at a time, so only that layer exists in fp32 and the deep copy is one layer. Round-to-nearest is
 per layer, so the saved checkpoint is bit-identical to ITREX's whole-model path
