@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests import tiny_families
+from tests.helpers import ask_stream
 from tests.tiny_families import CHAT_CASES, COMPLETION_PROMPT
 
 # One bundle per group at a time (four workers and one INT8 worker: about 0.9 GiB each by the memory check).
@@ -89,18 +90,9 @@ def ask(client, model: str, messages: list[dict], max_tokens: int = MAX_TOKENS) 
             "prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens}
 
 
-def ask_stream(client, model: str, messages: list[dict], max_tokens: int = MAX_TOKENS) -> dict:
-    stream = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=max_tokens,
-                                            stream=True, stream_options={"include_usage": True})
-    pieces, finish, usage = [], None, None
-    for chunk in stream:
-        if chunk.choices:
-            pieces.append(chunk.choices[0].delta.content or "")
-            finish = chunk.choices[0].finish_reason or finish
-        if chunk.usage is not None:
-            usage = chunk.usage
-    return {"text": "".join(pieces), "finish_reason": finish, "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens}
+def counted(answer: dict) -> dict:
+    """What ask() returns, from a streamed answer (helpers.ask_stream)."""
+    return {k: answer[k] for k in ("text", "finish_reason", "prompt_tokens", "completion_tokens")}
 
 
 def expected(ref: dict) -> dict:
@@ -150,7 +142,7 @@ def test_stream_equals_non_stream(bundle, refs):
     for family in GROUPS[bundle["group"]][0]:
         messages = CHAT_CASES["multi"]
         once = ask(bundle["client"], served_name(family), messages)
-        streamed = ask_stream(bundle["client"], served_name(family), messages)
+        streamed = counted(ask_stream(bundle["client"], served_name(family), messages, MAX_TOKENS))
         if not streamed == once == expected(refs[family]["multi"]):
             wrong[family] = (streamed, once, expected(refs[family]["multi"]))
     assert not wrong, wrong

@@ -41,6 +41,7 @@ import pytest
 
 from tests import tiny_models
 from tests.chat_cases import CHAT_CASES
+from tests.helpers import ask_stream
 
 MISSING = tiny_models.model_code_missing()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
@@ -274,20 +275,6 @@ def ask(client, model: str, messages: list[dict], max_tokens: int, **extra) -> d
     choice = r.choices[0]
     return {"text": choice.message.content, "completion_tokens": r.usage.completion_tokens,
             "finish_reason": choice.finish_reason}
-
-
-def ask_stream(client, model: str, messages: list[dict], max_tokens: int, **extra) -> dict:
-    stream = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=max_tokens,
-                                            stream=True, stream_options={"include_usage": True}, **extra)
-    pieces, finish, usage = [], None, None
-    for chunk in stream:
-        if chunk.choices:
-            pieces.append(chunk.choices[0].delta.content or "")
-            finish = chunk.choices[0].finish_reason or finish
-        if chunk.usage is not None:
-            usage = chunk.usage
-    return {"text": "".join(pieces), "completion_tokens": usage.completion_tokens if usage else None,
-            "finish_reason": finish, "deltas": [p for p in pieces if p]}
 
 
 def served(answer: dict) -> dict:
