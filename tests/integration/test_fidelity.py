@@ -192,6 +192,11 @@ class References:
                 return self.models[(key, backend)]
             # Loading repacks the weights with qbits: its thread count must equal this thread's team
             # then too (an earlier test in this process may have set it), or the reference is garbage.
+            # The worker's qbits runtime registers its thread setter when it loads; this process loads
+            # through ITREX directly, so it registers it here.
+            from workers.engine.runtimes.qbits.runtime import set_kernel_threads
+
+            threads.add_kernel_pool(set_kernel_threads)
             threads.apply_to_torch(1)
             model = ItrexAuto.from_pretrained(str(entry), use_neural_speed=False, trust_remote_code=trust).eval()
             threads.apply_to_torch(1)   # ITREX resets torch's thread count; qbits' must equal it
