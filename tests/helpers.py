@@ -173,17 +173,19 @@ def outcome(result):
 
 def ask_stream(client, model: str, messages: list[dict], max_tokens: int, **extra) -> dict:
     """A greedy streamed chat answer through the official client: its text, finish_reason, usage counts
-    (None when the stream sent no usage) and the non-empty content deltas in order."""
+    (None when the stream sent no usage), the non-empty content deltas in order, and a reasoning model's
+    streamed reasoning_content."""
     stream = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=max_tokens,
                                             stream=True, stream_options={"include_usage": True}, **extra)
-    pieces, finish, usage = [], None, None
+    pieces, reasoning, finish, usage = [], [], None, None
     for chunk in stream:
         if chunk.choices:
             pieces.append(chunk.choices[0].delta.content or "")
+            reasoning.append(getattr(chunk.choices[0].delta, "reasoning_content", None) or "")
             finish = chunk.choices[0].finish_reason or finish
         if chunk.usage is not None:
             usage = chunk.usage
     return {"text": "".join(pieces), "finish_reason": finish,
             "prompt_tokens": usage.prompt_tokens if usage else None,
             "completion_tokens": usage.completion_tokens if usage else None,
-            "deltas": [p for p in pieces if p]}
+            "deltas": [p for p in pieces if p], "reasoning": "".join(reasoning)}

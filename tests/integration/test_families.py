@@ -85,14 +85,19 @@ def bundle(request, folders, tmp_path_factory):
 
 
 def ask(client, model: str, messages: list[dict], max_tokens: int = MAX_TOKENS) -> dict:
+    """A greedy answer; its text is what the model wrote: a reasoning model's reasoning_content, then its content
+    (the steered tiny models write no think markers, so the two joined are generate()'s text)."""
     r = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=max_tokens)
-    return {"text": r.choices[0].message.content, "finish_reason": r.choices[0].finish_reason,
+    message = r.choices[0].message
+    return {"text": (getattr(message, "reasoning_content", None) or "") + message.content,
+            "finish_reason": r.choices[0].finish_reason,
             "prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens}
 
 
 def counted(answer: dict) -> dict:
     """What ask() returns, from a streamed answer (helpers.ask_stream)."""
-    return {k: answer[k] for k in ("text", "finish_reason", "prompt_tokens", "completion_tokens")}
+    return {"text": answer["reasoning"] + answer["text"],
+            **{k: answer[k] for k in ("finish_reason", "prompt_tokens", "completion_tokens")}}
 
 
 def expected(ref: dict) -> dict:
