@@ -50,7 +50,7 @@ def fetch_sdist() -> None:
     prefix = f"llama_cpp_python-{SDIST_VERSION}/{SDIST_MEMBERS}"
     with tarfile.open(archive) as tar:
         members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.isfile()]
-        tar.extractall(SDIST_CACHE, members=members)
+        tar.extractall(SDIST_CACHE, members=members, filter="data")
 
 
 def template(name: str) -> str:
