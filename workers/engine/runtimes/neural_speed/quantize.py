@@ -36,6 +36,8 @@ WEIGHTS = "model.bin"      # the INT8 file in the cache entry
 GRAPH_INFO = "neural_speed.json"
 # Part of the cache key: a new value rebuilds the entries written before. 2: embedding tables in Q8_0.
 FILE_LAYOUT = 2
+# neural-speed's quantizer names its weight dtypes per bits (ITREX's RtnConfig says int4_clip for 4).
+WEIGHT_DTYPES = {8: "int8", 4: "int4"}
 
 
 def padded_layers(n_layer: int, counts: tuple[int, ...]) -> int:
@@ -216,9 +218,10 @@ def quantize_and_save(source: Path, staging: Path, settings: dict, trust_remote_
     f32 = staging / "model-f32.bin.partial"
     log.info("[1/2] converting %s to neural-speed's %s graph file (fp32)", source.name, module)
     info = convert_f32(source, f32, graph, trust_remote_code, settings["group_size"])
-    log.info("[2/2] quantizing to INT8 with neural-speed (%s)", settings)
+    log.info("[2/2] quantizing to INT%d with neural-speed (%s)", settings.get("bits", 8), settings)
     cpp = importlib.import_module(f"neural_speed.{module}_cpp")
-    cpp.Model.quant_model(model_path=str(f32), out_path=str(staging / WEIGHTS), weight_dtype=settings["weight_dtype"],
+    cpp.Model.quant_model(model_path=str(f32), out_path=str(staging / WEIGHTS),
+                          weight_dtype=WEIGHT_DTYPES[settings.get("bits", 8)],
                           alg="sym", group_size=settings["group_size"], scale_dtype=settings["scale_dtype"],
                           compute_dtype=settings["compute_dtype"], use_ggml=False)
     if not (staging / WEIGHTS).is_file():
