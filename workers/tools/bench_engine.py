@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.config.paths import int8_cache_dir
     from workers.engine import int8_cache
     from workers.engine.runtimes.base import RuntimeUnavailable
-    from workers.engine.runtimes.registry import unsupported_reason
+    from workers.engine.runtimes.registry import resolve, unsupported_reason
 
     models = bench_models(args.models)
     variants = variants_for(args.explore, args.bf16_backend, use_llama_cpp, tuple(args.threads), cpu_compute_dtypes(),
@@ -602,8 +602,8 @@ def main(argv: list[str] | None = None) -> int:
             settings = v.int8
             key = (model.name, settings)
             if v.backend == "itrex-int8" and unsupported_reason(settings) is None and key not in int8_entries:
-                try:
-                    int8_entries[key] = int8_cache.ensure(model, settings, cache_root)
+                try:  # resolved as the bundle resolves it: a group size the model's rows refuse is refused here
+                    int8_entries[key] = int8_cache.ensure(model, resolve(settings, model), cache_root)
                 except (int8_cache.CacheBuildError, RuntimeUnavailable) as exc:  # e.g. a group size the model refuses
                     refused[key] = str(exc)
         if use_llama_cpp:
