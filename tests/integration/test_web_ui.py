@@ -174,7 +174,7 @@ def first_answer(page, served_bundle, question: str):
 
 
 def test_conversation_is_kept_across_reloads_reopened_and_deleted(page, served_bundle):
-    chatbot, answer = first_answer(page, served_bundle, "Name a colour.")
+    _, answer = first_answer(page, served_bundle, "Name a colour.")
     assert chat_titles(page) == ["Name a colour."]
     open_ui(page, served_bundle["web"])  # a reload: a new session, an empty chat, the list from the browser
     assert bot_messages(visible(page, "#chatbot").first) == []
