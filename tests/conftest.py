@@ -21,7 +21,28 @@ def embedded_model() -> Path:
 
 @pytest.fixture(scope="session")
 def int8_cache_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("int8-cache")
+    """The session's INT8 cache. A test that runs pytest in a child process passes its own as
+    BUNDLE_TEST_INT8_CACHE, so the child finds the entries already built instead of quantizing them again."""
+    shared = os.environ.get("BUNDLE_TEST_INT8_CACHE")
+    return Path(shared) if shared else tmp_path_factory.mktemp("int8-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer random-weight Llama (hidden 64) with the embedded model's tokenizer, fp32: quantizes in
+    seconds, for the tests of the INT8 cache and quantizer that do not look at the answers."""
+    from workers.tools import random_model
+
+    return random_model.random_llama("tiny-llama", random_model.TINY, root=tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bf16(tmp_path_factory) -> Path:
+    """The same in bf16: the dtype of Qwen-7B-Chat's checkpoint."""
+    from workers.tools import random_model
+
+    return random_model.random_llama("tiny-llama-bf16", random_model.TINY, "bfloat16",
+                                     root=tmp_path_factory.mktemp("tiny-llama-bf16"))
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 from intel_extension_for_transformers.transformers import AutoModelForCausalLM as ItrexAuto
 from intel_extension_for_transformers.transformers import RtnConfig
 
@@ -110,18 +109,18 @@ def test_second_ensure_is_a_cache_hit(embedded_model, qbits_entry, int8_cache_ro
     assert "INT8 cache hit" in caplog.text and "quantizing" not in caplog.text
 
 
-def test_truncated_cache_file_is_rebuilt_not_served(embedded_model, qbits_entry, tmp_path, caplog):
+def test_truncated_cache_file_is_rebuilt_not_served(tiny_llama, tmp_path, caplog):
     root = tmp_path / "cache"
-    shutil.copytree(qbits_entry.parent, root, ignore=shutil.ignore_patterns("*.lock"))
-    entry = root / qbits_entry.name
+    entry = int8_cache.ensure(tiny_llama, QBITS, root)
     weights = entry / "model.safetensors"
+    size = weights.stat().st_size
     with open(weights, "r+b") as f:
-        f.truncate(weights.stat().st_size // 2)
+        f.truncate(size // 2)
     with caplog.at_level(logging.INFO, logger="int8_cache"):
-        rebuilt = int8_cache.ensure(embedded_model, QBITS, root)
+        rebuilt = int8_cache.ensure(tiny_llama, QBITS, root)
     assert rebuilt == entry
     assert "is invalid: file model.safetensors has" in caplog.text
-    assert weights.stat().st_size == (qbits_entry / "model.safetensors").stat().st_size
+    assert weights.stat().st_size == size
     inputs = json.loads((entry / MANIFEST).read_text())["inputs"]
     assert int8_cache.verify(entry, inputs) is None
 
@@ -141,10 +140,10 @@ def test_verify_rejects_missing_manifest_corruption_and_other_inputs(qbits_entry
     assert "lists no weight files" in int8_cache.verify(copy, inputs)
 
 
-def test_a_relative_cache_root_gets_the_weights_in_the_entry(embedded_model, tmp_path, monkeypatch):
+def test_a_relative_cache_root_gets_the_weights_in_the_entry(tiny_llama, tmp_path, monkeypatch):
     # the quantizer child runs in a scratch folder: a relative staging path once left an entry of a manifest only
     monkeypatch.chdir(tmp_path)
-    entry = int8_cache.ensure(embedded_model, QBITS, Path("relative-cache"))
+    entry = int8_cache.ensure(tiny_llama, QBITS, Path("relative-cache"))
     assert entry.is_absolute() and entry.parent == tmp_path / "relative-cache"
     assert list(entry.glob("*.safetensors")) or list(entry.glob("*.bin"))
     assert int8_cache.verify(entry, json.loads((entry / MANIFEST).read_text())["inputs"]) is None
@@ -193,32 +192,22 @@ def test_compute_dtypes_this_cpu_cannot_run_are_refused(embedded_model):
 
 # --- quantizing with little memory (workers/engine/runtimes/qbits/quantize.py) -----------------------------------------
 
-@pytest.fixture(scope="module")
-def bf16_source(embedded_model, tmp_path_factory):
-    """The embedded model saved in bf16: the dtype of Qwen-7B-Chat's checkpoint."""
-    out = tmp_path_factory.mktemp("bf16-source")
-    AutoModelForCausalLM.from_pretrained(str(embedded_model), torch_dtype=torch.bfloat16).save_pretrained(out)
-    for f in embedded_model.glob("tokenizer*"):
-        shutil.copy2(f, out / f.name)
-    return out
-
-
-def test_quantizer_loads_the_source_in_its_checkpoint_dtype_not_fp32(bf16_source):
-    model = quantize.load_source(bf16_source, trust_remote_code=False)
+def test_quantizer_loads_the_source_in_its_checkpoint_dtype_not_fp32(tiny_llama_bf16):
+    model = quantize.load_source(tiny_llama_bf16, trust_remote_code=False)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
-def test_layer_by_layer_quantization_is_bit_identical_to_itrex_whole_model(bf16_source, tmp_path, monkeypatch):
+def test_layer_by_layer_quantization_is_bit_identical_to_itrex_whole_model(tiny_llama_bf16, tmp_path, monkeypatch):
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    settings = served_rtn_kwargs(bf16_source)
+    settings = served_rtn_kwargs(tiny_llama_bf16)
     subprocess.run(
-        [sys.executable, "-m", "workers.engine.runtimes.qbits.quantize", "--source", str(bf16_source), "--staging", str(ours),
+        [sys.executable, "-m", "workers.engine.runtimes.qbits.quantize", "--source", str(tiny_llama_bf16), "--staging", str(ours),
          "--settings", json.dumps(settings)],
         cwd=tmp_path, check=True,
     )
     monkeypatch.chdir(tmp_path)  # neural-compressor writes nc_workspace/ into the current directory
     ItrexAuto.from_pretrained(
-        str(bf16_source), quantization_config=RtnConfig(**settings), use_neural_speed=False
+        str(tiny_llama_bf16), quantization_config=RtnConfig(**settings), use_neural_speed=False
     ).save_pretrained(str(theirs))
     a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
     assert a.keys() == b.keys()

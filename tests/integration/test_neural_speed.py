@@ -9,6 +9,7 @@ XML report), and each case is a test of this file that passes, fails or skips as
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -42,11 +43,14 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def cases_run(tmp_path_factory) -> Run:
+def cases_run(tmp_path_factory, int8_entry, int8_cache_root) -> Run:
+    """All cases in one child pytest; it shares this session's INT8 cache, where the embedded model's entry is
+    built already (the cases check that entry itself; quantizing it again would only cost minutes)."""
     tmp = tmp_path_factory.mktemp("neural-speed")
     report = tmp / "report.xml"
     proc = subprocess.run([*PYTEST, "-v", "--basetemp", str(tmp / "basetemp"), f"--junitxml={report}", str(CASES)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+                          cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+                          env={**os.environ, "BUNDLE_TEST_INT8_CACHE": str(int8_cache_root)})
     tail = f"exit code {proc.returncode}\n{proc.stdout[-6000:]}{proc.stderr[-3000:]}"
     outcomes = {}
     # -v writes each outcome as its case ends: what a process that crashed had finished is kept

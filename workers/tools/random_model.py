@@ -25,12 +25,16 @@ TINYLLAMA_EMBEDDED_VOCAB = dict(SHAPES["llama-1.1b"], vocab_size=49152, max_posi
 # The same at 32 layers (1.5 B): neural-speed 1.0's llama graph knows 32 layers, so it runs this one
 # unpadded, as it runs Llama 2/3 7 B and Qwen-7B; the 22-layer one it runs as 32 (10 identity layers).
 TINYLLAMA_32_LAYERS = dict(TINYLLAMA_EMBEDDED_VOCAB, num_hidden_layers=32)
+# A Llama small enough to quantize in seconds, with the embedded tokenizer's vocabulary (the tests' cache cases).
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=49152, max_position_embeddings=2048)
 
 
-def random_llama(name: str, shape: dict, dtype: str = "float32", max_shard_size: str = "5GB") -> Path:
-    """var/bench/<name>: a LlamaForCausalLM of `shape` (LlamaConfig keys) with seeded random weights,
-    saved in `dtype` ("float32" or "bfloat16") as safetensors shards of at most `max_shard_size`."""
-    out = var_dir() / "bench" / name
+def random_llama(name: str, shape: dict, dtype: str = "float32", max_shard_size: str = "5GB",
+                 root: Path | None = None) -> Path:
+    """<root>/<name> (root: var/bench): a LlamaForCausalLM of `shape` (LlamaConfig keys) with seeded random
+    weights, saved in `dtype` ("float32" or "bfloat16") as safetensors shards of at most `max_shard_size`."""
+    out = Path(root or var_dir() / "bench") / name
     if (out / "config.json").is_file():
         return out
     import torch
