@@ -241,7 +241,7 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
     KnownModel("Qwen/Qwen3-1.7B", "qwen3"),
     KnownModel("Qwen/Qwen3-0.6B", "qwen3"),
     KnownModel("Qwen/Qwen3-30B-A3B", "qwen3_moe", "mixture of experts, thinks like Qwen3; all 128 experts stay in "
-               "memory: INT8 needs about 31 GiB, more than a 24 GiB host"),
+               "memory: INT8 needs about 33 GiB, more than a 24 GiB host"),
     KnownModel("Qwen/Qwen2.5-7B-Instruct", "qwen2"),
     KnownModel("Qwen/Qwen2.5-3B-Instruct", "qwen2"),
     KnownModel("Qwen/Qwen2.5-1.5B-Instruct", "qwen2"),

@@ -12,7 +12,8 @@ tensor is copied out of the checkpoint file into the process's own memory, one t
 and the loader keeps no reference to the state dict while the layers are packed. A tensor
 that safetensors hands out is a view of the file's mapping, and one live view keeps the whole mapping:
 the INT8 weights read once for packing then stayed in the worker's resident memory beside their packed
-copies, as did the embedding's file pages next to it (docs/models.md, 'Profile seed-current', measured).
+copies, as did the embedding's file pages next to it (docs/benchmarks.md, 'INT8 worker memory against the
+estimate').
 """
 from __future__ import annotations
 
@@ -85,8 +86,8 @@ _SERVING_MMAP_THRESHOLD = 32 << 20
 def _large_blocks_unmapped_when_freed():
     """While loading, blocks of 1 MiB and more get their own mapping, returned to the OS when freed. Each
     layer's INT8 weight and its unpacking temporaries are freed once it is packed; on glibc's heap (its
-    dynamic threshold rises to the size of such blocks) they left holes that only malloc_trim returned:
-    the load's peak stood about 0.5 GiB above the loaded worker on a Qwen2.5-1.5B shape (measured). Afterwards
+    dynamic threshold rises to the size of such blocks) they left holes that only malloc_trim returned,
+    raising the load's peak (docs/benchmarks.md, 'INT8 worker memory against the estimate'). Afterwards
     the threshold is glibc's own dynamic maximum, so serving allocates as before."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
