@@ -163,12 +163,18 @@ def chat_titles(page) -> list[str]:
     return [t.strip() for t in page.locator("#chat_list label").all_inner_texts()]
 
 
-def test_conversation_is_kept_across_reloads_reopened_and_deleted(page, served_bundle):
+def first_answer(page, served_bundle, question: str):
+    """A fresh page's chat box and its greedy short answer to `question`."""
     open_ui(page, served_bundle["web"])
     greedy_short_answers(page, max_tokens=24)
     chatbot = visible(page, "#chatbot").first
-    send(page, "Name a colour.")
+    send(page, question)
     [answer] = wait_for_answers(page, [chatbot], 1)
+    return chatbot, answer
+
+
+def test_conversation_is_kept_across_reloads_reopened_and_deleted(page, served_bundle):
+    _, answer = first_answer(page, served_bundle, "Name a colour.")
     assert chat_titles(page) == ["Name a colour."]
     open_ui(page, served_bundle["web"])  # a reload: a new session, an empty chat, the list from the browser
     assert bot_messages(visible(page, "#chatbot").first) == []
@@ -216,11 +222,7 @@ def decode_steps(served_bundle, model: str) -> int:
 
 
 def test_regenerate_and_edit_and_resend(page, served_bundle):
-    open_ui(page, served_bundle["web"])
-    greedy_short_answers(page, max_tokens=24)
-    chatbot = visible(page, "#chatbot").first
-    send(page, "What is the capital of France?")
-    [first] = wait_for_answers(page, [chatbot], 1)
+    chatbot, first = first_answer(page, served_bundle, "What is the capital of France?")
     steps = decode_steps(served_bundle, SERVED_INT8)
     visible(page, "#regenerate").first.click()
     wait_for(lambda: decode_steps(served_bundle, SERVED_INT8) > steps, 60, "the worker to generate again")

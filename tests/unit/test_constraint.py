@@ -75,3 +75,16 @@ def test_the_mask_function_accepts_the_tokens_chosen_so_far(grammars):
 def test_a_schema_the_library_cannot_compile_is_a_grammar_error():
     with pytest.raises(c.GrammarError, match="JSON schema"):
         c.json_value({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}})
+
+
+def test_importing_the_constraint_module_builds_nothing_and_leaves_no_temporary_files(tmp_path):
+    """xgrammar's tvm_ffi would JIT-compile a torch addon with the C++ compiler on every import (a worker start)
+    and leave its build folder in the temporary directory; the module turns that off before importing it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TVM_FFI_DISABLE_TORCH_C_DLPACK"}
+    env.update(TMPDIR=str(tmp_path), TVM_FFI_CACHE_DIR=str(tmp_path / "cache"))
+    subprocess.run([sys.executable, "-c", "import workers.engine.constraint"], env=env, check=True, timeout=300)
+    assert list(tmp_path.iterdir()) == []

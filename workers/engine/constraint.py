@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
-import warnings
 from typing import Iterable
 
 import torch
 
 log = logging.getLogger("constraint")
 
-with warnings.catch_warnings():  # "We recommend installing ... torch-c-dlpack-ext": a GPU-side speed-up
-    warnings.simplefilter("ignore")
-    import xgrammar as xgr
+# xgrammar's tvm_ffi otherwise JIT-compiles a torch DLPack addon with the C++ compiler on every import (tens of
+# seconds of CPU per worker start, a temporary folder left in /tmp each time, and on torch 2.3 the build fails
+# anyway); the addon only speeds up GPU tensor exchange.
+os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+import xgrammar as xgr  # noqa: E402
 
 
 class GrammarError(ValueError):
