@@ -64,7 +64,8 @@ def test_models_are_chosen_by_name_in_order_each_once(monkeypatch):
 def test_llama_cpp_variants_are_opt_in_and_labelled():
     assert all(v.backend != "llama-cpp" for v in be.variants_for(False))
     labels = [v.label for v in be.variants_for(False, llama_cpp=True)]
-    assert labels == ["fp32 t2", "int8 qbits fp32 gauto t2", "int8 neural-speed fp32 gauto t2", "llama.cpp F16 t2",
+    assert labels == ["fp32 t2", "int8 qbits fp32 gauto t2", "int8 neural-speed fp32 gauto t2",
+                      "int4 qbits fp32 gauto t2", "int4 neural-speed fp32 gauto t2", "llama.cpp F16 t2",
                       "llama.cpp Q8_0 t2"]
 
 
@@ -74,12 +75,22 @@ def test_every_compute_dtype_the_cpu_runs_is_measured_on_both_int8_runtimes():
     assert be.cpu_compute_dtypes(frozenset({"avx2", "avx512_vnni", "amx_int8", "amx_bf16"})) == ("fp32", "int8", "bf16")
     labels = [v.label for v in be.variants_for(False, compute_dtypes=("fp32", "int8"))]
     assert labels == ["fp32 t2", "int8 qbits fp32 gauto t2", "int8 neural-speed fp32 gauto t2",
-                      "int8 qbits int8 gauto t2", "int8 neural-speed int8 gauto t2"]
+                      "int8 qbits int8 gauto t2", "int8 neural-speed int8 gauto t2",
+                      "int4 qbits fp32 gauto t2", "int4 neural-speed fp32 gauto t2",
+                      "int4 qbits int8 gauto t2", "int4 neural-speed int8 gauto t2"]
+
+
+def test_int4_group_sizes_are_measured_on_both_runtimes_on_request():
+    int4 = [v for v in be.variants_for(False, int4_groups=True) if v.bits == 4 and v.group_size != "auto"]
+    assert [(v.runtime, v.group_size) for v in int4] == [
+        (r, g) for r in ("qbits", "neural-speed") for g in (32, 64, 128, -1)]
+    assert all(v.int8.bits == 4 and v.int8.group_size == v.group_size for v in int4)
+    assert not [v for v in be.variants_for(False) if v.bits == 4 and v.group_size != "auto"]
 
 
 def test_report_starts_with_the_cpu_and_gives_ratios_and_bandwidth():
     model = Path("m")
-    variants = be.variants_for(False, llama_cpp=True)
+    variants = [v for v in be.variants_for(False, llama_cpp=True) if v.bits == 8]
     run = {"load_s": 1.0, "prompt_tok_s": 100.0, "steady_rss_gib": 1.0, "peak_rss_gib": 1.0, "ppl": 10.0}
     speeds = {"fp32 t2": 10.0, "int8 qbits fp32 gauto t2": 20.0, "int8 neural-speed fp32 gauto t2": 30.0,
               "llama.cpp F16 t2": 30.0, "llama.cpp Q8_0 t2": 40.0}

@@ -59,7 +59,8 @@ def load_model(
     if hasattr(model, "eval"):
         model.eval()
     release_freed_memory()
-    log.info("loaded %s with backend %s in %.1f s", source.name, backend, time.monotonic() - t0)
+    log.info("loaded %s with backend %s%s in %.1f s", source.name, backend,
+             f" ({settings.describe()})" if runtime.quantizes else "", time.monotonic() - t0)
     return model, tokenizer
 
 

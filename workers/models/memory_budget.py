@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workers.config.files import GIB
-from workers.config.int8 import AUTO_GROUP_SIZE
+from workers.config.int8 import AUTO_GROUP_SIZES
 KV_TOKENS_PER_REQUEST = 1024
 RUNTIME_GIB = 0.9
 SERVICES_GIB = 1.5
@@ -83,23 +83,24 @@ def shape_of_folder(folder: Path) -> ModelShape:
     return shape_from_config(config, total)
 
 
-def weight_bytes(shape: ModelShape, backend: str, group_size: int | str = -1) -> int:
+def weight_bytes(shape: ModelShape, backend: str, group_size: int | str = -1, bits: int = 8) -> int:
+    """`bits`: of the quantized weights (int8.bits), with one fp32 scale per group."""
     if backend == "fp32":
         return shape.params * 4
     if backend == "bf16":
         return shape.params * 2
     linear = shape.params - shape.embedding - shape.output
     if group_size == "auto":  # an upper bound: auto may also resolve to per channel (fewer scales)
-        group_size = AUTO_GROUP_SIZE
-    per_weight = 1 + 4 / (group_size if group_size > 0 else 4096)
+        group_size = AUTO_GROUP_SIZES[bits]
+    per_weight = bits / 8 + 4 / (group_size if group_size > 0 else 4096)
     return int(linear * per_weight) + (shape.embedding + shape.output) * 4
 
 
 def worker_bytes(shape: ModelShape, backend: str, limit_concurrency: int, group_size: int | str = -1,
-                 prefix_cache_tokens: int = 0, runtime_kv: int = 0) -> int:
+                 prefix_cache_tokens: int = 0, runtime_kv: int = 0, bits: int = 8) -> int:
     """`runtime_kv`: KV memory the worker's runtime allocates at load (Runtime.memory_extra)."""
     kv = shape.kv_bytes_per_token * (KV_TOKENS_PER_REQUEST * limit_concurrency + prefix_cache_tokens)
-    return weight_bytes(shape, backend, group_size) + max(kv, runtime_kv) + int(RUNTIME_GIB * GIB)
+    return weight_bytes(shape, backend, group_size, bits) + max(kv, runtime_kv) + int(RUNTIME_GIB * GIB)
 
 
 def quantize_peak_bytes(shape: ModelShape) -> int:
@@ -122,6 +123,7 @@ class Need:
     group_size: int | str = -1
     prefix_cache_tokens: int = 0
     runtime_kv: int = 0  # KV memory its runtime allocates at load, on this backend only
+    bits: int = 8  # of its quantized weights (int8.bits)
 
     @property
     def bytes(self) -> int:
@@ -129,7 +131,7 @@ class Need:
 
     def bytes_as(self, backend: str) -> int:
         return worker_bytes(self.shape, backend, self.limit_concurrency, self.group_size, self.prefix_cache_tokens,
-                            self.runtime_kv if backend == self.backend else 0)
+                            self.runtime_kv if backend == self.backend else 0, self.bits)
 
 
 def check(needs: list[Need], available_bytes: int) -> str | None:

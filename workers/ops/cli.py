@@ -211,7 +211,7 @@ def memory_problem(dep: Deployment, host: str = hosts.LOCAL) -> str | None:
             _say(f"  {m.program}: cannot estimate its memory ({exc}); not counted")
             continue
         needs.append(memory_budget.Need(m.program, m.backend, shape, m.limit_concurrency, m.int8.group_size,
-                                        m.prefix_cache_tokens, runtime_kv_bytes(m)))
+                                        m.prefix_cache_tokens, runtime_kv_bytes(m), m.int8.bits))
     available = psutil.virtual_memory().available
     budget = dep.hosts[host].memory_gib if host in dep.hosts else None
     problem = memory_budget.check(needs, min(available, int(budget * GIB)) if budget else available)
@@ -249,8 +249,7 @@ def prepare_int8_weights(dep: Deployment, folders: dict[str, Path], host: str = 
             entry = int8_cache.ensure(folders[m.program], settings, int8_cache_dir(), m.trust_remote_code)
         except (int8_cache.CacheBuildError, RuntimeUnavailable) as exc:
             return f"models[{m.program}]: {exc}"
-        groups = f"groups of {settings.group_size}" if settings.group_size > 0 else "per channel"
-        _say(f"  {m.program}: {entry.name} ({settings.runtime}, {groups})")
+        _say(f"  {m.program}: {entry.name} ({settings.describe()})")
     return None
 
 

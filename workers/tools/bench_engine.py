@@ -9,6 +9,7 @@ to the machine's read bandwidth measured with numpy in each round. Prints figure
 
     python -m workers.tools.bench_engine                      # embedded model + random 1 B Llama
     python -m workers.tools.bench_engine --explore            # also group sizes and 1 thread
+    python -m workers.tools.bench_engine --int4-groups        # also INT4 (bits: 4) at each group size
     python -m workers.tools.bench_engine --llama-cpp          # also llama.cpp F16 and Q8_0 (.venv-bench)
     python -m workers.tools.bench_engine --batch 4            # also 1 vs 4 sequences through the batcher
     python -m workers.tools.bench_engine --models random-1.5b # a 32-layer Llama (neural-speed runs it unpadded)
@@ -61,6 +62,14 @@ class Variant:
     group_size: int | str = "auto"  # what the bundle serves by default (config/int8.py)
     gguf: str = ""  # llama-cpp: f16 | q8_0
     runtime: str = "qbits"  # itrex-int8: qbits | neural-speed
+    bits: int = 8  # itrex-int8: 8 | 4 (int8.bits)
+
+    @property
+    def int8(self):
+        from workers.config.int8 import Int8Settings
+
+        return Int8Settings(compute_dtype=self.compute_dtype, group_size=self.group_size, runtime=self.runtime,
+                            bits=self.bits)
 
     @property
     def label(self) -> str:
@@ -68,7 +77,7 @@ class Variant:
             return f"llama.cpp {self.gguf.upper()} t{self.threads}"
         if self.backend != "itrex-int8":
             return f"{self.backend} t{self.threads}"
-        return f"int8 {self.runtime} {self.compute_dtype} g{self.group_size} t{self.threads}"
+        return f"int{self.bits} {self.runtime} {self.compute_dtype} g{self.group_size} t{self.threads}"
 
 
 # --models: random-weight Llamas (speed does not depend on the weights), by folder name and shape
@@ -113,13 +122,12 @@ def measure(model_path: Path, variant: Variant, cache_root: Path, job: dict | No
     import torch
     from transformers import StoppingCriteria
 
-    from workers.config.int8 import Int8Settings
     from workers.engine.loader import load_model
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(
         model_path, variant.backend, cache_root=cache_root, n_threads=variant.threads,
-        int8=Int8Settings(compute_dtype=variant.compute_dtype, group_size=variant.group_size, runtime=variant.runtime),
+        int8=variant.int8,
     )
     load_s = time.perf_counter() - t0
     threads.apply_to_torch(variant.threads)
@@ -195,7 +203,6 @@ def neural_speed_batched_decode(model_path: Path, variant: Variant, cache_root: 
     """batched_decode for neural-speed: the same INT8 file loaded as a worker with limit_concurrency `batch`
     loads it (KV cache slots for the sequences), through the bundle's neural-speed batcher. {} when batch < 2
     or the graph does not batch."""
-    from workers.config.int8 import Int8Settings
     from workers.engine.loader import load_model
     from workers.engine.runtimes.neural_speed.batcher import NeuralSpeedBatcher
     from workers.engine.runtimes.neural_speed.model import slots_for
@@ -204,8 +211,7 @@ def neural_speed_batched_decode(model_path: Path, variant: Variant, cache_root: 
     if batch < 2 or slots_for(json.loads((model_path / "config.json").read_text()), batch) < 2:
         return {}  # from config.json alone: no second copy loaded to find out
     model, _ = load_model(model_path, variant.backend, cache_root=cache_root, n_threads=variant.threads,
-                          int8=Int8Settings(compute_dtype=variant.compute_dtype, group_size=variant.group_size,
-                                            runtime=variant.runtime), concurrency=batch)
+                          int8=variant.int8, concurrency=batch)
     runner = NeuralSpeedBatcher(model, decode=lambda ids: "", postprocess=lambda text: text)
     return decode_rates(runner.submit, lambda: runner.widest, job["prompt_ids"], job["decode_tokens"], batch)
 
@@ -374,7 +380,7 @@ def weight_read_bytes(model_path: Path, variant: Variant, int8_entries: dict) ->
         return read_bytes_per_token(checkpoint_tensors(model_path), 4 if variant.backend == "fp32" else 2)
     from workers.engine.runtimes.neural_speed.quantize import WEIGHTS
 
-    entry = int8_entries.get((model_path.name, variant.runtime, variant.compute_dtype, variant.group_size))
+    entry = int8_entries.get((model_path.name, variant.int8))
     if entry and (entry / WEIGHTS).is_file():  # a neural-speed graph file
         # Its whole INT8 file (every layer, the identity padding too, and the INT8 output matrix) but
         # the embedding table, of which a step reads one row.
@@ -423,22 +429,35 @@ def cpu_compute_dtypes(flags: frozenset[str] | None = None) -> tuple[str, ...]:
     return tuple(d for d in ("fp32", "int8", "bf16") if unsupported_reason(Int8Settings(compute_dtype=d), flags) is None)
 
 
+INT4_GROUP_SIZES = (32, 64, 128, -1)
+
+
+def int4_group_variants() -> list[Variant]:
+    """INT4 at each group size on both runtimes (how config/int8.AUTO_GROUP_SIZES[4] was chosen)."""
+    return [Variant("itrex-int8", runtime=r, group_size=g, bits=4) for r in ("qbits", "neural-speed")
+            for g in INT4_GROUP_SIZES]
+
+
 def variants_for(explore: bool, bf16_backend: bool = False, llama_cpp: bool = False,
-                 threads: tuple[int, ...] = (2,), compute_dtypes: tuple[str, ...] = ("fp32",)) -> list[Variant]:
+                 threads: tuple[int, ...] = (2,), compute_dtypes: tuple[str, ...] = ("fp32",),
+                 int4_groups: bool = False) -> list[Variant]:
     variants = []
     for t in threads:
         variants.append(Variant("fp32", threads=t))
-        variants += [Variant("itrex-int8", threads=t, runtime=r, compute_dtype=d)
-                     for d in compute_dtypes for r in ("qbits", "neural-speed")]
+        variants += [Variant("itrex-int8", threads=t, runtime=r, compute_dtype=d, bits=b)
+                     for b in (8, 4) for d in compute_dtypes for r in ("qbits", "neural-speed")]
         if llama_cpp:
             variants += [Variant("llama-cpp", threads=t, gguf=g) for g in GGUF_TYPES]
     if explore:
         variants += [
             Variant("itrex-int8", group_size=-1), Variant("itrex-int8", runtime="neural-speed", group_size=-1),
             Variant("itrex-int8", group_size=128), Variant("itrex-int8", group_size=32),
+            *int4_group_variants(),
             Variant("fp32", threads=1), Variant("itrex-int8", threads=1),
             Variant("itrex-int8", threads=1, runtime="neural-speed"),
         ]
+    if int4_groups:
+        variants += int4_group_variants()
     if bf16_backend:  # opt-in: without AVX512-BF16/AMX, torch computes bf16 slowly (minutes per 1 B run)
         variants.append(Variant("bf16"))
     return list(dict.fromkeys(variants))
@@ -520,10 +539,11 @@ def summarize(results: dict, models: list[Path], variants: list[Variant], membw:
             lines += [f"| {v.label} | {m['batch1_tok_s']:.1f} | {m['batchN_tok_s']:.1f} | "
                       f"{m['batchN_tok_s'] / m['batch1_tok_s']:.2f} |" for v, m in batch_rows]
         notes = []
-        for (name, _, _, _), entry in int8_entries.items():
+        for (name, settings), entry in int8_entries.items():
             if name == model.name:
                 size = sum(f.stat().st_size for f in [*entry.glob("*.safetensors"), *entry.glob("*.bin")])
-                notes.append(f"INT8 {entry.name} {size / GIB:.2f} GiB on disk")
+                notes.append(f"INT{settings.bits} {settings.runtime} g{settings.group_size} {entry.name} "
+                             f"{size / GIB:.3f} GiB on disk")
         for gguf in dict.fromkeys(v.gguf for v in variants if v.backend == "llama-cpp"):
             sizes = [m["tensor_bytes"] for v, m in med.items() if v.gguf == gguf and m.get("tensor_bytes")]
             if sizes:
@@ -549,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", choices=MODEL_CHOICES, nargs="+", default=["both"],
                    help="embedded: SmolLM2; random-1b: a TinyLlama-shaped 22-layer 1.1 B Llama; random-1.5b: the "
                         "same at 32 layers (neural-speed runs it unpadded); both: embedded and random-1b")
+    p.add_argument("--int4-groups", action="store_true",
+                   help="also INT4 (bits: 4) at group sizes 32, 64, 128 and per channel, on both runtimes")
     p.add_argument("--bf16-backend", action="store_true", help="also the plain bf16 backend (slow on CPUs without bf16 units)")
     p.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None,
                    help="also llama.cpp F16 and Q8_0 (default: when .venv-bench exists; scripts/bench_engine.sh "
@@ -565,21 +587,25 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.bench_python} is missing: run scripts/setup_bench.sh (or scripts/bench_engine.sh --llama-cpp)")
     print(f"CPU: {cpu.describe()}", flush=True)
 
-    from workers.config.int8 import Int8Settings
     from workers.config.paths import int8_cache_dir
     from workers.engine import int8_cache
-    from workers.engine.runtimes.registry import unsupported_reason
+    from workers.engine.runtimes.base import RuntimeUnavailable
+    from workers.engine.runtimes.registry import resolve, unsupported_reason
 
     models = bench_models(args.models)
-    variants = variants_for(args.explore, args.bf16_backend, use_llama_cpp, tuple(args.threads), cpu_compute_dtypes())
+    variants = variants_for(args.explore, args.bf16_backend, use_llama_cpp, tuple(args.threads), cpu_compute_dtypes(),
+                            args.int4_groups)
     cache_root = int8_cache_dir()
-    int8_entries, gguf_files = {}, {}
+    int8_entries, gguf_files, refused = {}, {}, {}
     for model in models:  # quantize and convert up front so load times below are cache loads
         for v in variants:
-            settings = Int8Settings(compute_dtype=v.compute_dtype, group_size=v.group_size, runtime=v.runtime)
-            key = (model.name, v.runtime, v.compute_dtype, v.group_size)
+            settings = v.int8
+            key = (model.name, settings)
             if v.backend == "itrex-int8" and unsupported_reason(settings) is None and key not in int8_entries:
-                int8_entries[key] = int8_cache.ensure(model, settings, cache_root)
+                try:  # resolved as the bundle resolves it: a group size the model's rows refuse is refused here
+                    int8_entries[key] = int8_cache.ensure(model, resolve(settings, model), cache_root)
+                except (int8_cache.CacheBuildError, RuntimeUnavailable) as exc:  # e.g. a group size the model refuses
+                    refused[key] = str(exc)
         if use_llama_cpp:
             gguf_files[model.name] = ensure_gguf(model, args.bench_python)
     read_bytes = {(m.name, v.label): weight_read_bytes(m, v, int8_entries) for m in models for v in variants}
@@ -600,8 +626,7 @@ def main(argv: list[str] | None = None) -> int:
             membw.append(run_membw_child())
             continue
         if v.backend == "itrex-int8":
-            problem = unsupported_reason(Int8Settings(compute_dtype=v.compute_dtype, group_size=v.group_size,
-                                                      runtime=v.runtime))
+            problem = unsupported_reason(v.int8) or refused.get((model.name, v.int8))
             if problem:
                 results[(model.name, v.label)].append({"error": problem})
                 continue

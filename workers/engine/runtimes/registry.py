@@ -4,7 +4,8 @@ A backend (models[].backend) served by one runtime gets that one (fp32/bf16: tra
 several, named by `int8.runtime`; `auto` takes the first in RUNTIMES whose match() accepts the model (neural-speed
 where its graph runs the model's architecture and the worker's thread count is fixed, else qbits, which runs every
 family under the transformers model), and logs the choice with why the ones before it stepped aside.
-`group_size: auto` becomes AUTO_GROUP_SIZE where it divides every weight row, else per channel.
+`group_size: auto` becomes the bits' auto group size (config/int8.AUTO_GROUP_SIZES) where it divides every weight
+row, else per channel.
 
 Adding a runtime: one package under workers/engine/runtimes/ with a Runtime subclass (base.py), one line in
 RUNTIMES, and its name in config's int8.RUNTIMES when config names it.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from workers.config import cpu
 from workers.config import int8 as int8_config
-from workers.config.int8 import AUTO_GROUP_SIZE, Int8Settings
+from workers.config.int8 import Int8Settings
 from workers.config.schema import BACKENDS
 from workers.engine.runtimes.base import Runtime, RuntimeUnavailable, UnsupportedBackend
 from workers.engine.runtimes.neural_speed.runtime import NeuralSpeedRuntime
@@ -108,22 +109,31 @@ def resolve(settings: Int8Settings, source: Path, shared_threads: bool = False) 
     runtime cannot run it."""
     settings = resolve_runtime(settings, source, shared_threads)
     if settings.group_size == "auto":
-        settings = settings.model_copy(update={"group_size": auto_group_size(source)})
+        settings = settings.model_copy(update={"group_size": auto_group_size(source, settings.auto_group_size)})
+    elif settings.bits == 4:
+        problem = int8_config.row_width_problem(settings, _row_widths(source, f"{settings.group_size} with bits: 4"))
+        if problem:
+            raise RuntimeUnavailable(f"int8.{problem}")
     return settings
 
 
-def auto_group_size(source: Path) -> int:
-    """AUTO_GROUP_SIZE when it divides every weight row of the model, else -1 (per channel)."""
+def _row_widths(source: Path, group_size: str) -> set[int]:
     try:
-        widths = matrix_row_widths(source)
+        return matrix_row_widths(source)
     except FileNotFoundError as exc:
-        raise RuntimeUnavailable(f"int8.group_size: auto reads the model's row widths from its weights: {exc}") from None
-    uneven = sorted(w for w in widths if w % AUTO_GROUP_SIZE)
+        raise RuntimeUnavailable(f"int8.group_size: {group_size} reads the model's row widths from its weights: "
+                                 f"{exc}") from None
+
+
+def auto_group_size(source: Path, group: int = int8_config.AUTO_GROUP_SIZE) -> int:
+    """`group` when it divides every weight row of the model, else -1 (per channel)."""
+    widths = _row_widths(source, "auto")
+    uneven = sorted(w for w in widths if w % group)
     if uneven:
         log.info("INT8 group size for %s: per channel (%d does not divide its %s-wide rows)", source.name,
-                 AUTO_GROUP_SIZE, "/".join(map(str, uneven)))
+                 group, "/".join(map(str, uneven)))
         return -1
-    return AUTO_GROUP_SIZE
+    return group
 
 
 def resolve_runtime(settings: Int8Settings, source: Path, shared_threads: bool = False) -> Int8Settings:

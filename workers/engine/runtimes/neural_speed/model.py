@@ -85,6 +85,7 @@ class NeuralSpeedModel:
         self.graph, _ = neural_speed_graph(config)
         self.bos_id = getattr(config, "bos_token_id", None) if self.graph.bos_first else None
         self.slots = slots_for(config.to_dict(), concurrency)
+        self.bits = self.info["settings"].get("bits", 8)  # the weights' bits (int8.bits)
         self._load()
 
     def _load(self) -> None:

@@ -130,7 +130,9 @@ def _copy(src, dst, offset: int, n: int) -> None:
     dst.seek(0, 2)  # the buffered writer's position follows the copied bytes
 
 
-def q4_0_tables_as_q8_0(f32_file: Path, int8_file: Path) -> dict[str, tuple[int, bytes]]:
-    """The tables neural-speed's quantizer left in GGML Q4_0 in `int8_file`, as Q8_0 from the fp32 file."""
+def q4_0_tables_as_q8_0(f32_file: Path, int8_file: Path, also: tuple[str, ...] = ()) -> dict[str, tuple[int, bytes]]:
+    """The tables neural-speed's quantizer left in GGML Q4_0 in `int8_file`, and the tensors named in `also`, as
+    Q8_0 from the fp32 file."""
     sources = {r.name: r for r in records(f32_file)}
-    return {r.name: (Q8_0, q8_0_table(f32_file, sources[r.name])) for r in records(int8_file) if r.type == Q4_0}
+    return {r.name: (Q8_0, q8_0_table(f32_file, sources[r.name])) for r in records(int8_file)
+            if r.type == Q4_0 or r.name in also}

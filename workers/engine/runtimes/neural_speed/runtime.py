@@ -110,7 +110,7 @@ class NeuralSpeedEngine(Engine):
     def __init__(self, model: NeuralSpeedModel, served):
         batched = model.slots > 1
         self.runner = (NeuralSpeedBatcher if batched else SerialRunner)(model, served.decode, served.chat.postprocess)
-        self.description = (f"neural-speed INT8 ({model.n_threads} threads, "
+        self.description = (f"neural-speed INT{model.bits} ({model.n_threads} threads, "
                             + (f"continuous batching in {model.slots} KV cache slots" if batched
                                else "one generation at a time") + ")")
 
