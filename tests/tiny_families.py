@@ -4,11 +4,12 @@ Each `TinyFamily` is a checkpoint's config.json shrunk to 2 layers and a small w
 the family itself: rope scaling (Llama 3.1 `llama3`, Phi-3.5 `longrope`), qk-norm (Qwen3, Gemma 3), a
 head_dim that is not hidden/heads, sliding windows (Gemma 2/3, small enough that a chat prompt
 crosses them), logit soft-capping (Gemma 2), partial rotary (GLM), fused projections (Phi-3), no-rope
-layers (SmolLM3), tied embeddings and grouped-query attention. Tokenizers are built from the
-vocab-only GGUF files in llama-cpp-python's sdist (tests/gguf_vocab.py, checked on llama.cpp's test
-vectors) with the family's special tokens at their real ids; where the sdist has no vocabulary of the
-family, `stand_in` says which one is used instead. Chat templates are the sdist's copies of the real
-ones (models/templates/*.jinja), or written out below where the sdist has none (`TEMPLATES`).
+layers (SmolLM3), routed experts (Qwen3-MoE), tied embeddings and grouped-query attention. Tokenizers
+are built from the vocab-only GGUF files in llama-cpp-python's sdist (tests/gguf_vocab.py, checked on
+llama.cpp's test vectors) with the family's special tokens at their real ids; where the sdist has no
+vocabulary of the family, `stand_in` says which one is used instead. Chat templates are the sdist's
+copies of the real ones (models/templates/*.jinja), or written out below where the sdist has none
+(`TEMPLATES`).
 
 `build(name, folder)` writes a complete model folder (config.json, generation_config.json with the
 real eos ids, tokenizer files with the chat template, model.safetensors in bfloat16 as the real
@@ -178,6 +179,17 @@ FAMILIES: dict[str, TinyFamily] = {f.name: f for f in (
         _cfg("Qwen3ForCausalLM", "qwen3", attention_bias=False, attention_dropout=0.0, bos_token_id=151643,
              eos_token_id=151645, head_dim=32, max_position_embeddings=40960, max_window_layers=2, rms_norm_eps=1e-6,
              rope_scaling=None, rope_theta=1000000, sliding_window=None, tie_word_embeddings=True,
+             use_sliding_window=False, vocab_size=151936),
+        vocab="qwen2", template="Qwen-Qwen3-0.6B", added=QWEN3_ADDED, eos="<|im_end|>", pad="<|endoftext|>", thinks=True,
+        generation_config={"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+                           "pad_token_id": 151643, "temperature": 0.6, "top_k": 20, "top_p": 0.95}),
+    TinyFamily(
+        "qwen3-moe", "Qwen/Qwen3-30B-A3B",  # every layer sparse: 128 experts of 768, 8 routed a token, renormalized
+        _cfg("Qwen3MoeForCausalLM", "qwen3_moe", attention_bias=False, attention_dropout=0.0, bos_token_id=151643,
+             decoder_sparse_step=1, eos_token_id=151645, head_dim=32, max_position_embeddings=40960,
+             max_window_layers=2, mlp_only_layers=[], moe_intermediate_size=32, norm_topk_prob=True, num_experts=8,
+             num_experts_per_tok=2, output_router_logits=False, rms_norm_eps=1e-6, rope_scaling=None,
+             rope_theta=1000000.0, router_aux_loss_coef=0.001, sliding_window=None, tie_word_embeddings=False,
              use_sliding_window=False, vocab_size=151936),
         vocab="qwen2", template="Qwen-Qwen3-0.6B", added=QWEN3_ADDED, eos="<|im_end|>", pad="<|endoftext|>", thinks=True,
         generation_config={"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],

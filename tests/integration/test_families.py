@@ -23,9 +23,9 @@ from tests import tiny_families
 from tests.helpers import ask_stream
 from tests.tiny_families import CHAT_CASES, COMPLETION_PROMPT
 
-# One bundle per group at a time (four workers and one INT8 worker: about 0.9 GiB each by the memory check).
+# One bundle per group at a time (up to five workers and two INT8 workers: about 0.9 GiB each by the memory check).
 GROUPS = {
-    "qwen": (("qwen2.5", "r1-distill-qwen", "qwen3", "smollm3"), ("qwen3",)),                # tied + qk-norm
+    "qwen": (("qwen2.5", "r1-distill-qwen", "qwen3", "qwen3-moe", "smollm3"), ("qwen3", "qwen3-moe")),  # qk-norm, MoE
     "llama": (("llama3.1", "llama3.2", "llama3.3", "r1-distill-llama"), ("llama3.2",)),      # tied + llama3 rope
     "phi-mistral": (("phi3.5", "phi4", "mistral-nemo"), ("phi3.5",)),                        # fused qkv, longrope
     "gemma-glm": (("gemma2", "gemma3", "glm4-hf", "glm4-0414"), ("glm4-0414",)),             # qkv bias, post norms

@@ -246,3 +246,24 @@ def test_verify_hashes_an_unchanged_entry_once_not_on_every_start(qbits_entry, t
     config.write_bytes(config.read_bytes().replace(b"{", b"[", 1))  # same size, new mtime
     assert "config.json does not match its sha256" in int8_cache.verify(copy, inputs)
     assert hashed == ["config.json"]
+
+
+def test_the_meta_device_reload_maps_no_checkpoint_file_and_equals_itrex_reload(qbits_entry, int8_model, paragraph,
+                                                                              tmp_path):
+    """runtimes/qbits/saved.py's loader (used from transformers 4.50 on, where ITREX's own reload fails) gives
+    ITREX's logits and keeps no view of the INT8 file: one live safetensors view kept the whole file mapped and
+    resident beside the packed weights (docs/benchmarks.md, 'INT8 worker memory against the estimate')."""
+    from intel_extension_for_transformers.transformers.llm.quantization.nn.modules import QuantizedLinearQBits
+
+    from workers.engine.runtimes.qbits.saved import _load_on_meta
+
+    entry = tmp_path / "entry"
+    shutil.copytree(qbits_entry, entry)  # its own path: the ITREX-loaded model maps the cache's files
+    model = _load_on_meta(entry, trust_remote_code=False)
+    assert str(entry) not in Path("/proc/self/maps").read_text()
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert any(isinstance(m, QuantizedLinearQBits) for m in model.modules())
+    reference, tokenizer = int8_model
+    ids = tokenizer(paragraph, return_tensors="pt").input_ids[:, :64]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)

@@ -16,9 +16,9 @@ MODEL_CODE = ROOT.parent / "shared" / "model-code"
 
 # Where each tiny family runs: the pinned transformers (4.40.2) runs Qwen2 and Qwen2-based distills; the rest
 # needs >= 4.41 (a model type it lacks, Llama 3.1's rope_type llama3, Mistral-Nemo's own head_dim).
-EXPECTED = {"qwen2.5": "pinned", "r1-distill-qwen": "pinned", "qwen3": "current", "llama3.1": "current",
-            "llama3.2": "current", "llama3.3": "current", "phi3.5": "current", "phi4": "current", "gemma2": "current",
-            "gemma3": "current", "glm4-hf": "current", "glm4-0414": "current", "smollm3": "current",
+EXPECTED = {"qwen2.5": "pinned", "r1-distill-qwen": "pinned", "qwen3": "current", "qwen3-moe": "current",
+            "llama3.1": "current", "llama3.2": "current", "llama3.3": "current", "phi3.5": "current", "phi4": "current",
+            "gemma2": "current", "gemma3": "current", "glm4-hf": "current", "glm4-0414": "current", "smollm3": "current",
             "mistral-nemo": "current", "r1-distill-llama": "current"}
 
 

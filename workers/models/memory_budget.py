@@ -63,7 +63,8 @@ def shape_from_config(config: dict, total_weight_bytes: int | None = None) -> Mo
     tied = bool(config.get("tie_word_embeddings", False)) and config.get("model_type") not in ("chatglm", "qwen")
     if total_weight_bytes is None:
         raise UnknownShape("total weight bytes unknown: the model folder has no weight index or weights")
-    dtype = config.get("torch_dtype") or ("bfloat16" if config.get("bf16") else "float32")
+    # transformers >= 4.56 writes the checkpoint dtype as "dtype", earlier versions as "torch_dtype"
+    dtype = config.get("torch_dtype") or config.get("dtype") or ("bfloat16" if config.get("bf16") else "float32")
     params = total_weight_bytes // DTYPE_BYTES.get(dtype, 4)
     return ModelShape(params=params, embedding=vocab * hidden, output=0 if tied else vocab * hidden,
                       kv_bytes_per_token=kv)

@@ -8,6 +8,8 @@ INT8 cache the way a first start does, then loads it in a fresh process set up l
 arenas, threads, the worker's imports), runs one short generation and reads its resident memory. That
 is compared with memory_budget.worker_bytes for the same model, concurrency 1 and no prefix cache.
 Prints figures; asserts nothing. --delete removes the checkpoint and its INT8 entry afterwards (disk).
+The model is loaded by the Python running this tool: run it with `.venv-current/bin/python` to measure
+the qbits loader of transformers >= 4.50 (runtimes/qbits/saved.py), which today's families get.
 """
 from __future__ import annotations
 
@@ -131,8 +133,10 @@ def serve_once(folder: Path) -> dict:
     release_freed_memory()
     with open("/proc/self/status") as f:
         rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+    import transformers
+
     return {"rss_bytes": rss, "peak_bytes": peak_rss_bytes(), "tokens": result.completion_tokens,
-            "generate_s": time.monotonic() - started}
+            "generate_s": time.monotonic() - started, "transformers": transformers.__version__}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  estimate (memory_budget.worker_bytes, concurrency 1): {estimate / GIB:.2f} GiB")
     print(f"  measured RSS after loading and one generation ({PROMPT_TOKENS} + {measured['tokens']} tokens): "
           f"{rss / GIB:.2f} GiB (peak {measured['peak_bytes'] / GIB:.2f} GiB)")
-    print(f"  estimate / measured: {estimate / rss:.3f}")
+    print(f"  estimate / measured: {estimate / rss:.3f} (RSS), "
+          f"{estimate / measured['peak_bytes']:.3f} (peak, what must fit)")
+    print(f"  loaded by transformers {measured['transformers']} in {sys.executable}")
     if args.delete:
         shutil.rmtree(entry, ignore_errors=True)
         shutil.rmtree(folder, ignore_errors=True)

@@ -6,10 +6,20 @@ transformers APIs it calls changed (`_load_pretrained_model`'s signature, `no_in
 the same steps are taken here through public APIs: the model is built on the meta device, ITREX's
 `build_woq_model` puts its weight-only layers in place of the linear ones, the saved state dict is
 assigned (`load_state_dict(assign=True)`), and ITREX's `replace_linear` packs them into qbits layers.
+
+Memory: the zero-filled buffers build_woq_model allocates are dropped before the checkpoint is read, every
+tensor is copied out of the checkpoint file into the process's own memory, one tensor per file mapping,
+and the loader keeps no reference to the state dict while the layers are packed. A tensor
+that safetensors hands out is a view of the file's mapping, and one live view keeps the whole mapping:
+the INT8 weights read once for packing then stayed in the worker's resident memory beside their packed
+copies, as did the embedding's file pages next to it (docs/benchmarks.md, 'INT8 worker memory against the
+estimate').
 """
 from __future__ import annotations
 
+import ctypes
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger("qbits")
@@ -45,15 +55,16 @@ def _load_on_meta(entry: Path, trust_remote_code: bool):
     rtn.scale_dtype = rtn.scale_dtype or "fp32"
     with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) are computed
         model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32, trust_remote_code=trust_remote_code)
-    model = build_woq_model(model, rtn)
-    state = _read_state(entry)
-    result = model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    left = [k for k in result.missing_keys if _still_meta(model, k)]
-    if left:
-        raise ValueError(f"{entry}: the INT8 checkpoint lacks {len(left)} tensors (e.g. {left[0]})")
-    model.eval()
-    model = replace_linear(model, quantization_config=rtn, device="cpu", empty_weights=True)
+    with _large_blocks_unmapped_when_freed():
+        model = build_woq_model(model, rtn)
+        _drop_placeholders(model, entry)
+        result = model.load_state_dict(_read_state(entry), strict=False, assign=True)  # the model holds the only
+        model.tie_weights()                                   # refs: each INT8 weight is freed once it is packed
+        left = [k for k in result.missing_keys if _still_meta(model, k)]
+        if left:
+            raise ValueError(f"{entry}: the INT8 checkpoint lacks {len(left)} tensors (e.g. {left[0]})")
+        model.eval()
+        model = replace_linear(model, quantization_config=rtn, device="cpu", empty_weights=True)
     if model.can_generate() and (entry / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(entry))
     for param in model.parameters():
@@ -65,17 +76,54 @@ def _load_on_meta(entry: Path, trust_remote_code: bool):
     return model
 
 
+# glibc's mallopt parameter, and its largest dynamic threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX)
+_M_MMAP_THRESHOLD = -3
+_PACKING_MMAP_THRESHOLD = 1 << 20
+_SERVING_MMAP_THRESHOLD = 32 << 20
+
+
+@contextmanager
+def _large_blocks_unmapped_when_freed():
+    """While loading, blocks of 1 MiB and more get their own mapping, returned to the OS when freed. Each
+    layer's INT8 weight and its unpacking temporaries are freed once it is packed; on glibc's heap (its
+    dynamic threshold rises to the size of such blocks) they left holes that only malloc_trim returned,
+    raising the load's peak (docs/benchmarks.md, 'INT8 worker memory against the estimate'). Afterwards
+    the threshold is glibc's own dynamic maximum, so serving allocates as before."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        yield
+        return
+    mallopt(_M_MMAP_THRESHOLD, _PACKING_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_THRESHOLD, _SERVING_MMAP_THRESHOLD)
+
+
+def _drop_placeholders(model, entry: Path) -> None:
+    """Put on the meta device the tensors the checkpoint will replace. build_woq_model allocates every
+    weight-only layer's buffers (qweight, scales, zeros) for real, zero-filled: as large as the INT8
+    weights themselves, and alive beside the checkpoint's copies until load_state_dict replaces them."""
+    from workers.models.weight_shapes import checkpoint_tensors
+
+    for name in checkpoint_tensors(entry):
+        path, _, attr = name.rpartition(".")
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        placeholder = module._buffers.get(attr)
+        if placeholder is not None and not placeholder.is_meta:
+            setattr(module, attr, placeholder.to("meta"))
+
+
 def _read_state(entry: Path) -> dict:
     import torch
 
     files = sorted(entry.glob("*.safetensors"))
     if files:
-        from safetensors.torch import load_file
-
-        state = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        return state
+        return {name: tensor for f in files for name, tensor in _copied_tensors(f)}
     files = sorted(entry.glob("pytorch_model*.bin"))
     if not files:
         raise FileNotFoundError(f"{entry}: no weights file (model.safetensors or pytorch_model.bin)")
@@ -83,6 +131,18 @@ def _read_state(entry: Path) -> dict:
     for f in files:
         state.update(torch.load(str(f), map_location="cpu"))
     return state
+
+
+def _copied_tensors(path: Path):
+    """(name, tensor) of a safetensors file, each in memory of its own: opened once per tensor, so that no
+    file mapping outlives the copy of the one tensor it was opened for."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys())
+    for name in names:
+        with safe_open(str(path), framework="pt") as f:
+            yield name, f.get_tensor(name).clone()
 
 
 def _still_meta(model, key: str) -> bool:
