@@ -182,3 +182,22 @@ def test_int8_of_a_current_family_was_quantized_by_its_own_environment(bundle):
     entries = [json.loads(p.read_text()) for p in Path(bundle["env"]["BUNDLE_INT8_CACHE_DIR"]).glob("*/bundle_manifest.json")]
     transformers = {e["inputs"]["versions"]["transformers"] for e in entries}
     assert transformers == {"4.57.6"}, transformers
+
+
+def test_the_embedded_model_converted_from_the_current_environment_loads_in_the_pinned_one(environments, tmp_path,
+                                                                                          embedded_model):
+    """A tool run by .venv-current (memory_check, random models) may be the first to need the embedded model; the
+    folder it leaves must load in the pinned environment, whose tokenizers reads no newer tokenizer.json."""
+    import os
+    import subprocess
+
+    from transformers import AutoTokenizer
+
+    from workers.config.environments import CURRENT, ROOT
+
+    out = tmp_path / "embedded"
+    code = f"from pathlib import Path; from workers.models.embedded import prepare; prepare(Path({str(out)!r}))"
+    subprocess.run([CURRENT.python(), "-c", code], check=True, timeout=600,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    text = "Hello, world! 你好"
+    assert AutoTokenizer.from_pretrained(out).encode(text) == AutoTokenizer.from_pretrained(embedded_model).encode(text)

