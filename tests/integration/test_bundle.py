@@ -69,7 +69,7 @@ def test_start_prepares_int8_weights_before_any_worker_runs(bundle):
     assert int8_step < out.index(f"  {INT8}: smollm2-135m-instruct-") < supervisord_step
     line = next(line for line in out.splitlines() if line.startswith(f"  {INT8}: smollm2-135m-instruct-"))
     # the runtime the worker then loads (a Llama, fixed threads) and the group size auto gave its 576/1536-wide rows
-    assert line.endswith("(neural-speed, groups of 64)")
+    assert line.endswith("(INT8 weights, neural-speed, groups of 64)")
 
 
 def test_int8_model_that_cannot_be_quantized_stops_the_start_before_supervisord(tmp_path, embedded_model):
