@@ -201,3 +201,18 @@ def test_the_embedded_model_converted_from_the_current_environment_loads_in_the_
                    env={**os.environ, "PYTHONPATH": str(ROOT)})
     text = "Hello, world! 你好"
     assert AutoTokenizer.from_pretrained(out).encode(text) == AutoTokenizer.from_pretrained(embedded_model).encode(text)
+
+
+def test_the_current_environment_is_a_layer_of_its_own_packages_over_the_pinned_one(environments):
+    """.venv-current holds transformers 4.57.6 and what it needs beyond .venv; torch, ITREX and the rest are
+    .venv's (a few hundred MB and seconds to build instead of a second 6.5 GB environment)."""
+    import subprocess
+
+    from workers.config.environments import CURRENT, PINNED
+
+    code = "import json, torch, transformers; print(json.dumps([transformers.__version__, transformers.__file__, torch.__file__]))"
+    out = subprocess.run([CURRENT.python(), "-c", code], capture_output=True, text=True, check=True, timeout=300).stdout
+    version, transformers_file, torch_file = json.loads(out.strip().splitlines()[-1])
+    assert version == CURRENT.transformers
+    assert Path(transformers_file).resolve().is_relative_to(CURRENT.folder.resolve())
+    assert Path(torch_file).resolve().is_relative_to(PINNED.folder.resolve())

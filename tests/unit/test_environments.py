@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -51,13 +50,20 @@ def test_seed_models_remote_code_stays_pinned(family):
     assert environment_for(config)[0] is environments.PINNED
 
 
-def test_setup_builds_requirements_with_the_overrides_in_place(tmp_path):
-    """scripts/setup.sh --env current installs requirements.txt with requirements-current.txt's pins instead of
-    the same packages' own (the filter, run on the real files)."""
-    script = (ROOT / "scripts" / "setup.sh").read_text()
-    awk = script[script.index("  awk '"):script.index(' > "$requirements"')]
-    out = subprocess.run(["bash", "-c", f'overrides=(requirements-current.txt); {awk}'], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
-    pins = [line.split("#")[0].strip() for line in out.splitlines() if line.split("#")[0].strip()]
-    assert not any(p.startswith(("transformers==", "tokenizers", "huggingface-hub")) for p in pins), pins
-    assert "torch==2.3.0" in pins and "fschat==0.2.36" in pins and "intel-extension-for-transformers==1.4.2" in pins
+def test_a_layer_reports_its_own_packages_first_then_its_bases(tmp_path):
+    """The INT8 cache key records the versions a layer environment really imports: its own (transformers) where it
+    has them, its base's (torch) otherwise."""
+    def install(venv: Path, name: str, version: str) -> None:
+        info = venv / "lib" / "python3.11" / "site-packages" / f"{name}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+    install(tmp_path / "base", "transformers", "4.40.2")
+    install(tmp_path / "base", "torch", "2.3.0")
+    install(tmp_path / "layer", "transformers", "4.57.6")
+    base = environments.Environment("b", str(tmp_path / "base"), "4.40.2")
+    layer = environments.Environment("l", str(tmp_path / "layer"), "4.57.6", base=base)
+    assert environments.versions(layer, ("transformers", "torch")) == {"transformers": "4.57.6", "torch": "2.3.0"}
+    assert environments.versions(base, ("transformers",)) == {"transformers": "4.40.2"}
+    with pytest.raises(Exception, match="accelerate is not installed"):
+        environments.versions(layer, ("accelerate",))

@@ -22,6 +22,7 @@ class Environment:
     name: str            # scripts/setup.sh --env NAME
     venv: str            # its folder in the project root
     transformers: str    # the transformers version it pins (requirements.txt, requirements-current.txt)
+    base: "Environment | None" = None  # a layer over `base`: its own packages first, then the base's
 
     @property
     def folder(self) -> Path:
@@ -41,7 +42,7 @@ class Environment:
 
 
 PINNED = Environment("pinned", ".venv", "4.40.2")
-CURRENT = Environment("current", ".venv-current", "4.57.6")
+CURRENT = Environment("current", ".venv-current", "4.57.6", base=PINNED)
 ENVIRONMENTS = (PINNED, CURRENT)
 
 
@@ -56,12 +57,17 @@ def versions(env: Environment, names: tuple[str, ...]) -> dict[str, str]:
     """Installed versions of `names` in `env` (read from its site-packages; nothing is imported)."""
     if env.is_this_process():
         return {name: metadata.version(name) for name in names}
-    return {name: _version_in(str(env.folder), name) for name in names}
+    folders = []
+    while env is not None:  # in sys.path's order: the layer's own packages, then its base's
+        folders.append(str(env.folder))
+        env = env.base
+    return {name: _version_in(tuple(folders), name) for name in names}
 
 
 @lru_cache(maxsize=None)
-def _version_in(folder: str, name: str) -> str:
-    paths = [str(p) for p in Path(folder).glob("lib/python*/site-packages")]
-    for dist in metadata.distributions(name=name, path=paths):
-        return dist.version
-    raise metadata.PackageNotFoundError(f"{name} is not installed in {folder}")
+def _version_in(folders: tuple[str, ...], name: str) -> str:
+    for folder in folders:
+        paths = [str(p) for p in Path(folder).glob("lib/python*/site-packages")]
+        for dist in metadata.distributions(name=name, path=paths):
+            return dist.version
+    raise metadata.PackageNotFoundError(f"{name} is not installed in {' or '.join(folders)}")
