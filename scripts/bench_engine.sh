@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# In-process engine benchmark: fp32 vs ITREX INT8 vs llama.cpp F16/Q8_0 (prints figures; see docs/benchmarks.md).
+# In-process engine benchmark: fp32 vs ITREX INT8 vs llama.cpp F16/Q8_0/Q4_0 (prints figures; see docs/benchmarks.md).
 # Usage: scripts/bench_engine.sh [--llama-cpp | --no-llama-cpp] [--explore] [--rounds N] [--threads N ...]
 #        [--models embedded|random-1b|random-1.5b|both ...]
 # --llama-cpp builds .venv-bench first (llama-cpp-python compiled from source, scripts/setup_bench.sh); once it

@@ -66,7 +66,7 @@ def test_llama_cpp_variants_are_opt_in_and_labelled():
     labels = [v.label for v in be.variants_for(False, llama_cpp=True)]
     assert labels == ["fp32 t2", "int8 qbits fp32 gauto t2", "int8 neural-speed fp32 gauto t2",
                       "int4 qbits fp32 gauto t2", "int4 neural-speed fp32 gauto t2", "llama.cpp F16 t2",
-                      "llama.cpp Q8_0 t2"]
+                      "llama.cpp Q8_0 t2", "llama.cpp Q4_0 t2"]
 
 
 def test_every_compute_dtype_the_cpu_runs_is_measured_on_both_int8_runtimes():
@@ -90,10 +90,11 @@ def test_int4_group_sizes_are_measured_on_both_runtimes_on_request():
 
 def test_report_starts_with_the_cpu_and_gives_ratios_and_bandwidth():
     model = Path("m")
-    variants = [v for v in be.variants_for(False, llama_cpp=True) if v.bits == 8]
+    variants = [v for v in be.variants_for(False, llama_cpp=True) if v.bits == 8 or v.runtime == "neural-speed"]
     run = {"load_s": 1.0, "prompt_tok_s": 100.0, "steady_rss_gib": 1.0, "peak_rss_gib": 1.0, "ppl": 10.0}
     speeds = {"fp32 t2": 10.0, "int8 qbits fp32 gauto t2": 20.0, "int8 neural-speed fp32 gauto t2": 30.0,
-              "llama.cpp F16 t2": 30.0, "llama.cpp Q8_0 t2": 40.0}
+              "int4 neural-speed fp32 gauto t2": 45.0, "llama.cpp F16 t2": 30.0, "llama.cpp Q8_0 t2": 40.0,
+              "llama.cpp Q4_0 t2": 60.0}
     results = {("m", label): [dict(run, decode_tok_s=tok_s)] for label, tok_s in speeds.items()}
     results[("m", "llama.cpp Q8_0 t2")][0].update(read_bytes_per_token=1e9, tensor_bytes=1.1e9)
     for label in ("llama.cpp F16 t2", "llama.cpp Q8_0 t2"):
@@ -107,12 +108,13 @@ def test_report_starts_with_the_cpu_and_gives_ratios_and_bandwidth():
     assert report.count("llama.cpp build") == 1
     assert "llama.cpp build (its system info, features on): SSE3 AVX512_VNNI OPENMP\n" in report
     rows = {line.split(" | ")[1]: line.split(" | ") for line in report.splitlines() if line.startswith("| m |")}
-    # | model | variant | tok/s | x fp32 | x Q8_0 | GB/token | GB/s | % | ...
-    assert rows["fp32 t2"][2:8] == ["10.0", "1.00", "0.25", "4.000", "40.0", "100 %"]
-    assert rows["int8 qbits fp32 gauto t2"][2:8] == ["20.0", "2.00", "0.50", "1.000", "20.0", "50 %"]
-    assert rows["int8 neural-speed fp32 gauto t2"][2:8] == ["30.0", "3.00", "0.75", "1.000", "30.0", "75 %"]
-    assert rows["llama.cpp F16 t2"][5:8] == ["-", "-", "-"]  # no byte count reported: no bandwidth
-    assert rows["llama.cpp Q8_0 t2"][2:8] == ["40.0", "4.00", "1.00", "1.000", "40.0", "100 %"]
+    # | model | variant | tok/s | x fp32 | x Q8_0 | x Q4_0 | GB/token | GB/s | % | ...
+    assert rows["fp32 t2"][2:9] == ["10.0", "1.00", "0.25", "0.17", "4.000", "40.0", "100 %"]
+    assert rows["int8 qbits fp32 gauto t2"][2:9] == ["20.0", "2.00", "0.50", "0.33", "1.000", "20.0", "50 %"]
+    assert rows["int8 neural-speed fp32 gauto t2"][2:9] == ["30.0", "3.00", "0.75", "0.50", "1.000", "30.0", "75 %"]
+    assert rows["int4 neural-speed fp32 gauto t2"][2:6] == ["45.0", "4.50", "1.12", "0.75"]  # INT4 beside Q4_0
+    assert rows["llama.cpp F16 t2"][6:9] == ["-", "-", "-"]  # no byte count reported: no bandwidth
+    assert rows["llama.cpp Q8_0 t2"][2:9] == ["40.0", "4.00", "1.00", "0.67", "1.000", "40.0", "100 %"]
 
 
 def test_the_bundle_environment_never_imports_llama_cpp(tmp_path):

@@ -2,7 +2,7 @@
 
 Each measurement runs in a fresh child process (so load time and RSS are clean), variants are
 interleaved round by round (so machine noise hits all of them alike), and the report gives
-medians and ratios to fp32 and to llama.cpp Q8_0. Every variant decodes the same prompt (the same
+medians and ratios to fp32 and to llama.cpp Q8_0 and Q4_0. Every variant decodes the same prompt (the same
 token ids, from the model's HF tokenizer) greedily, timed from the first new token to the last.
 Each also gets an effective read bandwidth, weight bytes read per decode step x tok/s, shown next
 to the machine's read bandwidth measured with numpy in each round. Prints figures; asserts nothing.
@@ -10,7 +10,7 @@ to the machine's read bandwidth measured with numpy in each round. Prints figure
     python -m workers.tools.bench_engine                      # embedded model + random 1 B Llama
     python -m workers.tools.bench_engine --explore            # also group sizes and 1 thread
     python -m workers.tools.bench_engine --int4-groups        # also INT4 (bits: 4) at each group size
-    python -m workers.tools.bench_engine --llama-cpp          # also llama.cpp F16 and Q8_0 (.venv-bench)
+    python -m workers.tools.bench_engine --llama-cpp          # also llama.cpp F16, Q8_0 and Q4_0 (.venv-bench)
     python -m workers.tools.bench_engine --batch 4            # also 1 vs 4 sequences through the batcher
     python -m workers.tools.bench_engine --models random-1.5b # a 32-layer Llama (neural-speed runs it unpadded)
 
@@ -50,7 +50,7 @@ DECODE_TOKENS = 64
 
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"  # scripts/setup_bench.sh
 LLAMA_CPP_CHILD = Path(__file__).with_name("bench_llama_cpp.py")
-GGUF_TYPES = ("f16", "q8_0")
+GGUF_TYPES = ("f16", "q8_0", "q4_0")
 MEMBW_BYTES = 1 << 30  # the numpy array of the read-bandwidth measurement
 
 
@@ -60,7 +60,7 @@ class Variant:
     threads: int = 2
     compute_dtype: str = "fp32"
     group_size: int | str = "auto"  # what the bundle serves by default (config/int8.py)
-    gguf: str = ""  # llama-cpp: f16 | q8_0
+    gguf: str = ""  # llama-cpp: f16 | q8_0 | q4_0
     runtime: str = "qbits"  # itrex-int8: qbits | neural-speed
     bits: int = 8  # itrex-int8: 8 | 4 (int8.bits)
 
@@ -400,7 +400,7 @@ def llama_cpp_version() -> str:
 
 
 def ensure_gguf(model_path: Path, bench_python: Path) -> dict:
-    """var/bench/gguf/<model folder>-<key>/model-{f16,q8_0}.gguf, converted once by llama.cpp's own
+    """var/bench/gguf/<model folder>-<key>/model-{f16,q8_0,q4_0}.gguf, converted once by llama.cpp's own
     converter; the key covers the source folder's content and the llama-cpp-python version."""
     from workers.engine.int8_cache import source_fingerprint
 
@@ -411,7 +411,7 @@ def ensure_gguf(model_path: Path, bench_python: Path) -> dict:
     files = {t: out / f"model-{t}.gguf" for t in GGUF_TYPES}
     if all(f.is_file() for f in files.values()):
         return {t: str(f) for t, f in files.items()}
-    print(f"bench: converting {model_path.name} to GGUF F16 and Q8_0 (once) in {out}", flush=True)
+    print(f"bench: converting {model_path.name} to GGUF F16, Q8_0 and Q4_0 (once) in {out}", flush=True)
     proc = subprocess.run([str(bench_python), str(LLAMA_CPP_CHILD), "convert", str(model_path), str(out)],
                           stdout=subprocess.PIPE, text=True, check=False)  # the converter's progress: stderr
     result = _result(proc)
@@ -495,7 +495,8 @@ def summarize(results: dict, models: list[Path], variants: list[Variant], membw:
     builds = {r["system_info"] for runs in results.values() for r in runs if r.get("system_info")}
     for info in sorted(builds):
         lines += [f"llama.cpp build (its system info, features on): {llama_cpp_features(info)}", ""]
-    header = ("| model | variant | decode tok/s | x fp32 | x llama.cpp Q8_0 | GB read/token | effective GB/s | "
+    header = ("| model | variant | decode tok/s | x fp32 | x llama.cpp Q8_0 | x llama.cpp Q4_0 | GB read/token | "
+              "effective GB/s | "
               "% of read bw | prompt tok/s | x fp32 | load s | steady RSS GiB | peak RSS GiB | ppl | others' load |")
     ncols = header.count("|") - 1
     for model in models:
@@ -506,9 +507,10 @@ def summarize(results: dict, models: list[Path], variants: list[Variant], membw:
             if runs:
                 med[v] = _median(runs)
         for v in variants:
-            # ratios against fp32 and llama.cpp Q8_0 at the same thread count
+            # ratios against fp32 and llama.cpp Q8_0 and Q4_0 at the same thread count
             base = med.get(Variant("fp32", threads=v.threads))
             q8 = med.get(Variant("llama-cpp", threads=v.threads, gguf="q8_0"))
+            q4 = med.get(Variant("llama-cpp", threads=v.threads, gguf="q4_0"))
             if v not in med:
                 err = results[(model.name, v.label)][0].get("error", "?")
                 lines.append(f"| {model.name} | {v.label} | failed: {err} |" + " |" * (ncols - 3))
@@ -526,7 +528,7 @@ def summarize(results: dict, models: list[Path], variants: list[Variant], membw:
                 read_cols = "- | - | -"
             lines.append(
                 f"| {model.name} | {v.label} | {m['decode_tok_s']:.1f} | {ratio(base, 'decode_tok_s')} | "
-                f"{ratio(q8, 'decode_tok_s')} | {read_cols} | {m['prompt_tok_s']:.0f} | {ratio(base, 'prompt_tok_s')} | "
+                f"{ratio(q8, 'decode_tok_s')} | {ratio(q4, 'decode_tok_s')} | {read_cols} | {m['prompt_tok_s']:.0f} | {ratio(base, 'prompt_tok_s')} | "
                 f"{m['load_s']:.1f} | {m['steady_rss_gib']:.2f} | {m['peak_rss_gib']:.2f} | {m['ppl']:.2f} | "
                 + (f"{m['others_cores']:.1f} |" if "others_cores" in m else "- |")
             )
@@ -573,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also INT4 (bits: 4) at group sizes 32, 64, 128 and per channel, on both runtimes")
     p.add_argument("--bf16-backend", action="store_true", help="also the plain bf16 backend (slow on CPUs without bf16 units)")
     p.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None,
-                   help="also llama.cpp F16 and Q8_0 (default: when .venv-bench exists; scripts/bench_engine.sh "
+                   help="also llama.cpp F16, Q8_0 and Q4_0 (default: when .venv-bench exists; scripts/bench_engine.sh "
                         "--llama-cpp builds it)")
     p.add_argument("--bench-python", type=Path, default=BENCH_PYTHON, help="python of the llama.cpp environment")
     p.add_argument("--threads", type=int, nargs="+", default=[2], help="thread counts to run every variant at")

@@ -3,7 +3,7 @@
 Standalone on purpose: it imports only the standard library, numpy, llama_cpp and gguf, never the
 bundle (the bundle's .venv does not have llama_cpp, and this environment has none of ITREX).
 
-    .venv-bench/bin/python workers/tools/bench_llama_cpp.py convert HF_DIR OUT_DIR   # F16 + Q8_0 GGUF
+    .venv-bench/bin/python workers/tools/bench_llama_cpp.py convert HF_DIR OUT_DIR   # F16, Q8_0 and Q4_0 GGUF
     .venv-bench/bin/python workers/tools/bench_llama_cpp.py measure GGUF JOB_JSON    # prints RESULT {...}
 
 JOB_JSON holds threads, prompt/decode lengths, the prompt ids and the perplexity ids, all computed
@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 GIB = 1024 ** 3
-TYPES = ("f16", "q8_0")
+# GGUF types quantized from the F16 file by llama.cpp's own quantizer (the anchors of INT8 and of bits: 4)
+QUANTIZED = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 
 
 def llama_cpp_source() -> Path:
@@ -33,7 +34,7 @@ def llama_cpp_source() -> Path:
 
 
 def convert(hf_dir: Path, out_dir: Path) -> dict[str, str]:
-    """HF folder -> out_dir/model-f16.gguf (llama.cpp's converter) -> out_dir/model-q8_0.gguf."""
+    """HF folder -> out_dir/model-f16.gguf (llama.cpp's converter) -> out_dir/model-{q8_0,q4_0}.gguf."""
     import llama_cpp
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -45,18 +46,21 @@ def convert(hf_dir: Path, out_dir: Path) -> dict[str, str]:
         subprocess.run([sys.executable, str(converter), str(hf_dir), "--outtype", "f16", "--outfile", str(tmp)],
                        check=True)
         tmp.rename(f16)
-    q8 = out_dir / "model-q8_0.gguf"
-    if not q8.is_file():
-        tmp = q8.with_suffix(".tmp")
-        print(f"llama.cpp: quantizing {f16.name} -> {q8.name}", flush=True)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-        params.nthread = os.cpu_count() or 1
-        rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), params)
-        if rc != 0:
-            raise SystemExit(f"llama_model_quantize failed with {rc}")
-        tmp.rename(q8)
-    return {"f16": str(f16), "q8_0": str(q8)}
+    files = {"f16": str(f16)}
+    for gguf_type, ftype in QUANTIZED.items():
+        out = out_dir / f"model-{gguf_type}.gguf"
+        if not out.is_file():
+            tmp = out.with_suffix(".tmp")
+            print(f"llama.cpp: quantizing {f16.name} -> {out.name}", flush=True)
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, ftype)
+            params.nthread = os.cpu_count() or 1
+            rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), params)
+            if rc != 0:
+                raise SystemExit(f"llama_model_quantize to {gguf_type} failed with {rc}")
+            tmp.rename(out)
+        files[gguf_type] = str(out)
+    return files
 
 
 def weight_bytes_per_token(path: Path) -> dict:
