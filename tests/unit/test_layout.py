@@ -3,6 +3,8 @@ use all of them; nothing imports tools; no import cycles (late imports inside fu
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -179,3 +181,11 @@ def test_no_runtime_name_is_tested_outside_its_own_package():
 def test_a_runtime_name_test_is_caught(code):
     assert runtime_name_tests(code, runtime_names())
     assert owner(RUNTIMES_DIR / "qbits" / "runtime.py") == "qbits" and owner(RUNTIMES_DIR / "registry.py") is None
+
+
+def test_the_bundle_command_imports_no_torch():
+    """`bundle stop` and `bundle status` answer in well under a second: the command's modules leave torch and
+    transformers (about 2 s to import) to the steps that load a model."""
+    code = "import sys, workers.ops.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"

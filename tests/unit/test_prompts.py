@@ -512,8 +512,8 @@ def test_check_follows_imports_recursively(tmp_path):
 def test_check_uses_transformers_weight_names():
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
-    assert model_check.INDEX_FILES == (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME)
-    assert model_check.SINGLE_FILES == (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)
+    assert model_check.weight_file_names() == ((SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME),
+                                               (SAFE_WEIGHTS_NAME, WEIGHTS_NAME))
     assert families.CHATGLM3.tokenizer_files == ("tokenizer.model", "tokenizer_config.json")
     assert families.QWEN.tokenizer_files == ("qwen.tiktoken", "tokenizer_config.json")
 

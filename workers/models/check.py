@@ -24,18 +24,23 @@ import zipfile
 from pathlib import Path
 
 from safetensors import safe_open
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from workers.models.families import CHAT_TEMPLATE_FILES, family_for_config, known_model, model_files
 
-INDEX_FILES = (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME)
-SINGLE_FILES = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)
 GENERIC_TOKENIZER_FILES = (("tokenizer.json", "tokenizer.model", "vocab.json"),)
 SHARD_NAME = re.compile(r"-\d+-of-\d+\.(safetensors|bin)$")
 
 
 class IncompleteModel(RuntimeError):
     pass
+
+
+def weight_file_names() -> tuple[tuple[str, str], tuple[str, str]]:
+    """(index files, single weight files) by transformers' own names. Imported here, not at the top: importing
+    transformers imports torch, about 2 s that every `bundle` command (stop, status) would pay."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    return (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME), (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)
 
 
 def _shard_problem(path: Path) -> str | None:
@@ -118,7 +123,8 @@ def problems(folder: Path, modelscope: str | None = None) -> list[str]:
     except ValueError as exc:
         return [f"config.json in {folder} is not valid JSON ({exc})"]
 
-    index = next((folder / n for n in INDEX_FILES if (folder / n).is_file()), None)
+    index_files, single_files = weight_file_names()
+    index = next((folder / n for n in index_files if (folder / n).is_file()), None)
     if index is not None:
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -126,13 +132,13 @@ def problems(folder: Path, modelscope: str | None = None) -> list[str]:
             return found + [f"{index.name} is not a valid weight index ({exc})"]
         found += [p for p in (_shard_problem(folder / s) for s in shards) if p]
     else:
-        singles = [folder / n for n in SINGLE_FILES if (folder / n).is_file()]
+        singles = [folder / n for n in single_files if (folder / n).is_file()]
         shards = sorted(p.name for p in folder.iterdir() if SHARD_NAME.search(p.name))
         if not singles and shards:
             found.append(f"the weight index is missing: {shards[0]} and {len(shards) - 1} more shard(s) are there, "
-                         f"but none of {', '.join(INDEX_FILES)} names them")
+                         f"but none of {', '.join(index_files)} names them")
         elif not singles:
-            found.append(f"no weights: none of {', '.join(INDEX_FILES + SINGLE_FILES)} is present")
+            found.append(f"no weights: none of {', '.join(index_files + single_files)} is present")
         found += [p for p in (_shard_problem(s) for s in singles) if p]
 
     known = known_model(modelscope) if modelscope else None

@@ -55,6 +55,12 @@ def shutdown(timeout: float = 60) -> None:
     daemon = pid()
     if daemon is None:
         return
+    # supervisord's own shutdown stops one program group per tick of its loop (about a second each: the workers,
+    # then web, api, controller); stopAllProcesses signals every program at once and returns when all are stopped.
+    try:
+        proxy().supervisor.stopAllProcesses(True)
+    except xmlrpc.client.Fault:
+        pass  # e.g. one was already stopping: shutdown below stops what is left
     proxy().supervisor.shutdown()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
