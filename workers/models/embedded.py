@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from workers.models import gguf_to_hf
 from workers.config.files import publish_dir, sha256_file
 from workers.config.environments import PINNED
 from workers.config.paths import ROOT, models_dir
@@ -24,6 +23,9 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The converted folder, named after the model (its chat format comes from config.json, not this name).
 FOLDER_NAME = "smollm2-135m-instruct"
 STAMP = "bundle_prepared.json"
+# The converter, imported only to convert: it imports torch and transformers (seconds), which a start that finds
+# the folder up to date does not need.
+CONVERTER = Path(__file__).with_name("gguf_to_hf.py")
 
 log = logging.getLogger("embedded_model")
 
@@ -45,7 +47,7 @@ def _wanted_stamp(source: Path) -> dict:
     return {
         "gguf": source.name,
         "gguf_sha256": sha256_file(source),
-        "converter_sha256": sha256_file(Path(gguf_to_hf.__file__)),
+        "converter_sha256": sha256_file(CONVERTER),
     }
 
 
@@ -75,6 +77,8 @@ def prepare(out_dir: Path | None = None) -> Path:
                        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                                                  os.environ.get("PYTHONPATH")]))})
         return out_dir
+    from workers.models import gguf_to_hf
+
     log.info("converting %s -> %s", source, out_dir)
     with publish_dir(out_dir) as staging:
         gguf_to_hf.convert(source, staging)
@@ -87,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=None, help="target folder (default var/models/...)")
     args = parser.parse_args(argv)
+    from workers.models import gguf_to_hf
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         print(prepare(args.out))
