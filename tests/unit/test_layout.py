@@ -189,3 +189,12 @@ def test_the_bundle_command_imports_no_torch():
     code = "import sys, workers.ops.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_finding_the_embedded_model_up_to_date_imports_no_torch(embedded_model):
+    """Every `bundle start` of the default deployment checks the embedded model's folder; its converter (torch,
+    transformers) is imported only when the folder must be converted."""
+    code = ("import sys; from workers.models.embedded import prepare; prepare(); "
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
