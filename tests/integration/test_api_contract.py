@@ -134,6 +134,7 @@ class Served:
 
     def __exit__(self, *exc):
         self.server.should_exit = True
+        self.server.force_exit = True  # not waiting for the fake worker's open streams to end (up to 10 s)
         self.thread.join(timeout=10)
 
 
