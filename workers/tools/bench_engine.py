@@ -496,8 +496,8 @@ def summarize(results: dict, models: list[Path], variants: list[Variant], membw:
     for info in sorted(builds):
         lines += [f"llama.cpp build (its system info, features on): {llama_cpp_features(info)}", ""]
     header = ("| model | variant | decode tok/s | x fp32 | x llama.cpp Q8_0 | x llama.cpp Q4_0 | GB read/token | "
-              "effective GB/s | "
-              "% of read bw | prompt tok/s | x fp32 | load s | steady RSS GiB | peak RSS GiB | ppl | others' load |")
+              "effective GB/s | % of read bw | prompt tok/s | x fp32 | load s | steady RSS GiB | peak RSS GiB | ppl | "
+              "others' load |")
     ncols = header.count("|") - 1
     for model in models:
         lines += [header, "|" + "---|" * ncols]
@@ -528,7 +528,8 @@ def summarize(results: dict, models: list[Path], variants: list[Variant], membw:
                 read_cols = "- | - | -"
             lines.append(
                 f"| {model.name} | {v.label} | {m['decode_tok_s']:.1f} | {ratio(base, 'decode_tok_s')} | "
-                f"{ratio(q8, 'decode_tok_s')} | {ratio(q4, 'decode_tok_s')} | {read_cols} | {m['prompt_tok_s']:.0f} | {ratio(base, 'prompt_tok_s')} | "
+                f"{ratio(q8, 'decode_tok_s')} | {ratio(q4, 'decode_tok_s')} | {read_cols} | {m['prompt_tok_s']:.0f} | "
+                f"{ratio(base, 'prompt_tok_s')} | "
                 f"{m['load_s']:.1f} | {m['steady_rss_gib']:.2f} | {m['peak_rss_gib']:.2f} | {m['ppl']:.2f} | "
                 + (f"{m['others_cores']:.1f} |" if "others_cores" in m else "- |")
             )
