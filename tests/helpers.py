@@ -22,10 +22,19 @@ ROOT = Path(__file__).resolve().parent.parent
 HEARTBEAT_S = 3
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port not handed out before in this process: the kernel may give a just-closed port again, and two
+    such in one deployment (a worker's and the API's) make it invalid."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 def bundle_env(**extra: str) -> dict:
