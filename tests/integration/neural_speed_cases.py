@@ -412,7 +412,14 @@ def test_more_requests_than_slots_wait_for_one_and_a_cancelled_waiting_one_leave
              [{"role": "user", "content": QUESTIONS[0]}]]
     jobs = [job(two, chat, 60) for chat in chats]
     waiting = job(two, [{"role": "user", "content": QUESTIONS[1]}], 20)
-    threading.Timer(0.25, waiting.cancel.set).start()
+
+    def cancel_once_both_wait():  # not on a timer: a fast CPU finished both stories within 0.25 s
+        deadline = time.monotonic() + 60
+        while two.engine.runner.waiting < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        waiting.cancel.set()
+
+    threading.Thread(target=cancel_once_both_wait, daemon=True).start()
     results = run_together(two, jobs + [waiting], stagger_s=0.02)
     assert results[3].finish_reason == "cancelled" and results[3].completion_tokens == 0
     assert results[0].completion_tokens == results[1].completion_tokens == 60

@@ -78,6 +78,11 @@ class NeuralSpeedBatcher:
     def active(self) -> int:
         return sum(s.seq is not None for s in self.slots)
 
+    @property
+    def waiting(self) -> int:
+        """Requests the batch thread holds that have no slot yet."""
+        return len(self._waiting)
+
     # --- the batch thread ------------------------------------------------------------------------
 
     def _loop(self) -> None:
