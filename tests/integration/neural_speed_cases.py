@@ -22,7 +22,7 @@ from workers.config.schema import ModelSpec
 from workers.engine.runtimes import registry as int8_runtime
 from workers.engine.runtimes.neural_speed import quantize as ns_quantize
 from workers.engine.loader import UnsupportedBackend, load_model
-from workers.engine.runtimes.neural_speed.batcher import NeuralSpeedBatcher
+from workers.engine.slot_batcher import SlotBatcher
 from workers.engine.runtimes.neural_speed.model import PREFILL_CHUNK, NeuralSpeedModel, SerialRunner, scratch_ratio
 from workers.engine.served_model import ServedModel
 from workers.models.families import neural_speed_graph
@@ -341,7 +341,7 @@ def test_batched_answers_equal_answers_alone(batched, ns):
     extra = [{}, {"repetition_penalty": 1.3}, {"presence_penalty": 1.5, "frequency_penalty": 0.5}, {"stop": [","]}]
     jobs = [job(batched, [{"role": "user", "content": QUESTIONS[i % 3]}], 24 + 3 * i, **extra[i]) for i in range(4)]
     results = run_together(batched, jobs)
-    assert isinstance(batched.engine.runner, NeuralSpeedBatcher) and isinstance(ns.engine.runner, SerialRunner)
+    assert isinstance(batched.engine.runner, SlotBatcher) and isinstance(ns.engine.runner, SerialRunner)
     alone = [ns.generate(job(ns, [{"role": "user", "content": QUESTIONS[i % 3]}], 24 + 3 * i, **extra[i]))
              for i in range(4)]
     assert [outcome(r) for r in results] == [outcome(r) for r in alone]

@@ -23,18 +23,22 @@ from tests import tiny_families
 from tests.helpers import ask_stream
 from tests.tiny_families import CHAT_CASES, COMPLETION_PROMPT
 
-# Two bundles, one after the other (up to nine fp32 and three INT8 workers: about 0.9 GiB each by the memory check;
+# Two bundles, one after the other (up to nine fp32 and five INT8 workers: about 0.9 GiB each by the memory check;
 # a bundle's start and stop cost seconds of their own, so fewer and larger bundles make the module faster).
-# INT8: qk-norm and MoE (qwen3, qwen3-moe), tied embeddings with llama3 rope (llama3.2), fused qkv with longrope
-# (phi3.5), qkv bias with post norms (glm4-0414).
+# INT8 (ITREX, the default runtime): qk-norm and MoE (qwen3, qwen3-moe), tied embeddings with llama3 rope
+# (llama3.2), fused qkv with longrope (phi3.5), qkv bias with post norms (glm4-0414).
+# INT8 on the llama-cpp runtime (GGUF Q8_0 from llama.cpp's converter): qwen2.5, qwen3, llama3.1 (llama3 rope),
+# gemma3 (sliding window), glm4-0414 (the tiny phi and gemma2 folders hold no tokenizer.model, which llama.cpp's
+# converter reads for those families).
 GROUPS = {
     "qwen-llama": (("qwen2.5", "r1-distill-qwen", "qwen3", "qwen3-moe", "smollm3",
-                    "llama3.1", "llama3.2", "llama3.3", "r1-distill-llama"), ("qwen3", "qwen3-moe", "llama3.2")),
+                    "llama3.1", "llama3.2", "llama3.3", "r1-distill-llama"), ("qwen3", "qwen3-moe", "llama3.2"),
+                   ("qwen2.5", "qwen3", "llama3.1")),
     "phi-mistral-gemma-glm": (("phi3.5", "phi4", "mistral-nemo", "gemma2", "gemma3", "glm4-hf", "glm4-0414"),
-                              ("phi3.5", "glm4-0414")),
+                              ("phi3.5", "glm4-0414"), ("gemma3", "glm4-0414")),
 }
-FAMILIES = [f for fp32, _ in GROUPS.values() for f in fp32]
-INT8 = [f for _, int8 in GROUPS.values() for f in int8]
+FAMILIES = [f for fp32, _, _ in GROUPS.values() for f in fp32]
+INT8 = [f for _, int8, _ in GROUPS.values() for f in int8]
 MAX_TOKENS = 16
 COMPLETION_TOKENS = 8
 
@@ -76,11 +80,13 @@ def bundle(request, folders, tmp_path_factory):
     from tests.helpers import free_port, running_bundle
 
     group = request.param
-    fp32, int8 = GROUPS[group]
+    fp32, int8, llama_cpp = GROUPS[group]
     models = [{"names": [served_name(n)], "source": {"path": str(folders[n])}, "backend": "fp32",
                "port": free_port(), "threads": "shared"} for n in fp32]
     models += [{"names": [served_name(n, "int8")], "source": {"path": str(folders[n])}, "backend": "itrex-int8",
                 "port": free_port(), "threads": "shared"} for n in int8]
+    models += [{"names": [served_name(n, "llama-cpp")], "source": {"path": str(folders[n])}, "backend": "itrex-int8",
+                "int8": {"runtime": "llama-cpp"}, "port": free_port(), "threads": "shared"} for n in llama_cpp]
     with running_bundle(tmp_path_factory.mktemp(f"families-{group}"), models, tiny_families.CACHE,
                         tmp_path_factory.mktemp(f"families-int8-{group}")) as b:
         yield {**b, "group": group, "client": OpenAI(base_url=b["api"], api_key="none", max_retries=0, timeout=120)}
@@ -179,11 +185,33 @@ def test_int8_answers_equal_fp32(bundle, refs):
 
 
 @EACH_GROUP
-def test_int8_of_a_current_family_was_quantized_by_its_own_environment(bundle):
-    """The INT8 cache key records the versions of the environment that quantized and loads the entry."""
-    entries = [json.loads(p.read_text()) for p in Path(bundle["env"]["BUNDLE_INT8_CACHE_DIR"]).glob("*/bundle_manifest.json")]
-    transformers = {e["inputs"]["versions"]["transformers"] for e in entries}
-    assert transformers == {"4.57.6"}, transformers
+def test_llama_cpp_answers_equal_fp32_streamed_or_not(bundle, refs):
+    wrong = {}
+    for family in GROUPS[bundle["group"]][2]:
+        for case, messages in CHAT_CASES.items():
+            if "error" in refs[family][case]:
+                continue
+            got = ask(bundle["client"], served_name(family, "llama-cpp"), messages)
+            if got != expected(refs[family][case]):
+                wrong[(family, case)] = (got, expected(refs[family][case]))
+        streamed = counted(ask_stream(bundle["client"], served_name(family, "llama-cpp"), CHAT_CASES["multi"],
+                                      MAX_TOKENS))
+        if streamed != expected(refs[family]["multi"]):
+            wrong[(family, "streamed")] = (streamed, expected(refs[family]["multi"]))
+    assert not wrong, wrong
+
+
+@EACH_GROUP
+def test_int8_of_a_current_family_was_quantized_by_its_own_environment(bundle, folders, environments):
+    """The INT8 cache key records the versions of the environment that loads the entry (the model's own: 4.57.6 for
+    the current families; qwen2.5 runs in the pinned one)."""
+    _, int8, llama_cpp = GROUPS[bundle["group"]]
+    recorded = {}
+    for path in Path(bundle["env"]["BUNDLE_INT8_CACHE_DIR"]).glob("*/bundle_manifest.json"):
+        family = next(f for f in {*int8, *llama_cpp} if path.parent.name.startswith(folders[f].name + "-"))
+        recorded.setdefault(family, set()).add(json.loads(path.read_text())["inputs"]["versions"]["transformers"])
+    assert recorded == {f: {environments[f].transformers} for f in {*int8, *llama_cpp}}
+    assert "4.57.6" in set().union(*recorded.values())
 
 
 def test_the_embedded_model_converted_from_the_current_environment_loads_in_the_pinned_one(environments, tmp_path,

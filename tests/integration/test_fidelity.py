@@ -51,6 +51,11 @@ QWEN_REPETITION_PENALTY = 1.1   # Qwen-7B-Chat's generation_config; the bundle a
 TURN_END_AFTER = 3
 
 CASES = CHAT_CASES
+# Qwen-7B on the llama-cpp runtime: llama.cpp's converter takes about 3.5 minutes of one core for its 151 k-token
+# tiktoken vocabulary (the same for the real model), too long for the default suite; this adds it.
+QWEN_LLAMA_CPP = os.environ.get("BUNDLE_TEST_QWEN_LLAMA_CPP") == "1"
+QWEN_LLAMA_CPP_SKIP = ("converting Qwen-7B's vocabulary for llama.cpp takes 3.5 min; BUNDLE_TEST_QWEN_LLAMA_CPP=1 "
+                       "runs it")
 
 # Model folders (key -> folder name: nothing in it says which family it is).
 FOLDER_NAMES = {"glm": "glm-folder", "qwen": "some-model", "smol": "my-model",
@@ -63,11 +68,15 @@ GROUPS = {
     "qwen": {"qwen-fp32": ("qwen", "fp32"), "qwen-int8": ("qwen", "itrex-int8")},
     "smollm2": {"smol-fp32": ("smol", "fp32"), "smol-int8": ("smol", "itrex-int8")},
     "turn-end": {"glm-stop": ("glm-te", "fp32"), "qwen-stop": ("qwen-te", "fp32")},
+    # the same on the llama-cpp INT8 runtime (their steered answers have margins of many logits)
+    "seeds-llama-cpp": {"glm-stop-llama-cpp": ("glm-te", "itrex-int8"),
+                        **({"qwen-stop-llama-cpp": ("qwen-te", "itrex-int8")} if QWEN_LLAMA_CPP else {})},
     # a Hermes-template model (tests/tiny_qwen2.py: Qwen2 with Qwen2.5's tokenizer and template), for tools only,
     # beside SmolLM2 with 4-bit weights (int8.bits: 4) on the other core
     "hermes": {"hermes-fp32": ("hermes", "fp32"), "smol-int4": ("smol", "itrex-int8")},
 }
-INT8_SETTINGS = {"smol-int4": {"bits": 4}}  # served name -> its models[].int8 section
+INT8_SETTINGS = {"smol-int4": {"bits": 4}, "glm-stop-llama-cpp": {"runtime": "llama-cpp"},
+                 "qwen-stop-llama-cpp": {"runtime": "llama-cpp"}}  # served name -> its models[].int8 section
 PREFIX = {"chatglm3": "glm", "qwen": "qwen", "smollm2": "smol"}
 FAMILY_GROUPS = tuple(PREFIX)
 STOP_MODELS = {"chatglm3": "glm-stop", "qwen": "qwen-stop"}
@@ -402,6 +411,28 @@ def test_max_tokens_cut_is_length_with_exact_count(bundle, refs, family):
     assert served(expected) == want
     assert ask(bundle["client"], name, messages, n) == want
     assert served(ask_stream(bundle["client"], name, messages, n)) == want
+
+
+@pytest.mark.parametrize("family", ["chatglm3", pytest.param("qwen", marks=pytest.mark.skipif(
+    not QWEN_LLAMA_CPP, reason=QWEN_LLAMA_CPP_SKIP))])
+@pytest.mark.parametrize("bundle", ["seeds-llama-cpp"], indirect=True)
+def test_seed_models_on_llama_cpp_answer_as_their_own_chat_and_batch(bundle, refs, family):
+    """ChatGLM3 and Qwen-7B on the llama-cpp runtime (llama.cpp's converter and graphs for them, the bundle's
+    prompt bytes and stops): each answer, alone, streamed, and four at once, is the model's own chat()'s."""
+    import concurrent.futures
+
+    name, client = f"{STOP_MODELS[family]}-llama-cpp", bundle["client"]
+    wants = {case: {"text": refs.answer(STOP_MODELS[family], CASES[case], 20)["text"],
+                    "completion_tokens": TURN_END_AFTER, "finish_reason": "stop"} for case in CASES}
+    for case, want in wants.items():
+        assert ask(client, name, CASES[case], 20) == want, case
+    assert served(ask_stream(client, name, CASES["multi"], 20)) == wants["multi"]
+    cases = list(CASES)[:4]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda case: ask(client, name, CASES[case], 20), cases))
+    assert together == [wants[case] for case in cases]
+    log = (Path(bundle["var"]) / "logs" / f"{name}.log").read_text()
+    assert "llama.cpp Q8_0 (1 threads, continuous batching in 8 KV cache slots)" in log
 
 
 # ------------------------------------------------------------------------- embeddings, completions

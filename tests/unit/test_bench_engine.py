@@ -62,11 +62,11 @@ def test_models_are_chosen_by_name_in_order_each_once(monkeypatch):
 
 
 def test_llama_cpp_variants_are_opt_in_and_labelled():
-    assert all(v.backend != "llama-cpp" for v in be.variants_for(False))
+    assert all(v.backend != "llama.cpp" for v in be.variants_for(False))
     labels = [v.label for v in be.variants_for(False, llama_cpp=True)]
     assert labels == ["fp32 t2", "int8 qbits fp32 gauto t2", "int8 neural-speed fp32 gauto t2",
-                      "int4 qbits fp32 gauto t2", "int4 neural-speed fp32 gauto t2", "llama.cpp F16 t2",
-                      "llama.cpp Q8_0 t2", "llama.cpp Q4_0 t2"]
+                      "int4 qbits fp32 gauto t2", "int4 neural-speed fp32 gauto t2", "int8 llama-cpp fp32 g32 t2",
+                      "llama.cpp F16 t2", "llama.cpp Q8_0 t2", "llama.cpp Q4_0 t2"]
 
 
 def test_every_compute_dtype_the_cpu_runs_is_measured_on_both_int8_runtimes():
@@ -77,7 +77,8 @@ def test_every_compute_dtype_the_cpu_runs_is_measured_on_both_int8_runtimes():
     assert labels == ["fp32 t2", "int8 qbits fp32 gauto t2", "int8 neural-speed fp32 gauto t2",
                       "int8 qbits int8 gauto t2", "int8 neural-speed int8 gauto t2",
                       "int4 qbits fp32 gauto t2", "int4 neural-speed fp32 gauto t2",
-                      "int4 qbits int8 gauto t2", "int4 neural-speed int8 gauto t2"]
+                      "int4 qbits int8 gauto t2", "int4 neural-speed int8 gauto t2",
+                      "int8 llama-cpp fp32 g32 t2"]  # the bundle's llama.cpp runtime: Q8_0, its own dtypes
 
 
 def test_int4_group_sizes_are_measured_on_both_runtimes_on_request():
@@ -94,7 +95,7 @@ def test_report_starts_with_the_cpu_and_gives_ratios_and_bandwidth():
     run = {"load_s": 1.0, "prompt_tok_s": 100.0, "steady_rss_gib": 1.0, "peak_rss_gib": 1.0, "ppl": 10.0}
     speeds = {"fp32 t2": 10.0, "int8 qbits fp32 gauto t2": 20.0, "int8 neural-speed fp32 gauto t2": 30.0,
               "int4 neural-speed fp32 gauto t2": 45.0, "llama.cpp F16 t2": 30.0, "llama.cpp Q8_0 t2": 40.0,
-              "llama.cpp Q4_0 t2": 60.0}
+              "llama.cpp Q4_0 t2": 60.0, "int8 llama-cpp fp32 g32 t2": 38.0}
     results = {("m", label): [dict(run, decode_tok_s=tok_s)] for label, tok_s in speeds.items()}
     results[("m", "llama.cpp Q8_0 t2")][0].update(read_bytes_per_token=1e9, tensor_bytes=1.1e9)
     for label in ("llama.cpp F16 t2", "llama.cpp Q8_0 t2"):
@@ -115,6 +116,7 @@ def test_report_starts_with_the_cpu_and_gives_ratios_and_bandwidth():
     assert rows["int4 neural-speed fp32 gauto t2"][2:6] == ["45.0", "4.50", "1.12", "0.75"]  # INT4 beside Q4_0
     assert rows["llama.cpp F16 t2"][6:9] == ["-", "-", "-"]  # no byte count reported: no bandwidth
     assert rows["llama.cpp Q8_0 t2"][2:9] == ["40.0", "4.00", "1.00", "0.67", "1.000", "40.0", "100 %"]
+    assert rows["int8 llama-cpp fp32 g32 t2"][2:5] == ["38.0", "3.80", "0.95"]  # the runtime beside its reference
 
 
 def test_the_bundle_environment_never_imports_llama_cpp(tmp_path):
@@ -179,8 +181,8 @@ def test_bench_quantize_measures_its_entry_beside_llama_cpp_q8_0_at_each_thread_
 
     variants = bq.speed_variants("neural-speed", 64, llama_cpp=True)
     assert [(v.backend, v.threads, v.runtime, v.group_size, v.gguf) for v in variants] == [
-        ("itrex-int8", 1, "neural-speed", 64, ""), ("llama-cpp", 1, "qbits", "auto", "q8_0"),
-        ("itrex-int8", 2, "neural-speed", 64, ""), ("llama-cpp", 2, "qbits", "auto", "q8_0")]
+        ("itrex-int8", 1, "neural-speed", 64, ""), ("llama.cpp", 1, "qbits", "auto", "q8_0"),
+        ("itrex-int8", 2, "neural-speed", 64, ""), ("llama.cpp", 2, "qbits", "auto", "q8_0")]
     assert [v.backend for v in bq.speed_variants("qbits", -1, llama_cpp=False)] == ["itrex-int8"] * 2
 
     def run(decode):

@@ -16,7 +16,7 @@ _REQUIRED_FLAGS = {
 
 
 # The INT8 runtimes config accepts (engine/runtimes/registry.py asserts they are its INT8 runtimes' names).
-RUNTIMES = ("auto", "neural-speed", "qbits")
+RUNTIMES = ("auto", "neural-speed", "qbits", "llama-cpp")
 AUTO_GROUP_SIZE = 64
 # Weight bits config accepts: 8 (the default) or 4, each with its own ITREX weight dtype and `auto` group size
 # (4 bits: group 32 keeps the embedded model's perplexity cost smallest for the least decode speed given up;
@@ -32,6 +32,8 @@ class Int8Settings(Strict):
     # (engine/runtimes/registry.py): neural-speed (ITREX's own runtime, its bestla kernels and model graphs,
     # much faster decoding: docs/benchmarks.md) for the architectures it has a graph for, else qbits
     # (ITREX's kernels under the transformers model: every family, batching, embeddings, shared cores).
+    # "llama-cpp": llama.cpp's Q8_0 (its converter and kernels), only where named: every family its converter
+    # knows, batching; faster than ITREX on AVX2-only CPUs (docs/int8.md); group_size and the dtypes do not apply.
     runtime: Literal[RUNTIMES] = "auto"  # type: ignore[valid-type]
     # 4: INT4 weights (half the bytes of INT8 to read per token, a larger perplexity cost: docs/int8.md)
     bits: Literal[8, 4] = 8

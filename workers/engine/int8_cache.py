@@ -127,7 +127,11 @@ def verify(entry: Path, inputs: dict) -> str | None:
 def _build(source: Path, entry: Path, inputs: dict, runtime, trust_remote_code: bool) -> None:
     with publish_dir(entry) as staging, tempfile.TemporaryDirectory(prefix="quantize-") as work:
         try:
-            cmd = runtime.quantize_command(source, staging, inputs, model_environment(source).python())
+            env = runtime.quantizer_environment or model_environment(source)
+            if not env.is_built():
+                raise CacheBuildError(f"the {runtime.name} runtime quantizes in the '{env.name}' environment, which "
+                                      f"is not built: scripts/setup.sh --env {env.name}")
+            cmd = runtime.quantize_command(source, staging, inputs, env.python())
         except RuntimeUnavailable as exc:
             raise CacheBuildError(str(exc)) from None
         cmd += ["--trust-remote-code"] if trust_remote_code else []

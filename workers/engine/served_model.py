@@ -147,6 +147,7 @@ class ServedModel:
             pieces=TokenPieces(tokenizer),
         )
         served.engine = registry.runtime_of(model).serve(model, served, share, spec.batching)
+        served.context_len = min(served.context_len, served.engine.context or served.context_len)
         log.info("%s: context %d, default answer %d tokens, sampling %s, stop ids %s, %s", spec.program,
                  served.context_len, served.max_tokens_default, served.sampling, sorted(chat.stop_token_ids),
                  served.engine.description)

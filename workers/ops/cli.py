@@ -245,6 +245,10 @@ def prepare_int8_weights(dep: Deployment, folders: dict[str, Path], host: str = 
         problem = registry.unsupported_reason(settings)
         if problem:  # a CPU check of the runtime chosen (config checked what every runtime needs)
             return f"models[{m.program}].int8: {problem}"
+        quantizer_env = registry.by_name(settings.runtime).quantizer_environment
+        problem = quantizer_env and worker_environments.build_missing([quantizer_env], _say)
+        if problem:
+            return f"models[{m.program}]: {problem}"
         try:
             entry = int8_cache.ensure(folders[m.program], settings, int8_cache_dir(), m.trust_remote_code)
         except (int8_cache.CacheBuildError, RuntimeUnavailable) as exc:

@@ -56,12 +56,12 @@ MEMBW_BYTES = 1 << 30  # the numpy array of the read-bandwidth measurement
 
 @dataclass(frozen=True)
 class Variant:
-    backend: str  # fp32 | bf16 | itrex-int8 | llama-cpp
+    backend: str  # fp32 | bf16 | itrex-int8 | llama.cpp (.venv-bench's, the reference)
     threads: int = 2
     compute_dtype: str = "fp32"
     group_size: int | str = "auto"  # what the bundle serves by default (config/int8.py)
-    gguf: str = ""  # llama-cpp: f16 | q8_0 | q4_0
-    runtime: str = "qbits"  # itrex-int8: qbits | neural-speed
+    gguf: str = ""  # llama.cpp: f16 | q8_0 | q4_0
+    runtime: str = "qbits"  # itrex-int8: qbits | neural-speed | llama-cpp (the bundle's runtime)
     bits: int = 8  # itrex-int8: 8 | 4 (int8.bits)
 
     @property
@@ -73,7 +73,7 @@ class Variant:
 
     @property
     def label(self) -> str:
-        if self.backend == "llama-cpp":
+        if self.backend == "llama.cpp":
             return f"llama.cpp {self.gguf.upper()} t{self.threads}"
         if self.backend != "itrex-int8":
             return f"{self.backend} t{self.threads}"
@@ -131,10 +131,11 @@ def measure(model_path: Path, variant: Variant, cache_root: Path, job: dict | No
     )
     load_s = time.perf_counter() - t0
     threads.apply_to_torch(variant.threads)
-    if not isinstance(model, torch.nn.Module):  # a graph driven step by step (neural-speed's): no forward() to time
-        figures = measure_neural_speed(model, job)
+    if not isinstance(model, torch.nn.Module):  # a runtime with its own graph (neural-speed, llama.cpp): no forward()
+        figures = measure_engine(model_path, model, tokenizer, job)
+        getattr(model, "close", lambda: None)()
         del model  # the batched copy below allocates its own slots
-        return {**figures, **neural_speed_batched_decode(model_path, variant, cache_root, job), "load_s": load_s}
+        return {**figures, **engine_batched_decode(model_path, variant, cache_root, job), "load_s": load_s}
 
     class TokenTimes(StoppingCriteria):  # generate() calls it once per new token, right after it
         def __init__(self):
@@ -170,50 +171,59 @@ def measure(model_path: Path, variant: Variant, cache_root: Path, job: dict | No
     }
 
 
-def measure_neural_speed(model, job: dict) -> dict:
-    """The same figures for a neural-speed model, driven as the worker drives it (prefill, then one
-    evaluate() per token)."""
+def served_model(model_path: Path, model, tokenizer, concurrency: int = 1):
+    """`model` as a worker serves it (its runtime's engine), with limit_concurrency `concurrency`."""
+    from workers.config.schema import ModelSpec
+    from workers.engine.served_model import ServedModel
+
+    spec = ModelSpec(names=["bench"], source={"path": str(model_path)}, port=1, limit_concurrency=concurrency)
+    return ServedModel.build(spec, model_path, model, tokenizer)
+
+
+def measure_engine(model_path: Path, model, tokenizer, job: dict) -> dict:
+    """The same figures for a runtime that drives its own graph, through its engine as the worker drives it (the
+    prompt, then one evaluation per token), timed by the Result it returns; perplexity from its all_logits()."""
     import psutil
     import torch
+
+    from workers.engine.generate import Job
 
     ppl_ids, prompt, n_new = job["ppl_ids"], job["prompt_ids"], job["decode_tokens"]
     logits = model.all_logits(ppl_ids)
     ppl = float(torch.exp(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ppl_ids[1:]))))
-    model.prefill(prompt)  # warm-up
-    model.state = []
-    t0 = time.perf_counter()
-    logits, _ = model.prefill(prompt)
-    prefill_s = time.perf_counter() - t0
-    token = int(logits.argmax())
-    model.step(token)
-    t0 = time.perf_counter()
-    for _ in range(n_new - 1):
-        token = int(model.step(token).argmax())
-    decode_s = time.perf_counter() - t0
+    engine = served_model(model_path, model, tokenizer).engine
+
+    def run(ids):  # no stop tokens: n_new tokens
+        return engine.submit(Job(prompt_ids=list(ids), max_new_tokens=n_new, temperature=0.0, top_p=1.0, top_k=0,
+                                 repetition_penalty=1.0))
+
+    run(prompt)  # warm-up
+    run(prompt[:1])  # a prompt that does not continue the last one: the timed one starts from an empty cache
+    result = run(prompt)
     return {
-        "prompt_tok_s": len(prompt) / prefill_s,
-        "decode_tok_s": (n_new - 1) / decode_s,
+        "prompt_tok_s": len(prompt) / result.first_token_s,
+        "decode_tok_s": (n_new - 1) / result.decode_s,
         "steady_rss_gib": psutil.Process().memory_info().rss / GIB,
         "peak_rss_gib": memory_budget.peak_rss_bytes() / GIB,
         "ppl": ppl,
     }
 
 
-def neural_speed_batched_decode(model_path: Path, variant: Variant, cache_root: Path, job: dict) -> dict:
-    """batched_decode for neural-speed: the same INT8 file loaded as a worker with limit_concurrency `batch`
-    loads it (KV cache slots for the sequences), through the bundle's neural-speed batcher. {} when batch < 2
-    or the graph does not batch."""
+def engine_batched_decode(model_path: Path, variant: Variant, cache_root: Path, job: dict) -> dict:
+    """batched_decode for a runtime with its own graph: the model loaded as a worker with limit_concurrency `batch`
+    loads it (KV cache slots for the sequences), through its engine. {} when batch < 2 or it does not batch."""
     from workers.engine.loader import load_model
-    from workers.engine.runtimes.neural_speed.batcher import NeuralSpeedBatcher
-    from workers.engine.runtimes.neural_speed.model import slots_for
 
     batch = job.get("batch", 0)
-    if batch < 2 or slots_for(json.loads((model_path / "config.json").read_text()), batch) < 2:
-        return {}  # from config.json alone: no second copy loaded to find out
-    model, _ = load_model(model_path, variant.backend, cache_root=cache_root, n_threads=variant.threads,
-                          int8=variant.int8, concurrency=batch)
-    runner = NeuralSpeedBatcher(model, decode=lambda ids: "", postprocess=lambda text: text)
-    return decode_rates(runner.submit, lambda: runner.widest, job["prompt_ids"], job["decode_tokens"], batch)
+    if batch < 2:
+        return {}
+    model, tokenizer = load_model(model_path, variant.backend, cache_root=cache_root, n_threads=variant.threads,
+                                  int8=variant.int8, concurrency=batch)
+    engine = served_model(model_path, model, tokenizer, batch).engine
+    if engine.batching_state()["mode"] != "continuous batching":
+        return {}
+    return decode_rates(engine.submit, lambda: engine.batching_state()["widest_step"], job["prompt_ids"],
+                        job["decode_tokens"], batch)
 
 
 def decode_rates(submit, widest, prompt_ids: list[int], n_new: int, batch: int) -> dict:
@@ -335,7 +345,7 @@ def run_child(model_path: Path, variant: Variant, cache_root: Path, job_file: Pa
     """One measurement in a fresh process. Without `job_file` (bench_quantize, bench_api) an HF child
     makes the job itself from the model's tokenizer."""
     env = dict(os.environ)
-    if variant.backend == "llama-cpp":
+    if variant.backend == "llama.cpp":
         for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[name] = str(variant.threads)
         job = dict(json.loads(job_file.read_text()), threads=variant.threads)
@@ -381,6 +391,11 @@ def weight_read_bytes(model_path: Path, variant: Variant, int8_entries: dict) ->
     from workers.engine.runtimes.neural_speed.quantize import WEIGHTS
 
     entry = int8_entries.get((model_path.name, variant.int8))
+    gguf = next(entry.glob("*.gguf"), None) if entry else None
+    if gguf:  # llama.cpp's Q8_0 file: all of it but the embedding table (one row a step) when an output matrix exists
+        config = json.loads((model_path / "config.json").read_text())
+        tied = config.get("tie_word_embeddings", False)
+        return gguf.stat().st_size - (0 if tied else config["vocab_size"] * config["hidden_size"] * 34 // 32)
     if entry and (entry / WEIGHTS).is_file():  # a neural-speed graph file
         # Its whole INT8 file (every layer, the identity padding too, and the INT8 output matrix) but
         # the embedding table, of which a step reads one row.
@@ -446,8 +461,9 @@ def variants_for(explore: bool, bf16_backend: bool = False, llama_cpp: bool = Fa
         variants.append(Variant("fp32", threads=t))
         variants += [Variant("itrex-int8", threads=t, runtime=r, compute_dtype=d, bits=b)
                      for b in (8, 4) for d in compute_dtypes for r in ("qbits", "neural-speed")]
+        variants.append(Variant("itrex-int8", threads=t, runtime="llama-cpp", group_size=32))  # Q8_0: groups of 32
         if llama_cpp:
-            variants += [Variant("llama-cpp", threads=t, gguf=g) for g in GGUF_TYPES]
+            variants += [Variant("llama.cpp", threads=t, gguf=g) for g in GGUF_TYPES]
     if explore:
         variants += [
             Variant("itrex-int8", group_size=-1), Variant("itrex-int8", runtime="neural-speed", group_size=-1),
@@ -509,8 +525,8 @@ def summarize(results: dict, models: list[Path], variants: list[Variant], membw:
         for v in variants:
             # ratios against fp32 and llama.cpp Q8_0 and Q4_0 at the same thread count
             base = med.get(Variant("fp32", threads=v.threads))
-            q8 = med.get(Variant("llama-cpp", threads=v.threads, gguf="q8_0"))
-            q4 = med.get(Variant("llama-cpp", threads=v.threads, gguf="q4_0"))
+            q8 = med.get(Variant("llama.cpp", threads=v.threads, gguf="q8_0"))
+            q4 = med.get(Variant("llama.cpp", threads=v.threads, gguf="q4_0"))
             if v not in med:
                 err = results[(model.name, v.label)][0].get("error", "?")
                 lines.append(f"| {model.name} | {v.label} | failed: {err} |" + " |" * (ncols - 3))
@@ -547,7 +563,7 @@ def summarize(results: dict, models: list[Path], variants: list[Variant], membw:
                 size = sum(f.stat().st_size for f in [*entry.glob("*.safetensors"), *entry.glob("*.bin")])
                 notes.append(f"INT{settings.bits} {settings.runtime} g{settings.group_size} {entry.name} "
                              f"{size / GIB:.3f} GiB on disk")
-        for gguf in dict.fromkeys(v.gguf for v in variants if v.backend == "llama-cpp"):
+        for gguf in dict.fromkeys(v.gguf for v in variants if v.backend == "llama.cpp"):
             sizes = [m["tensor_bytes"] for v, m in med.items() if v.gguf == gguf and m.get("tensor_bytes")]
             if sizes:
                 notes.append(f"GGUF {gguf.upper()} tensors {sizes[0] / GIB:.2f} GiB")

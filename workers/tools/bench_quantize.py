@@ -71,7 +71,7 @@ def speed_variants(runtime: str, group_size: int | str, llama_cpp: bool, threads
     from workers.tools.bench_engine import Variant
 
     return [v for t in threads for v in (Variant("itrex-int8", threads=t, runtime=runtime, group_size=group_size),
-                                         *([Variant("llama-cpp", threads=t, gguf="q8_0")] if llama_cpp else []))]
+                                         *([Variant("llama.cpp", threads=t, gguf="q8_0")] if llama_cpp else []))]
 
 
 def print_speeds(runs: dict) -> None:
@@ -81,14 +81,14 @@ def print_speeds(runs: dict) -> None:
     def median(v, key):
         return statistics.median(r[key] for r in runs[v])
 
-    q8 = {v.threads: median(v, "decode_tok_s") for v in runs if v.backend == "llama-cpp" and "error" not in runs[v][0]}
+    q8 = {v.threads: median(v, "decode_tok_s") for v in runs if v.backend == "llama.cpp" and "error" not in runs[v][0]}
     for v, results in runs.items():
-        name = "llama.cpp Q8_0" if v.backend == "llama-cpp" else "INT8"
+        name = "llama.cpp Q8_0" if v.backend == "llama.cpp" else "INT8"
         if "error" in results[0]:
             print(f"  {name} {v.threads} thread(s): error {results[0]['error']}")
             continue
         decode = median(v, "decode_tok_s")
-        ratio = f" ({decode / q8[v.threads]:.2f}x llama.cpp Q8_0)" if v.backend != "llama-cpp" and v.threads in q8 else ""
+        ratio = f" ({decode / q8[v.threads]:.2f}x llama.cpp Q8_0)" if v.backend != "llama.cpp" and v.threads in q8 else ""
         print(f"  {name} {v.threads} thread(s): decode {decode:.2f} tok/s{ratio}, prompt {median(v, 'prompt_tok_s'):.1f} "
               f"tok/s, load {median(v, 'load_s'):.0f} s, steady RSS {median(v, 'steady_rss_gib'):.2f} GiB "
               f"(median of {len(results)})")

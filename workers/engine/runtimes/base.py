@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
+from workers.config.environments import Environment
 from workers.config.int8 import Int8Settings
 from workers.engine.generate import Job, Result
 
@@ -43,6 +44,9 @@ class Engine(ABC):
 
     #: The end of the model's "loaded" log line: how it runs and how its concurrent requests do.
     description: str = ""
+    #: The most tokens (prompt and answer) one sequence may hold, when fewer than the model's context (a KV cache
+    #: allocated at load); None: the model's.
+    context: int | None = None
 
     @abstractmethod
     def submit(self, job: Job, on_text=None) -> Result:
@@ -105,6 +109,10 @@ class Runtime(ABC):
 
     #: Appended to the error when its quantizer fails (int8_cache).
     quantize_failed_hint: str = ""
+    #: The environment its quantizer runs in when not the model's own (built before it runs: ops.cli).
+    quantizer_environment: Environment | None = None
+    #: Weights per scale its format fixes, whatever int8.group_size says (registry.resolve); None: int8.group_size.
+    fixed_group_size: int | None = None
 
     def memory_extra(self, source: Path, concurrency: int) -> int:
         """Bytes of KV memory it allocates at load for a worker batching `concurrency` generations (memory_budget

@@ -20,6 +20,7 @@ from workers.config import int8 as int8_config
 from workers.config.int8 import Int8Settings
 from workers.config.schema import BACKENDS
 from workers.engine.runtimes.base import Runtime, RuntimeUnavailable, UnsupportedBackend
+from workers.engine.runtimes.llama_cpp.runtime import LlamaCppRuntime
 from workers.engine.runtimes.neural_speed.runtime import NeuralSpeedRuntime
 from workers.engine.runtimes.qbits.runtime import QbitsRuntime
 from workers.engine.runtimes.transformers.runtime import TransformersRuntime
@@ -28,7 +29,7 @@ from workers.models.weight_shapes import matrix_row_widths
 log = logging.getLogger("int8_runtime")
 
 # In order of preference: `auto` takes the first that serves the backend and matches the model.
-RUNTIMES: tuple[Runtime, ...] = (NeuralSpeedRuntime(), QbitsRuntime(), TransformersRuntime())
+RUNTIMES: tuple[Runtime, ...] = (NeuralSpeedRuntime(), QbitsRuntime(), LlamaCppRuntime(), TransformersRuntime())
 INT8_BACKEND = "itrex-int8"  # the backend whose runtime config's int8.runtime names
 AUTO = "auto"
 
@@ -108,6 +109,9 @@ def resolve(settings: Int8Settings, source: Path, shared_threads: bool = False) 
     """`settings` with a concrete INT8 runtime and group size for this model; RuntimeUnavailable when the asked
     runtime cannot run it."""
     settings = resolve_runtime(settings, source, shared_threads)
+    fixed = by_name(settings.runtime).fixed_group_size
+    if fixed is not None:
+        return settings.model_copy(update={"group_size": fixed})
     if settings.group_size == "auto":
         settings = settings.model_copy(update={"group_size": auto_group_size(source, settings.auto_group_size)})
     elif settings.bits == 4:

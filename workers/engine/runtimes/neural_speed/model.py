@@ -11,7 +11,7 @@ Prefix reuse: the cache holds the last conversation; a prompt that continues it 
 a chat) evaluates only its new tokens. Anything else starts the cache afresh.
 
 A graph that batches (family data `continuous_batching`) is loaded with several KV cache slots, and its
-concurrent requests decode together (batcher.py); otherwise they run one at a time (SerialRunner).
+concurrent requests decode together (engine/slot_batcher.py); otherwise they run one at a time (SerialRunner).
 """
 from __future__ import annotations
 
@@ -79,6 +79,7 @@ class NeuralSpeedModel:
         from workers.engine.runtimes.neural_speed.quantize import GRAPH_INFO
 
         self.config, self.entry, self.n_threads, self.context = config, entry, n_threads, context
+        self.prefill_chunk = PREFILL_CHUNK
         self.info = json.loads((entry / GRAPH_INFO).read_text())
         # Its llama graph refuses (and evaluates nothing for) a sequence whose first token is not the
         # BOS id in the file header, which is config.json's bos_token_id (family data: bos_first).

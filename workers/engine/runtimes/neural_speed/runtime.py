@@ -15,8 +15,8 @@ from pathlib import Path
 
 from workers.engine.generate import Job, Result
 from workers.engine.prompt import context_length
+from workers.engine.slot_batcher import SlotBatcher
 from workers.engine.runtimes.base import Engine, LoadRequest, Runtime, RuntimeUnavailable
-from workers.engine.runtimes.neural_speed.batcher import NeuralSpeedBatcher
 from workers.engine.runtimes.neural_speed.model import NeuralSpeedModel, SerialRunner, slot_bytes, slots_for
 from workers.engine.runtimes.neural_speed.quantize import FILE_LAYOUT, padded_layers
 from workers.config.int8 import Int8Settings
@@ -98,7 +98,7 @@ class NeuralSpeedRuntime(Runtime):
 
 
 class NeuralSpeedEngine(Engine):
-    """A neural-speed model's own caches: batched when it has several slots (batcher.py), else one generation at a
+    """A neural-speed model's own caches: batched when it has several slots (engine/slot_batcher.py), else one generation at a
     time (model.SerialRunner)."""
 
     no_embeddings = ("runs on the neural-speed INT8 runtime, which gives no hidden states: ask an fp32 model for "
@@ -109,7 +109,7 @@ class NeuralSpeedEngine(Engine):
 
     def __init__(self, model: NeuralSpeedModel, served):
         batched = model.slots > 1
-        self.runner = (NeuralSpeedBatcher if batched else SerialRunner)(model, served.decode, served.chat.postprocess)
+        self.runner = (SlotBatcher if batched else SerialRunner)(model, served.decode, served.chat.postprocess)
         self.description = (f"neural-speed INT{model.bits} ({model.n_threads} threads, "
                             + (f"continuous batching in {model.slots} KV cache slots" if batched
                                else "one generation at a time") + ")")
@@ -122,7 +122,7 @@ class NeuralSpeedEngine(Engine):
 
     def batching_state(self) -> dict:
         runner = self.runner
-        if isinstance(runner, NeuralSpeedBatcher):
+        if isinstance(runner, SlotBatcher):
             return {"mode": "continuous batching", "kv_cache_slots": len(runner.slots), "steps": runner.steps,
                     "widest_step": runner.widest, "slots_emptied": runner.emptied}
         return {"mode": "one at a time"}

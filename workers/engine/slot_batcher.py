@@ -1,11 +1,13 @@
-"""Continuous batching on neural-speed: the concurrent requests of one worker decode together, one
-evaluate() call per step for all of them, on graphs that batch (family data `continuous_batching`).
+"""Continuous batching over KV cache slots: the concurrent requests of one worker decode together, one
+evaluate_rows() call per step for all of them. The neural-speed runtime (on graphs that batch, family data
+`continuous_batching`) and the llama.cpp runtime drive their models through it.
 
-neural-speed keeps one KV cache per *slot*. Row i of an evaluate() call is slot i; every row 0..n-1 must
-bring at least one token; each slot keeps its own position; and only reinit() empties slots, all at once.
-So the batcher keeps a table of slots, each one of:
+The model keeps one KV cache per *slot* (a SlotModel). Row i of an evaluate_rows() call is slot i; every row
+0..n-1 must bring at least one token (neural-speed's rule; llama.cpp would allow gaps); each slot keeps its own
+position; and empty_slots() empties them all at once (neural-speed has no way to empty one). So the batcher keeps
+a table of slots, each one of:
 - live: a sequence that is decoding (its row is its last token) or prefilling (its row is the next
-  PREFILL_CHUNK tokens of its prompt, so a long prompt never stalls the others for more than one step);
+  prefill_chunk tokens of its prompt, so a long prompt never stalls the others for more than one step);
 - kept: a finished conversation's cache, untouched since: the next turn of that chat takes this slot and
   evaluates only its new tokens (prefix reuse);
 - spent: given a filler token while a higher row was live, so unusable until the slots are emptied;
@@ -13,11 +15,11 @@ So the batcher keeps a table of slots, each one of:
 A new request takes the kept slot its prompt continues, else a fresh one; when nothing is live it empties the
 slots first (free then), so a lone request never evaluates filler rows below its own. When no slot is fresh, the
 slots are emptied and the live sequences evaluate their tokens again, in chunks, from the next step. With twice as
-many slots as concurrent requests (model.batch_slots) that costs one re-prefill every few requests under full
-load, and nothing when the worker was idle in between.
+many slots as concurrent requests that costs one re-prefill every few requests under full load, and nothing when
+the worker was idle in between.
 
 Each next token is chosen from the row's logits exactly as alone (engine/sequence.py), so a batched greedy
-answer is token for token the answer alone (tests/integration/neural_speed_cases.py).
+answer is token for token the answer alone (tests/integration/neural_speed_cases.py, test_llama_cpp.py).
 """
 from __future__ import annotations
 
@@ -25,13 +27,26 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
+
+import torch
 
 from workers.engine.generate import Job, Result
-from workers.engine.runtimes.neural_speed.model import PREFILL_CHUNK, NeuralSpeedModel
 from workers.engine.sequence import Sequence
 
-log = logging.getLogger("ns_batcher")
+log = logging.getLogger("slot_batcher")
+
+
+class SlotModel(Protocol):
+    """A model with `slots` KV caches that evaluates one row of tokens per slot in one call."""
+    slots: int
+    context: int             # the most tokens one slot holds
+    prefill_chunk: int       # the most tokens one row may bring
+    bos_id: int | None       # a token every row may carry (the filler of spent rows), when the model has one
+
+    def evaluate_rows(self, rows: list[list[int]]) -> list[torch.Tensor]: ...
+
+    def empty_slots(self) -> None: ...
 
 
 @dataclass
@@ -46,12 +61,14 @@ class Slot:
         return self.seq is None and self.filled == 0
 
 
-class NeuralSpeedBatcher:
-    """Runs the generations of one multi-slot neural-speed model, batched (same interface as Batcher)."""
+class SlotBatcher:
+    """Runs the generations of one multi-slot model, batched (same interface as engine/batcher.Batcher)."""
 
-    def __init__(self, model: NeuralSpeedModel, decode: Callable[[list[int]], str],
-                 postprocess: Callable[[str], str]):
+    def __init__(self, model: SlotModel, decode: Callable[[list[int]], str],
+                 postprocess: Callable[[str], str], before_step: Callable[[], None] | None = None):
+        """`before_step`: called before each evaluate_rows() (cores shared by demand set the thread count there)."""
         self.model, self.decode, self.postprocess = model, decode, postprocess
+        self.before_step = before_step
         self.slots = [Slot() for _ in range(model.slots)]
         self.filler = model.bos_id if model.bos_id is not None else 0  # any valid id: a spent row's output is unused
         self._intake: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
@@ -99,7 +116,7 @@ class NeuralSpeedBatcher:
                 if self.active:
                     self._step()
             except Exception as exc:  # a bug of ours: fail what is under way rather than leave it waiting
-                log.exception("neural-speed batcher failed")
+                log.exception("slot batcher failed")
                 self._fail_all(exc)
 
     def _place_waiting(self) -> None:
@@ -151,13 +168,15 @@ class NeuralSpeedBatcher:
             return
         top = max(i for i, s in enumerate(self.slots) if s.seq is not None) + 1
         if any(s.seq is None and s.filled + 1 >= self.model.context for s in self.slots[:top]):
-            self._empty_slots()  # a spent row would run past the context (the library would then shift it)
+            self._empty_slots()  # a spent row would run past the context (neural-speed would then shift it)
             top = self.active
-        rows = [s.feed[:PREFILL_CHUNK] if s.seq is not None else [self.filler] for s in self.slots[:top]]
+        rows = [s.feed[:self.model.prefill_chunk] if s.seq is not None else [self.filler] for s in self.slots[:top]]
         try:
+            if self.before_step is not None:
+                self.before_step()
             logits = self.model.evaluate_rows(rows)
         except Exception as exc:  # every sequence of the batch fails with it; the next requests start afresh
-            log.exception("neural-speed step failed for %d rows", len(rows))
+            log.exception("a batched step failed for %d rows", len(rows))
             self._fail_all(exc)
             return
         self.steps += 1
@@ -189,5 +208,5 @@ class NeuralSpeedBatcher:
         try:
             self.model.empty_slots()
         except Exception:  # the next step reports it
-            log.exception("could not empty the neural-speed slots")
+            log.exception("could not empty the KV cache slots")
         self.slots = [Slot() for _ in self.slots]

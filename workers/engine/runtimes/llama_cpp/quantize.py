@@ -1,0 +1,139 @@
+"""Quantize one model into a llama.cpp INT8 cache folder: llama.cpp's own HF -> GGUF converter, from the source
+of the same llama.cpp the runtime loads (the pinned xllamacpp's source distribution), writes Q8_0 weights
+(blocks of 32 weights with one f16 scale) straight from the checkpoint.
+
+The converter is not in any wheel: its source distribution is fetched once with pip (into the pinned environment's
+src/ folder, beside the packages it matches) and only the converter's files are kept.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+from workers.config.environments import PINNED
+from workers.engine.runtimes.llama_cpp.binding import PACKAGE, PINNED as PINNED_VERSION
+
+log = logging.getLogger("quantize")
+
+WEIGHTS = "model-q8_0.gguf"
+SHOWN = ("Writing", "WARNING", "ERROR", "INFO:hf-to-gguf:Model successfully")  # of the converter's output lines
+INFO = "gguf_info.json"
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+# Metadata llama.cpp's loader reads and this version's converter leaves out, by config.json's architecture: the GGUF
+# key, and the key whose value it takes. Qwen-7B (QWenLMHeadModel): the converter writes config's layer_norm_epsilon
+# as a plain layer-norm epsilon, while the loader reads an RMS-norm one (it refuses the file: "key not found in
+# model: qwen.attention.layer_norm_rms_epsilon"). Only such files are read back (reading a 151 k vocabulary: seconds).
+MISSING_KEYS = {"QWenLMHeadModel": {"qwen.attention.layer_norm_rms_epsilon": "qwen.attention.layer_norm_epsilon"}}
+
+
+def converter_folder() -> Path:
+    return PINNED.folder / "src" / f"{PACKAGE}-{PINNED_VERSION}-converter"
+
+
+def converter() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py of the pinned version, fetched once (about 40 MB) and kept."""
+    folder = converter_folder()
+    script = folder / "convert_hf_to_gguf.py"
+    if script.is_file():
+        return script
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        log.info("fetching llama.cpp's converter: the %s %s source distribution (pip download)", PACKAGE,
+                 PINNED_VERSION)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        "--progress-bar", "off", f"{PACKAGE}=={PINNED_VERSION}", "-d", tmp], check=True)
+        archive = next(Path(tmp).glob(f"{PACKAGE}-*.tar.gz"))
+        staged = Path(tmp) / "converter"
+        prefix = f"{PACKAGE}-{PINNED_VERSION}/thirdparty/llama.cpp/"
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                inner = member.name[len(prefix):] if member.name.startswith(prefix) else None
+                if inner and (member.isfile() or member.isdir()) and any(
+                        inner == f or (f.endswith("/") and inner.startswith(f)) for f in CONVERTER_FILES):
+                    member.name = inner
+                    tar.extract(member, staged, filter="data")
+        if not (staged / "convert_hf_to_gguf.py").is_file():
+            raise RuntimeError(f"{archive.name} holds no {prefix}convert_hf_to_gguf.py")
+        try:
+            staged.rename(folder)  # atomic: a concurrent quantizer that got there first keeps its own
+        except OSError:
+            if not script.is_file():
+                raise
+    return script
+
+
+def quantize_and_save(source: Path, staging: Path, settings: dict, trust_remote_code: bool) -> None:
+    from workers.engine.quantize_child import check_memory
+
+    if settings.get("bits", 8) != 8:
+        raise ValueError("the llama-cpp runtime writes Q8_0 weights only (int8.bits: 8)")
+    t0 = time.monotonic()
+    check_memory(source)
+    script = converter()
+    out = staging / WEIGHTS
+    log.info("[1/1] converting %s to GGUF Q8_0 with llama.cpp's converter", source.name)
+    # its own gguf-py (beside it) and nothing of the bundle on its path; its progress bar goes to this log
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_LOCAL_GGUF")}
+    tail: deque[str] = deque(maxlen=15)
+    with subprocess.Popen([sys.executable, str(script), str(source), "--outtype", "q8_0", "--outfile", str(out)],
+                          env=env, cwd=script.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as proc:
+        for line in proc.stdout:  # its progress bar and warnings shown as they come; the rest if it fails
+            if line.startswith(SHOWN):
+                print(line.rstrip(), flush=True)
+            tail.append(line.rstrip())
+    if proc.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"llama.cpp's converter failed for {source.name} (exit code {proc.returncode}):\n"
+                           + "\n".join(tail))
+    architectures = json.loads((source / "config.json").read_text()).get("architectures") or []
+    wanted = {k: v for a in architectures for k, v in MISSING_KEYS.get(a, {}).items()}
+    added = add_missing_keys(out, script.parent, wanted) if wanted else []
+    if added:
+        log.info("added the metadata llama.cpp's loader needs and its converter left out: %s", ", ".join(added))
+    (staging / INFO).write_text(json.dumps({"settings": settings, "converter": f"{PACKAGE}-{PINNED_VERSION}",
+                                            "weights": WEIGHTS}, indent=2))
+    log.info("quantized in %.0f s (%.2f GiB)", time.monotonic() - t0, out.stat().st_size / 2**30)
+
+
+def add_missing_keys(path: Path, converter_dir: Path, keys: dict[str, str]) -> list[str]:
+    """Rewrite `path` with each of `keys` it lacks (key -> the key whose value it takes), by gguf-py's own metadata
+    copier; the keys added."""
+    sys.path.insert(0, str(converter_dir / "gguf-py"))
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    wanted = {key: source for key, source in keys.items() if key not in reader.fields and source in reader.fields}
+    if not wanted:
+        return []
+    new = {key: MetadataDetails(reader.fields[source].types[0], reader.fields[source].contents())
+           for key, source in wanted.items()}
+    fixed = path.with_name(path.name + ".partial")
+    writer = gguf.GGUFWriter(fixed, arch=arch, endianess=reader.endianess)
+    alignment = reader.fields.get(gguf.Keys.General.ALIGNMENT)
+    if alignment is not None:
+        writer.data_alignment = alignment.contents()
+    copy_with_new_metadata(reader, writer, new, [])
+    del reader  # its memory map, before the file is replaced
+    fixed.replace(path)
+    return sorted(wanted)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from workers.engine.quantize_child import quantizer_cli
+
+    return quantizer_cli(quantize_and_save, "quantize one model into a llama.cpp (GGUF Q8_0) INT8 cache folder",
+                         "the INT8 settings as JSON", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
