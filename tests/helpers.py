@@ -175,6 +175,53 @@ def run_together(served, jobs, stagger_s=0.05) -> list:
     return results
 
 
+@contextlib.contextmanager
+def another_worker_flipping(other, period_s: float = 0.05):
+    """While inside: another worker (`other`, a CoreShare) starts and stops generating, again and again."""
+    stop = threading.Event()
+
+    def flip():
+        while not stop.is_set():
+            other.begin()
+            stop.wait(period_s)
+            other.end()
+            stop.wait(period_s)
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        flipper.join()
+
+
+def check_requests_beyond_the_slots_wait(two, reference) -> None:
+    """On `two`, a served model with 2 KV cache slots (engine/slot_batcher.py): two greedy stories that cannot end
+    within 60 tokens hold both slots, a third request and a fourth wait; the fourth, cancelled while it waits, leaves
+    without a token; the others answer as `reference` (the same model, alone) does."""
+    def job(sm, messages, n):
+        return sm.job({"messages": messages, "temperature": 0, "max_new_tokens": n})[0]
+
+    chats = [LONG_STORY, [{"role": "user", "content": "Tell me a long story about a ship."}],
+             [{"role": "user", "content": "What is the capital of France?"}]]
+    jobs = [job(two, chat, 60) for chat in chats]
+    waiting = job(two, [{"role": "user", "content": "Write one sentence about the sea."}], 20)
+
+    def cancel_once_both_wait():  # not on a timer: a fast CPU finished both stories within 0.25 s
+        deadline = time.monotonic() + 60
+        while two.engine.runner.waiting < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        waiting.cancel.set()
+
+    threading.Thread(target=cancel_once_both_wait, daemon=True).start()
+    results = run_together(two, jobs + [waiting], stagger_s=0.02)
+    assert results[3].finish_reason == "cancelled" and results[3].completion_tokens == 0
+    assert results[0].completion_tokens == results[1].completion_tokens == 60
+    assert [outcome(r) for r in results[:3]] == [outcome(reference.generate(job(reference, chat, 60))) for chat in chats]
+    assert two.engine.runner.widest == 2 and two.engine.runner.active == 0
+
+
 def outcome(result):
     """What a client sees of a generation: its text, token count and finish reason."""
     return result.text, result.completion_tokens, result.finish_reason

@@ -28,7 +28,7 @@ from workers.engine.served_model import ServedModel
 from workers.models.families import neural_speed_graph
 from tests import tiny_models
 from tests.chat_cases import CHAT_CASES
-from tests.helpers import LONG_STORY, outcome, run_together
+from tests.helpers import LONG_STORY, check_requests_beyond_the_slots_wait, outcome, run_together
 
 QUESTIONS = ["What is the capital of France?", "Write one sentence about the sea.", "List three primary colors."]
 
@@ -406,25 +406,7 @@ def test_more_requests_than_slots_wait_for_one_and_a_cancelled_waiting_one_leave
     spec = ModelSpec(names=["m"], source={"path": str(embedded_model)}, port=1, limit_concurrency=4)
     model, tokenizer = load_model(embedded_model, "itrex-int8", cache_root=int8_cache_root, concurrency=4)
     assert model.slots == 2
-    two = ServedModel.build(spec, embedded_model, model, tokenizer)
-    # two greedy stories that cannot end within 60 tokens hold both slots; the third request and the fourth wait
-    chats = [LONG_STORY, [{"role": "user", "content": "Tell me a long story about a ship."}],
-             [{"role": "user", "content": QUESTIONS[0]}]]
-    jobs = [job(two, chat, 60) for chat in chats]
-    waiting = job(two, [{"role": "user", "content": QUESTIONS[1]}], 20)
-
-    def cancel_once_both_wait():  # not on a timer: a fast CPU finished both stories within 0.25 s
-        deadline = time.monotonic() + 60
-        while two.engine.runner.waiting < 2 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        waiting.cancel.set()
-
-    threading.Thread(target=cancel_once_both_wait, daemon=True).start()
-    results = run_together(two, jobs + [waiting], stagger_s=0.02)
-    assert results[3].finish_reason == "cancelled" and results[3].completion_tokens == 0
-    assert results[0].completion_tokens == results[1].completion_tokens == 60
-    assert [outcome(r) for r in results[:3]] == [outcome(ns.generate(job(ns, chat, 60))) for chat in chats]
-    assert two.engine.runner.widest == 2 and two.engine.runner.active == 0
+    check_requests_beyond_the_slots_wait(ServedModel.build(spec, embedded_model, model, tokenizer), ns)
 
 
 def test_a_cancelled_request_leaves_the_batch_and_the_others_answer_as_alone(batched, ns):

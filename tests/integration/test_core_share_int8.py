@@ -2,7 +2,6 @@
 demand): qbits' thread count and the OpenMP team move together, under the worker's step lock."""
 from __future__ import annotations
 
-import threading
 
 import torch
 
@@ -12,6 +11,7 @@ from workers.engine import threads
 from workers.engine.core_share import CoreShare
 from workers.engine.loader import load_model
 from workers.engine.served_model import ServedModel
+from tests.helpers import another_worker_flipping
 
 QUESTION = [{"role": "user", "content": "Name three rivers of Europe and say one thing about each."}]
 
@@ -45,21 +45,7 @@ def check_answers_while_the_share_flips(spec, embedded_model, model, tokenizer, 
     original_apply = share.apply
     share.apply = lambda: seen.add(original_apply()) or max(seen)
     served = ServedModel.build(spec, embedded_model, model, tokenizer, share)
-    stop = threading.Event()
-
-    def flip():  # another worker starts and stops generating, again and again
-        while not stop.is_set():
-            other.begin()
-            stop.wait(0.05)
-            other.end()
-            stop.wait(0.05)
-
-    flipper = threading.Thread(target=flip)
-    flipper.start()
-    try:
+    with another_worker_flipping(other):
         shared = answer(served)
-    finally:
-        stop.set()
-        flipper.join()
     assert seen == {1, 2}, "the share should have changed during the answer"
     assert (shared.text, shared.completion_tokens) == (fixed.text, fixed.completion_tokens)

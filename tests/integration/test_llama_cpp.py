@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import LONG_STORY, outcome, run_together
+from tests.helpers import LONG_STORY, another_worker_flipping, check_requests_beyond_the_slots_wait, outcome, run_together
 from workers.config.int8 import Int8Settings
 from workers.config.schema import ModelSpec
 from workers.engine import int8_cache
@@ -100,6 +99,22 @@ def test_batched_answers_equal_answers_alone(batched, alone):
     assert batched.engine.batching_state()["mode"] == "continuous batching"
 
 
+def test_structured_output_logprobs_and_a_seeded_sample_apply(batched, alone):
+    """The bundle's own token chooser runs on llama.cpp's logits: a JSON schema constrains the answer, logprobs are
+    recorded, and a seeded sample is the same batched or alone."""
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+              "required": ["city", "country"]}
+    constrained = job(batched, [{"role": "user", "content": QUESTIONS[0]}], 60,
+                      response_format={"type": "json_schema", "schema": schema}, logprobs=2)
+    result = batched.generate(constrained)
+    answer = json.loads(result.text)
+    assert set(answer) == {"city", "country"} and result.finish_reason == "stop"
+    assert len(constrained.chosen_logprobs) == result.completion_tokens + 1  # and the stop token's
+    sampled = [job(sm, [{"role": "user", "content": QUESTIONS[1]}], 30, temperature=0.9, seed=7)
+               for sm in (batched, alone)]
+    assert outcome(run_together(batched, [sampled[0]])[0]) == outcome(alone.generate(sampled[1]))
+
+
 def test_a_long_prompt_joins_in_chunks_beside_a_decoding_answer(batched, alone):
     long_chat = [{"role": "user", "content": "Summarise: " + "the river runs to the sea. " * 120}]
     jobs = [job(batched, LONG_STORY, 60), job(batched, long_chat, 12)]
@@ -157,22 +172,8 @@ def test_cores_shared_by_demand_change_the_threads_between_steps_and_not_the_ans
     model.set_threads = lambda n: seen.add(n) or original(n)  # the test's probe on the model, not the engine's
     sm = ServedModel.build(spec, embedded_model, model, tokenizer, share)
     assert "threads shared by demand" in sm.engine.description
-    stop = threading.Event()
-
-    def flip():  # another worker starts and stops generating, again and again
-        while not stop.is_set():
-            other.begin()
-            stop.wait(0.02)
-            other.end()
-            stop.wait(0.02)
-
-    flipper = threading.Thread(target=flip)
-    flipper.start()
-    try:
+    with another_worker_flipping(other, 0.02):
         shared = sm.generate(job(sm, LONG_STORY, 80))
-    finally:
-        stop.set()
-        flipper.join()
     model.close()
     assert seen == {1, 2}, "the share should have changed during the answer"
     assert outcome(shared) == outcome(alone.generate(job(alone, LONG_STORY, 80)))
@@ -186,20 +187,5 @@ def test_more_requests_than_slots_wait_for_one(embedded_model, entry, int8_cache
     monkeypatch.setattr(llama_model, "MAX_SLOTS", 2)
     two = served(embedded_model, int8_cache_root, 4)
     assert two.model.slots == 2
-    chats = [LONG_STORY, [{"role": "user", "content": "Tell me a long story about a ship."}],
-             [{"role": "user", "content": QUESTIONS[0]}]]
-    jobs = [job(two, chat, 60) for chat in chats]
-    waiting = job(two, [{"role": "user", "content": QUESTIONS[1]}], 20)
-
-    def cancel_once_both_wait():
-        deadline = time.monotonic() + 60
-        while two.engine.runner.waiting < 2 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        waiting.cancel.set()
-
-    threading.Thread(target=cancel_once_both_wait, daemon=True).start()
-    results = run_together(two, jobs + [waiting], stagger_s=0.02)
-    assert results[3].finish_reason == "cancelled" and results[3].completion_tokens == 0
-    assert [outcome(r) for r in results[:3]] == [outcome(alone.generate(job(alone, chat, 60))) for chat in chats]
-    assert two.engine.runner.widest == 2
+    check_requests_beyond_the_slots_wait(two, alone)
     two.model.close()
