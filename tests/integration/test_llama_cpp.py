@@ -6,6 +6,7 @@ families) and test_fidelity.py (ChatGLM3 and Qwen-7B)."""
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from pathlib import Path
 
@@ -69,6 +70,31 @@ def test_the_entry_is_a_q8_0_gguf_written_by_llama_cpps_converter(entry, embedde
     assert 1.0 < gguf.stat().st_size / params < 1.15  # Q8_0: 34 bytes per 32 weights (fp16 would be 2)
     manifest = json.loads((entry / int8_cache.MANIFEST).read_text())
     assert manifest["inputs"]["runtime"] == "llama-cpp" and set(manifest["files"]) == {WEIGHTS, INFO}
+
+
+def test_a_key_the_converter_leaves_out_is_copied_in(entry, tmp_path):
+    """Qwen-7B's GGUF lacks the RMS-norm epsilon llama.cpp's loader reads (quantize.MISSING_KEYS): it is added with
+    the value of the key the converter wrote, and a file that has it is left as it is."""
+    from workers.engine.runtimes.llama_cpp.quantize import MISSING_KEYS, add_missing_keys, converter
+
+    folder = converter().parent
+    sys.path.insert(0, str(folder / "gguf-py"))  # the converter's own gguf package, as add_missing_keys uses it
+    import gguf
+
+    path = tmp_path / "qwen.gguf"
+    writer = gguf.GGUFWriter(path, arch="qwen")
+    writer.add_layer_norm_eps(1e-6)
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 32).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    keys = MISSING_KEYS["QWenLMHeadModel"]
+    assert add_missing_keys(path, folder, keys) == ["qwen.attention.layer_norm_rms_epsilon"]
+    fields = gguf.GGUFReader(path).fields
+    assert fields["qwen.attention.layer_norm_rms_epsilon"].contents() == pytest.approx(1e-6)
+    assert fields["qwen.attention.layer_norm_epsilon"].contents() == pytest.approx(1e-6)
+    assert add_missing_keys(path, folder, keys) == []
 
 
 def test_q8_0_perplexity_is_within_three_percent_of_fp32(alone, embedded_model, paragraph):
