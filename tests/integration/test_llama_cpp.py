@@ -205,6 +205,31 @@ def test_cores_shared_by_demand_change_the_threads_between_steps_and_not_the_ans
     assert outcome(shared) == outcome(alone.generate(job(alone, LONG_STORY, 80)))
 
 
+def test_a_worker_process_that_generated_exits_cleanly(embedded_model, entry, int8_cache_root):
+    """Threads set as a worker sets them, one generation from the batch thread, then exit: exit code 0 (it aborted,
+    "terminate called without an active exception", before the model freed its context at exit)."""
+    import subprocess
+
+    code = f"""
+from workers.engine import threads
+threads.configure(2)
+from pathlib import Path
+from workers.config.int8 import Int8Settings
+from workers.config.schema import ModelSpec
+from workers.engine.loader import load_model
+from workers.engine.served_model import ServedModel
+src = Path({str(embedded_model)!r})
+model, tokenizer = load_model(src, "itrex-int8", int8=Int8Settings(runtime="llama-cpp"), cache_root=Path({str(int8_cache_root)!r}),
+                              n_threads=2)
+sm = ServedModel.build(ModelSpec(names=["m"], source={{"path": str(src)}}, port=1), src, model, tokenizer)
+print(sm.generate(sm.job({{"messages": [{{"role": "user", "content": "Hi"}}], "max_new_tokens": 4}})[0]).completion_tokens)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0 and "terminate called" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "4"
+
+
 def test_more_requests_than_slots_wait_for_one(embedded_model, entry, int8_cache_root, alone, monkeypatch):
     """Slots bounded by memory (2 here, as a 7 B model on 4 GiB gets): the third and fourth requests wait for a slot,
     and a cancelled waiting one leaves without a token."""

@@ -4,7 +4,9 @@
 """
 from __future__ import annotations
 
+import atexit
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +56,9 @@ def kv_bytes(config: dict, context: int, concurrency: int) -> int:
 
 class LlamaCppModel:
     """One GGUF file loaded with a fixed thread count, a context of `context` tokens per slot and `slots` slots.
-    `config`: the model's transformers config (what the serving side reads of the model). Freed by close() or at
-    exit (not by a finalizer: at interpreter shutdown the library may already be gone)."""
+    `config`: the model's transformers config (what the serving side reads of the model). Freed by close(), which
+    also runs at exit: a process that generated from a thread and exited without freeing the context aborted
+    ("terminate called without an active exception"); a finalizer would run too late, after the library is gone."""
 
     prefill_chunk = PREFILL_CHUNK
     bos_id = None  # any token fills a spent row: llama.cpp asks nothing of a sequence's first token
@@ -81,15 +84,24 @@ class LlamaCppModel:
         self.vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model))
         self._batch = lib.llama_batch_init(ctx.n_batch, 0, 1)
         self._filled = [0] * slots  # tokens in each slot's cache
+        self._lock = threading.Lock()  # a call into the context, or close()
+        atexit.register(self.close)
 
     def set_threads(self, n: int) -> None:
         """The thread count of the next decode calls (cores shared by demand change it between steps)."""
-        if n != self.n_threads:
-            self._lib.llama_set_n_threads(self._ctx, n, n)
-            self.n_threads = n
+        with self._lock:
+            if n != self.n_threads and self._ctx:
+                self._lib.llama_set_n_threads(self._ctx, n, n)
+                self.n_threads = n
 
     def evaluate_rows(self, rows: list[list[int]]) -> list[torch.Tensor]:
         """One decode call: row i's tokens continue slot i; the logits (1, vocab) after each row's last token."""
+        with self._lock:
+            return self._evaluate_rows(rows)
+
+    def _evaluate_rows(self, rows: list[list[int]]) -> list[torch.Tensor]:
+        if not self._ctx:
+            raise RuntimeError(f"the llama.cpp model {self.gguf.name} is closed")
         batch, n = self._batch, 0
         last = []
         for seq, row in enumerate(rows):
@@ -102,7 +114,7 @@ class LlamaCppModel:
         batch.n_tokens = n
         status = self._lib.llama_decode(self._ctx, batch)
         if status != 0:
-            self.empty_slots()  # its memory may hold part of the batch: the batcher starts every slot afresh
+            self._clear()  # its memory may hold part of the batch: the batcher starts every slot afresh
             raise RuntimeError(f"llama.cpp's decode returned {status} for {len(rows)} rows of {n} tokens")
         for seq, row in enumerate(rows):
             self._filled[seq] += len(row)
@@ -117,7 +129,11 @@ class LlamaCppModel:
         step = self.slots * PREFILL_CHUNK
         if len(ids) > self.context:
             raise ValueError(f"{len(ids)} tokens do not fit one slot's context of {self.context}")
-        self.empty_slots()
+        with self._lock:
+            return self._all_logits(ids, step)
+
+    def _all_logits(self, ids: list[int], step: int) -> torch.Tensor:
+        self._clear()
         batch, rows = self._batch, []
         try:
             for start in range(0, len(ids), step):
@@ -131,16 +147,21 @@ class LlamaCppModel:
                     raise RuntimeError(f"llama.cpp's decode returned {status} for {len(chunk)} tokens")
                 rows.extend(self._logits(j) for j in range(len(chunk)))
         finally:
-            self.empty_slots()
+            self._clear()
         return torch.cat(rows)
 
     def empty_slots(self) -> None:
+        with self._lock:
+            self._clear()
+
+    def _clear(self) -> None:
         self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ctx), False)  # cells only: unused data is masked
         self._filled = [0] * self.slots
 
     def close(self) -> None:
-        if self._ctx:
-            self._lib.llama_batch_free(self._batch)
-            self._lib.llama_free(self._ctx)
-            self._lib.llama_model_free(self._model)
-            self._ctx = self._model = None
+        with self._lock:
+            if self._ctx:
+                self._lib.llama_batch_free(self._batch)
+                self._lib.llama_free(self._ctx)
+                self._lib.llama_model_free(self._model)
+                self._ctx = self._model = None
