@@ -2,8 +2,8 @@
 of the same llama.cpp the runtime loads (the pinned xllamacpp's source distribution), writes Q8_0 weights
 (blocks of 32 weights with one f16 scale) straight from the checkpoint.
 
-The converter is not in any wheel: its source distribution is fetched once with pip (into the pinned environment's
-src/ folder, beside the packages it matches) and only the converter's files are kept.
+The converter is not in any wheel: its source distribution is fetched once from PyPI (into the pinned environment's
+src/ folder, beside the packages it matches), checked against its sha256, and only the converter's files are kept.
 """
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ WEIGHTS = "model-q8_0.gguf"
 SHOWN = ("Writing", "WARNING", "ERROR", "INFO:hf-to-gguf:Model successfully")  # of the converter's output lines
 INFO = "gguf_info.json"
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+# The pinned xllamacpp's source distribution on PyPI (binding.PINNED), which holds the llama.cpp tree it was built from
+SOURCE_URL = ("https://files.pythonhosted.org/packages/87/62/b6dfaaf346d3d4fd0e2a2df755f2693b77673f2735da7ba0592af9d2f09e/"
+              "xllamacpp-2026.10.11549.tar.gz")
+SOURCE_SHA256 = "c17ee1163006f70726abb9f72137830818f3d8cb60bfc34cb232d08428eaa22b"
 # Metadata llama.cpp's loader reads and this version's converter leaves out, by config.json's architecture: the GGUF
 # key, and the key whose value it takes. Qwen-7B (QWenLMHeadModel): the converter writes config's layer_norm_epsilon
 # as a plain layer-norm epsilon, while the loader reads an RMS-norm one (it refuses the file: "key not found in
@@ -46,11 +50,8 @@ def converter() -> Path:
         return script
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-        log.info("fetching llama.cpp's converter: the %s %s source distribution (pip download)", PACKAGE,
-                 PINNED_VERSION)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        "--progress-bar", "off", f"{PACKAGE}=={PINNED_VERSION}", "-d", tmp], check=True)
-        archive = next(Path(tmp).glob(f"{PACKAGE}-*.tar.gz"))
+        archive = Path(tmp) / SOURCE_URL.rsplit("/", 1)[1]
+        download(SOURCE_URL, SOURCE_SHA256, archive)
         staged = Path(tmp) / "converter"
         prefix = f"{PACKAGE}-{PINNED_VERSION}/thirdparty/llama.cpp/"
         with tarfile.open(archive) as tar:
@@ -68,6 +69,28 @@ def converter() -> Path:
             if not script.is_file():
                 raise
     return script
+
+
+def download(url: str, sha256: str, out: Path) -> None:
+    """`url` into `out` with a progress bar, refused unless its sha256 is `sha256`. (pip cannot fetch a source
+    distribution without building its metadata, which for this one compiles llama.cpp's build requirements.)"""
+    import hashlib
+
+    import requests
+    from tqdm import tqdm
+
+    log.info("fetching llama.cpp's converter: %s", url)
+    digest = hashlib.sha256()
+    with requests.get(url, stream=True, timeout=60) as r, open(out, "wb") as f:
+        r.raise_for_status()
+        with tqdm(total=int(r.headers.get("content-length", 0)) or None, unit="B", unit_scale=True,
+                  desc="llama.cpp source") as bar:
+            for chunk in r.iter_content(1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+    if digest.hexdigest() != sha256:
+        raise RuntimeError(f"{url} has sha256 {digest.hexdigest()}, expected {sha256}")
 
 
 def quantize_and_save(source: Path, staging: Path, settings: dict, trust_remote_code: bool) -> None:
