@@ -59,7 +59,7 @@ from typing import Optional
 import shortuuid
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from fastchat.protocol.openai_api_protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                                    CompletionResponse, CompletionResponseChoice, EmbeddingsRequest,
@@ -70,6 +70,7 @@ from workers.config import hosts, secrets
 from workers.serving import api_policy, errors, launch, placement, tool_calls
 from workers.serving.api_metrics import Metrics, MetricsMiddleware
 from workers.serving.api_policy import AnswerDeltas, TextDeltas, Usage, finish_reason, message_fields, sse
+from workers.serving.ending_stream import EndingStreamingResponse
 from workers.serving.errors import ApiError
 from workers.serving.fastchat_compat import WorkerUnavailable
 from workers.serving.worker_client import (DEFAULT_FIRST_CHUNK_TIMEOUT_S, Upstream, all_or_nothing,
@@ -89,22 +90,15 @@ async def _next_or_none(chunks):
         return None
 
 
-class UpstreamStreamingResponse(StreamingResponse):
-    """A stream that, however it ends (finished, client gone, error), closes its connections to the worker."""
+def upstream_stream(events, closers, state: dict) -> EndingStreamingResponse:
+    """An SSE stream that, however it ends (finished, client gone, error), closes its connections to the worker."""
+    async def on_end(scope):
+        for close in closers:
+            await close()
+        if not state.get("completed"):
+            scope.setdefault("state", {})["bundle_client_gone"] = True
 
-    def __init__(self, content, closers, state: dict, **kwargs):
-        super().__init__(content, **kwargs)
-        self.closers, self.state = closers, state
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
-            for close in self.closers:
-                await close()
-            if not self.state.get("completed"):
-                scope.setdefault("state", {})["bundle_client_gone"] = True
+    return EndingStreamingResponse(events, on_end, media_type="text/event-stream")
 
 
 class StreamLogprobs:
@@ -216,7 +210,7 @@ class BundleApi:
         closers = [first_stream.aclose]
         events = self.events(request, model, addr, jobs, id_, kind, include_usage, chunks, first, closers, state,
                              tools)
-        return UpstreamStreamingResponse(events, closers, state, media_type="text/event-stream")
+        return upstream_stream(events, closers, state)
 
     async def events(self, request, model, addr, jobs, id_, kind, include_usage, chunks0, first0, closers, state,
                      tools=None):

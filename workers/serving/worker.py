@@ -80,7 +80,9 @@ class LogprobFeed:
 
 def build_app(worker):
     """The worker's HTTP endpoints (FastChat's worker protocol)."""
-    from fastapi.responses import Response, StreamingResponse
+    from fastapi.responses import Response
+
+    from workers.serving.ending_stream import EndingStreamingResponse
 
     from workers.engine.loader import release_freed_memory
     from workers.engine.served_model import BadRequest
@@ -172,26 +174,26 @@ def build_app(worker):
         async def stream():
             last_sent = 0.0  # each chunk carries the whole text so far: skipping one loses nothing
             logprobs = LogprobFeed(served, job)  # and the logprobs of the tokens since the chunk before
-            try:
-                while True:
-                    kind, value, n = await chunks.get()
-                    if kind == "text":
-                        if time.monotonic() - last_sent >= STREAM_MIN_INTERVAL_S:
-                            yield worker.chunk(value, job, n, None, logprobs.upto(n), final=False)
-                            last_sent = time.monotonic()
-                    elif kind == "done":
-                        content, calls = served.tool_calls(params, value.text)
-                        yield worker.chunk(content, job, value.completion_tokens, value.finish_reason,
-                                           logprobs.upto(value.completion_tokens), calls)
-                        return
-                    else:
-                        message = f"generation failed: {type(value).__name__}: {value}"
-                        yield (json.dumps({"text": message, "error_code": INTERNAL_ERROR}) + "\0").encode()
-                        return
-            finally:
-                job.cancel.set()  # a client that left, or the end: either way nothing more to generate
+            while True:
+                kind, value, n = await chunks.get()
+                if kind == "text":
+                    if time.monotonic() - last_sent >= STREAM_MIN_INTERVAL_S:
+                        yield worker.chunk(value, job, n, None, logprobs.upto(n), final=False)
+                        last_sent = time.monotonic()
+                elif kind == "done":
+                    content, calls = served.tool_calls(params, value.text)
+                    yield worker.chunk(content, job, value.completion_tokens, value.finish_reason,
+                                       logprobs.upto(value.completion_tokens), calls)
+                    return
+                else:
+                    message = f"generation failed: {type(value).__name__}: {value}"
+                    yield (json.dumps({"text": message, "error_code": INTERNAL_ERROR}) + "\0").encode()
+                    return
 
-        return StreamingResponse(stream())
+        async def stop_generating(_scope):  # a client that left, or the end: either way nothing more to generate
+            job.cancel.set()
+
+        return EndingStreamingResponse(stream(), stop_generating)
 
     @app.post("/worker_generate")
     async def generate_once(request: Request):
