@@ -30,11 +30,12 @@ def test_auto_never_picks_it_and_naming_it_gives_it(embedded_model):
     assert registry.resolve(LLAMA_CPP.model_copy(update={"group_size": 128}), embedded_model).group_size == 32
 
 
-def test_it_refuses_int4_and_cpus_without_avx2_and_follows_shared_cores(embedded_model):
+def test_it_takes_int4_refuses_cpus_without_avx2_and_follows_shared_cores(embedded_model):
     assert registry.resolve_runtime(LLAMA_CPP, embedded_model, shared_threads=True).runtime == "llama-cpp"
     assert registry.unsupported_reason(LLAMA_CPP, AVX2) is None
     assert "lacks AVX2, FMA" in registry.unsupported_reason(LLAMA_CPP, frozenset({"avx", "f16c"}))
-    assert "bits: 4" in registry.unsupported_reason(LLAMA_CPP.model_copy(update={"bits": 4}), AVX2)
+    assert registry.unsupported_reason(LLAMA_CPP.model_copy(update={"bits": 4}), AVX2) is None
+    assert registry.resolve(LLAMA_CPP.model_copy(update={"bits": 4, "group_size": 128}), embedded_model).group_size == 32
 
 
 def test_slots_and_their_context_stay_within_the_kv_bound():

@@ -463,7 +463,8 @@ def variants_for(explore: bool, bf16_backend: bool = False, llama_cpp: bool = Fa
         variants.append(Variant("fp32", threads=t))
         variants += [Variant("itrex-int8", threads=t, runtime=r, compute_dtype=d, bits=b)
                      for b in (8, 4) for d in compute_dtypes for r in ("qbits", "neural-speed")]
-        variants.append(Variant("itrex-int8", threads=t, runtime="llama-cpp", group_size=32))  # Q8_0: groups of 32
+        variants += [Variant("itrex-int8", threads=t, runtime="llama-cpp", group_size=32, bits=b)  # Q8_0, Q4_0
+                     for b in (8, 4)]
         if llama_cpp:
             variants += [Variant("llama.cpp", threads=t, gguf=g) for g in GGUF_TYPES]
     if explore:

@@ -65,6 +65,7 @@ class LlamaCppModel:
 
     def __init__(self, gguf: Path, config, n_threads: int, context: int, slots: int):
         self.gguf, self.config, self.n_threads, self.context, self.slots = gguf, config, n_threads, context, slots
+        self.weight_type = gguf.stem.rsplit("-", 1)[-1].upper()  # model-q8_0.gguf: Q8_0
         self._lib = lib = binding.library()
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0

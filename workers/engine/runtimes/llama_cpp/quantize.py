@@ -1,6 +1,7 @@
 """Quantize one model into a llama.cpp INT8 cache folder: llama.cpp's own HF -> GGUF converter, from the source
 of the same llama.cpp the runtime loads (the pinned xllamacpp's source distribution), writes Q8_0 weights
-(blocks of 32 weights with one f16 scale) straight from the checkpoint.
+(blocks of 32 weights with one f16 scale) straight from the checkpoint; with bits: 4 it writes F16, which q4_0.py
+makes Q4_0 (blocks of 32 4-bit weights with one f16 scale), as llama.cpp's quantize tool would.
 
 The converter is not in any wheel: its source distribution is fetched once from PyPI (into the pinned environment's
 src/ folder, beside the packages it matches), checked against its sha256, and only the converter's files are kept.
@@ -19,11 +20,12 @@ from collections import deque
 from pathlib import Path
 
 from workers.config.environments import PINNED
+from workers.engine.runtimes.llama_cpp import q4_0
 from workers.engine.runtimes.llama_cpp.binding import PACKAGE, PINNED as PINNED_VERSION
 
 log = logging.getLogger("quantize")
 
-WEIGHTS = "model-q8_0.gguf"
+WEIGHTS = {8: "model-q8_0.gguf", 4: "model-q4_0.gguf"}  # by int8.bits
 SHOWN = ("Writing", "WARNING", "ERROR", "INFO:hf-to-gguf:Model successfully")  # of the converter's output lines
 INFO = "gguf_info.json"
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
@@ -96,34 +98,49 @@ def download(url: str, sha256: str, out: Path) -> None:
 def quantize_and_save(source: Path, staging: Path, settings: dict, trust_remote_code: bool) -> None:
     from workers.engine.quantize_child import check_memory
 
-    if settings.get("bits", 8) != 8:
-        raise ValueError("the llama-cpp runtime writes Q8_0 weights only (int8.bits: 8)")
+    bits = settings.get("bits", 8)
     t0 = time.monotonic()
     check_memory(source)
     script = converter()
-    out = staging / WEIGHTS
-    log.info("[1/1] converting %s to GGUF Q8_0 with llama.cpp's converter", source.name)
-    # its own gguf-py (beside it) and nothing of the bundle on its path; its progress bar goes to this log
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_LOCAL_GGUF")}
-    tail: deque[str] = deque(maxlen=15)
-    with subprocess.Popen([sys.executable, str(script), str(source), "--outtype", "q8_0", "--outfile", str(out)],
-                          env=env, cwd=script.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True) as proc:
-        for line in proc.stdout:  # its progress bar and warnings shown as they come; the rest if it fails
-            if line.startswith(SHOWN):
-                print(line.rstrip(), flush=True)
-            tail.append(line.rstrip())
-    if proc.returncode != 0 or not out.is_file():
-        raise RuntimeError(f"llama.cpp's converter failed for {source.name} (exit code {proc.returncode}):\n"
-                           + "\n".join(tail))
+    out = staging / WEIGHTS[bits]
+    steps = 1 if bits == 8 else 2
+    log.info("[1/%d] converting %s to GGUF %s with llama.cpp's converter", steps, source.name,
+             "Q8_0" if bits == 8 else "F16")
+    converted = out if bits == 8 else staging / "model-f16.gguf"
+    convert(script, source, "q8_0" if bits == 8 else "f16", converted)
+    if bits == 4:
+        log.info("[2/2] quantizing its weights to Q4_0")
+        from tqdm import tqdm
+
+        with tqdm(total=converted.stat().st_size, unit="B", unit_scale=True, desc="Q4_0") as bar:
+            counts = q4_0.requantize(converted, out, script.parent / "gguf-py", bar.update)
+        converted.unlink()
+        log.info("tensors by type: %s", ", ".join(f"{n} {t}" for t, n in sorted(counts.items())))
     architectures = json.loads((source / "config.json").read_text()).get("architectures") or []
     wanted = {k: v for a in architectures for k, v in MISSING_KEYS.get(a, {}).items()}
     added = add_missing_keys(out, script.parent, wanted) if wanted else []
     if added:
         log.info("added the metadata llama.cpp's loader needs and its converter left out: %s", ", ".join(added))
     (staging / INFO).write_text(json.dumps({"settings": settings, "converter": f"{PACKAGE}-{PINNED_VERSION}",
-                                            "weights": WEIGHTS}, indent=2))
+                                            "weights": out.name}, indent=2))
     log.info("quantized in %.0f s (%.2f GiB)", time.monotonic() - t0, out.stat().st_size / 2**30)
+
+
+def convert(script: Path, source: Path, outtype: str, out: Path) -> None:
+    """Run llama.cpp's converter: its own gguf-py (beside it) and nothing of the bundle on its path; its progress
+    bar and warnings shown as they come, the rest of its output only if it fails."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_LOCAL_GGUF")}
+    tail: deque[str] = deque(maxlen=15)
+    with subprocess.Popen([sys.executable, str(script), str(source), "--outtype", outtype, "--outfile", str(out)],
+                          env=env, cwd=script.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as proc:
+        for line in proc.stdout:
+            if line.startswith(SHOWN):
+                print(line.rstrip(), flush=True)
+            tail.append(line.rstrip())
+    if proc.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"llama.cpp's converter failed for {source.name} (exit code {proc.returncode}):\n"
+                           + "\n".join(tail))
 
 
 def add_missing_keys(path: Path, converter_dir: Path, keys: dict[str, str]) -> list[str]:
@@ -154,7 +171,7 @@ def add_missing_keys(path: Path, converter_dir: Path, keys: dict[str, str]) -> l
 def main(argv: list[str] | None = None) -> int:
     from workers.engine.quantize_child import quantizer_cli
 
-    return quantizer_cli(quantize_and_save, "quantize one model into a llama.cpp (GGUF Q8_0) INT8 cache folder",
+    return quantizer_cli(quantize_and_save, "quantize one model into a llama.cpp (GGUF Q8_0 or Q4_0) cache folder",
                          "the INT8 settings as JSON", argv)
 
 

@@ -1,5 +1,5 @@
-"""The llama.cpp runtime (`int8: {runtime: llama-cpp}`): Q8_0 weights in a GGUF file of the INT8 cache, written by
-llama.cpp's own converter, decoded by llama.cpp's CPU kernels; every family its converter knows, several
+"""The llama.cpp runtime (`int8: {runtime: llama-cpp}`): Q8_0 weights (Q4_0 with bits: 4) in a GGUF file of the INT8
+cache, written by llama.cpp's own converter, decoded by llama.cpp's CPU kernels; every family its converter knows, several
 concurrent requests decoding together in KV cache slots (engine/slot_batcher.py).
 
 It is never chosen by `auto` (ITREX is the bundle's INT8 engine): a user names it for a CPU where it decodes faster
@@ -34,7 +34,7 @@ class LlamaCppRuntime(Runtime):
     quantize_failed_hint = "; models[].int8: {runtime: auto} quantizes with ITREX instead"
     # llama.cpp's converter reads tokenizers through transformers APIs newer than the pinned 4.40.2 (Qwen-7B's)
     quantizer_environment = CURRENT
-    fixed_group_size = 32  # Q8_0: blocks of 32 weights, one f16 scale each
+    fixed_group_size = 32  # Q8_0 and Q4_0: blocks of 32 weights, one f16 scale each
 
     def match(self, source: Path, shared_threads: bool, auto: bool) -> tuple[bool, str]:
         if auto:
@@ -47,8 +47,6 @@ class LlamaCppRuntime(Runtime):
         if missing:
             return (f"int8.runtime='llama-cpp' runs kernels built for {'/'.join(CPU_FLAGS).upper()}, and this CPU "
                     f"lacks {', '.join(missing).upper()}; use runtime: auto")
-        if settings.bits != 8:
-            return "int8.runtime='llama-cpp' writes Q8_0 weights (bits: 8); bits: 4 needs runtime: neural-speed"
         return None
 
     def add_cache_key(self, inputs: dict) -> None:
@@ -71,9 +69,10 @@ class LlamaCppRuntime(Runtime):
         config = AutoConfig.from_pretrained(str(request.source), trust_remote_code=request.trust_remote_code)
         context = context_length(config)
         slots, slot_context = layout(config.to_dict(), context, request.concurrency)
-        model = LlamaCppModel(request.entry / WEIGHTS, config, request.n_threads, slot_context, slots)
-        log.info("INT8 runtime llama-cpp (Q8_0): %d threads, %d KV cache slot(s) of %d tokens (the model's context: "
-                 "%d)", request.n_threads, slots, slot_context, context)
+        bits = request.int8.bits
+        model = LlamaCppModel(request.entry / WEIGHTS[bits], config, request.n_threads, slot_context, slots)
+        log.info("INT%d runtime llama-cpp (%s): %d threads, %d KV cache slot(s) of %d tokens (the model's context: "
+                 "%d)", bits, model.weight_type, request.n_threads, slots, slot_context, context)
         return model
 
     def owns(self, model) -> bool:
@@ -98,7 +97,7 @@ class LlamaCppEngine(Engine):
         follow = (lambda: model.set_threads(share.share())) if share is not None else None
         self.runner = SlotBatcher(model, served.decode, served.chat.postprocess, before_step=follow)
         threads = "threads shared by demand" if share is not None else f"{model.n_threads} threads"
-        self.description = (f"llama.cpp Q8_0 ({threads}, "
+        self.description = (f"llama.cpp {model.weight_type} ({threads}, "
                             + (f"continuous batching in {model.slots} KV cache slots" if model.slots > 1
                                else "one generation at a time") + ")")
 
