@@ -55,13 +55,37 @@ def int8_entry(embedded_model, int8_cache_root) -> Path:
     return int8_cache.ensure(embedded_model, Int8Settings(), int8_cache_root)
 
 
-@pytest.fixture(scope="session")
-def qbits_entry(embedded_model, int8_cache_root) -> Path:
-    """The embedded model's INT8 entry for the qbits runtime (the default, auto, gives it neural-speed)."""
-    from workers.engine import int8_cache
+def build_qbits_entry(embedded_model: Path, int8_cache_root: Path) -> Path:
     from workers.config.int8 import Int8Settings
+    from workers.engine import int8_cache
 
     return int8_cache.ensure(embedded_model, Int8Settings(runtime="qbits"), int8_cache_root)
+
+
+@pytest.fixture(scope="session")
+def qbits_entry(background, embedded_model, int8_cache_root) -> Path:
+    """The embedded model's INT8 entry for the qbits runtime (the default, auto, gives it neural-speed); about a
+    minute of quantizing, started with the session (`background`)."""
+    return background.result("qbits_entry", lambda: build_qbits_entry(embedded_model, int8_cache_root))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background(request, tmp_path_factory):
+    """Started with the session, beside the unit lane, where the tests selected need them: the qbits entry of the
+    embedded model and the neural-speed cases' own pytest process (tests/background.py)."""
+    from tests.background import Background
+    from tests.neural_speed_run import CASES, run_cases
+
+    work = Background()
+    items = request.session.items
+    if any("qbits_entry" in getattr(i, "fixturenames", ()) for i in items):
+        model, root = request.getfixturevalue("embedded_model"), request.getfixturevalue("int8_cache_root")
+        work.start("qbits_entry", lambda: build_qbits_entry(model, root))
+    if any(i.path.name == "test_neural_speed.py" for i in items) and CASES.is_file():
+        model, root = request.getfixturevalue("embedded_model"), request.getfixturevalue("int8_cache_root")
+        work.start("neural_speed_cases", lambda: run_cases(tmp_path_factory, model, root))
+    yield work
+    work.close()
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +114,11 @@ QUANTIZING_FIXTURES = {"int8_entry", "qbits_entry", "served_bundle"}
 
 def pytest_collection_modifyitems(config, items):
     """`slow` (pytest.ini) means what it says: every test that starts the bundle's programs (tests/integration) or
-    quantizes a model (a quantizing fixture) carries it, and no other test needs to name it."""
+    quantizes a model (a quantizing fixture) carries it, and no other test needs to name it. A unit test that waits
+    for the qbits entry the session builds in the background runs at the end of the unit lane, after the others."""
     for item in items:
         if item.path.is_relative_to(INTEGRATION) or QUANTIZING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    lane = next((k for k, i in enumerate(items) if i.path.is_relative_to(INTEGRATION)), len(items))  # unit first
+    waiting = [i for i in items[:lane] if "qbits_entry" in getattr(i, "fixturenames", ())]
+    items[:lane] = [i for i in items[:lane] if i not in waiting] + waiting
