@@ -600,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
                         "--llama-cpp builds it)")
     p.add_argument("--bench-python", type=Path, default=BENCH_PYTHON, help="python of the llama.cpp environment")
     p.add_argument("--threads", type=int, nargs="+", default=[2], help="thread counts to run every variant at")
+    p.add_argument("--only", nargs="+", default=[], metavar="TEXT",
+                   help="only the variants whose label holds one of these, e.g. --only llama Q4_0 (labels: the "
+                        "report's variant column)")
     p.add_argument("--batch", type=int, default=0,
                    help="also decode through the bundle's continuous batcher, 1 and this many sequences at once")
     args = p.parse_args(argv)
@@ -618,6 +621,9 @@ def main(argv: list[str] | None = None) -> int:
     models = bench_models(args.models)
     variants = variants_for(args.explore, args.bf16_backend, use_llama_cpp, tuple(args.threads), cpu_compute_dtypes(),
                             args.int4_groups)
+    variants = [v for v in variants if not args.only or any(text in v.label for text in args.only)]
+    if not variants:
+        p.error(f"--only {' '.join(args.only)} leaves no variant")
     cache_root = int8_cache_dir()
     int8_entries, gguf_files, refused = {}, {}, {}
     for model in models:  # quantize and convert up front so load times below are cache loads
