@@ -243,6 +243,7 @@ def decode_rates(submit, widest, prompt_ids: list[int], n_new: int, batch: int) 
         end = max(t0 + r.first_token_s + r.decode_s for r in results)
         return n * (n_new - 1) / (end - all_decoding)
 
+    rate(1)  # warm-up: a model loaded with many KV cache slots decodes its first answers slower (docs/benchmarks.md)
     one = rate(1)
     many = rate(batch)
     return {"batch1_tok_s": one, "batchN_tok_s": many, "batch": batch, "widest": widest()}
