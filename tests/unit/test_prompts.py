@@ -350,6 +350,28 @@ def test_decode_as_chat_does(glm_dir, qwen_dir, smol_dir):
     assert smol.decode([2, *tokenizer_of(smol_dir).encode("Hi")]) == "Hi"  # special tokens skipped
 
 
+@needs_model_code
+def test_decode_skips_only_transformers_own_id_conversion(glm_dir, qwen_dir, smol_dir):
+    """Each streamed token decodes the answer so far: where the tokenizer's decode() is transformers' own, ChatFormat
+    calls the _decode() behind it (decode() first converts each id, which was slow), with the same text; a tokenizer
+    that brings its own decode() keeps it."""
+    ids = {smol_dir: [2, *tokenizer_of(smol_dir).encode(" café, 你好 ```x``` ")], glm_dir: [679, 3370, 348, 64796],
+           qwen_dir: [9707, 151646, 504, 15722]}
+    for folder, answer in ids.items():
+        chat = fmt(folder)
+        assert chat._decode_ints == chat.tokenizer._decode
+        skip = chat.family is None or chat.family.decode_skip_special_tokens
+        assert chat.decode(answer) == chat.tokenizer.decode(answer, skip_special_tokens=skip)
+
+    class OwnDecode(type(tokenizer_of(smol_dir))):
+        def decode(self, token_ids, **kwargs):
+            return "own:" + super().decode(token_ids, **kwargs)
+
+    tok = tokenizer_of(smol_dir)
+    own = OwnDecode.from_pretrained(smol_dir)
+    assert ChatFormat(smol_dir, own).decode(tok.encode("Hi")) == "own:Hi"
+
+
 
 @pytest.mark.parametrize("raw, expected", [
     ("\n  Hi [[训练时间]] there \n", "Hi 2023年 there"),   # ChatGLM3 answers start with "\n" (empty metadata)

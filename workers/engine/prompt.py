@@ -376,7 +376,18 @@ class ChatFormat:
         its vocabulary (Qwen: 151,936 rows, 151,851 tokens; tiktoken panics on the rest)."""
         ids = [int(i) for i in ids if 0 <= int(i) < self._decodable]
         skip = True if self.family is None else self.family.decode_skip_special_tokens
-        return self.tokenizer.decode(ids, skip_special_tokens=skip)
+        return self._decode_ints(ids, skip_special_tokens=skip)
+
+    @cached_property
+    def _decode_ints(self):
+        """The tokenizer's decode() for a list of ints: where it is transformers' own, the _decode() that it calls
+        after running every id through to_py_obj, which on a small model costs a visible share of each streamed
+        token's time (docs/benchmarks.md, 'Figures behind constants in the code'); else decode() itself."""
+        from transformers import PreTrainedTokenizerBase
+
+        if type(self.tokenizer).decode is PreTrainedTokenizerBase.decode:
+            return self.tokenizer._decode
+        return self.tokenizer.decode
 
     @cached_property
     def _decodable(self) -> int:
