@@ -146,3 +146,20 @@ def test_a_stream_whose_reader_fails_fails_alone_and_the_batch_goes_on(embedded_
     assert outcomes[1].finish_reason in ("stop", "length") and outcomes[1].completion_tokens > 0
     assert sm.engine.batcher.active == 0
     assert sm.generate(job_for(sm, 0, 4)).completion_tokens > 0
+
+
+def test_a_batching_model_nobody_holds_is_freed_after_its_requests(tiny_llama):
+    """The batch thread ends when the batch is empty: it does not keep a dropped model (and its memory) alive."""
+    import gc
+    import weakref
+
+    sm = served(tiny_llama, prefix_tokens=0)
+    run_together(sm, [job_for(sm, i, 4) for i in range(2)])
+    ref = weakref.ref(sm.model)
+    del sm
+    for _ in range(100):
+        gc.collect()
+        if ref() is None:
+            break
+        threading.Event().wait(0.05)
+    assert ref() is None, "something still holds the model after its batcher finished"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import sys
 import threading
 from typing import Callable
@@ -25,6 +24,7 @@ from typing import Callable
 import torch
 
 from workers.engine import threads
+from workers.engine.batch_thread import BatchThread
 from workers.engine.generate import Job, Result
 from workers.engine.prefix_cache import legacy, model_cache
 from workers.engine.sequence import Sequence
@@ -95,12 +95,10 @@ class Batcher:
         self._padded_globals = padded_decode_globals
         self._code = sys.modules[type(model).__module__]
         self.decode, self.postprocess, self._prefill, self._finished = decode, postprocess, prefill, finished
-        self._intake: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self._work: BatchThread[Sequence] = BatchThread("batcher", self._loop)
         self._active: list[Sequence] = []
         self._past: tuple | None = None
         self._mask: torch.Tensor | None = None  # (batch, cache length): 0 over padding
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
         self.steps = 0
         self.widest = 0  # the most sequences one step has decoded (for tests and logs)
 
@@ -109,19 +107,12 @@ class Batcher:
     def submit(self, job: Job, on_text: Callable[[str, int], None] | None = None) -> Result:
         """Generate for `job` in the batch; blocks until it is done (or raises what failed it)."""
         seq = Sequence.start(job, on_text, self.decode, self.postprocess)
-        self._ensure_thread()
-        self._intake.put(seq)
+        self._work.put(seq)
         return seq.outcome()
 
     @property
     def active(self) -> int:
         return len(self._active)
-
-    def _ensure_thread(self) -> None:
-        with self._start_lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
-                self._thread.start()
 
     # --- the batch thread ------------------------------------------------------------------------
 
@@ -129,15 +120,12 @@ class Batcher:
         while True:
             threads.align_this_thread()  # cheap; the qbits count may have been set since this thread began
             try:
-                if not self._active:
-                    self._join(self._intake.get())  # idle: wait for work
-                while True:
-                    try:
-                        self._join(self._intake.get_nowait())
-                    except queue.Empty:
-                        break
+                for seq in self._work.drain():
+                    self._join(seq)
                 if self._active:
                     self._step()
+                elif self._work.idle():
+                    return
             except Exception as exc:  # a bug of ours: fail what is under way rather than leave it waiting
                 log.exception("batcher failed")
                 self._fail_all(exc)

@@ -24,13 +24,12 @@ answer is token for token the answer alone (tests/integration/neural_speed_cases
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
 
+from workers.engine.batch_thread import BatchThread
 from workers.engine.generate import Job, Result
 from workers.engine.sequence import Sequence
 
@@ -71,10 +70,8 @@ class SlotBatcher:
         self.before_step = before_step
         self.slots = [Slot() for _ in range(model.slots)]
         self.filler = model.bos_id if model.bos_id is not None else 0  # any valid id: a spent row's output is unused
-        self._intake: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self._work: BatchThread[Sequence] = BatchThread("ns-batcher", self._loop)
         self._waiting: list[Sequence] = []  # more requests than slots: they join as slots free up
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
         self.steps = 0
         self.widest = 0     # the most sequences one step has evaluated (for tests and logs)
         self.emptied = 0    # how often the slots were emptied while sequences were live (re-prefills)
@@ -84,11 +81,7 @@ class SlotBatcher:
     def submit(self, job: Job, on_text: Callable[[str, int], None] | None = None) -> Result:
         """Generate for `job` in the batch; blocks until it is done (or raises what failed it)."""
         seq = Sequence.start(job, on_text, self.decode, self.postprocess)
-        with self._start_lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="ns-batcher", daemon=True)
-                self._thread.start()
-        self._intake.put(seq)
+        self._work.put(seq)
         return seq.outcome()
 
     @property
@@ -105,16 +98,12 @@ class SlotBatcher:
     def _loop(self) -> None:
         while True:
             try:
-                if not self.active and not self._waiting:
-                    self._waiting.append(self._intake.get())  # idle: wait for work
-                while True:
-                    try:
-                        self._waiting.append(self._intake.get_nowait())
-                    except queue.Empty:
-                        break
+                self._waiting += self._work.drain()
                 self._place_waiting()
                 if self.active:
                     self._step()
+                elif not self._waiting and self._work.idle():
+                    return
             except Exception as exc:  # a bug of ours: fail what is under way rather than leave it waiting
                 log.exception("slot batcher failed")
                 self._fail_all(exc)
