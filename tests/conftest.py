@@ -122,3 +122,14 @@ def pytest_collection_modifyitems(config, items):
     lane = next((k for k, i in enumerate(items) if i.path.is_relative_to(INTEGRATION)), len(items))  # unit first
     waiting = [i for i in items[:lane] if "qbits_entry" in getattr(i, "fixturenames", ())]
     items[:lane] = [i for i in items[:lane] if i not in waiting] + waiting
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Before each integration module (the last module's fixtures torn down), give the memory of the models earlier
+    tests loaded in-process back to the system: the bundles started next check that their workers fit in the
+    memory available."""
+    if nextitem is not None and nextitem.path != item.path and nextitem.path.is_relative_to(INTEGRATION):
+        from workers.engine.loader import release_freed_memory
+
+        release_freed_memory()

@@ -554,6 +554,13 @@ def turn_end_dirs(tmp_path_factory) -> dict:
 _LOADED: dict[Path, tuple] = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def free_loaded():
+    yield
+    _TOKENIZERS.clear()  # the reference models and tokenizers: not kept for the rest of the session
+    _LOADED.clear()
+
+
 def loaded(folder: Path):
     if folder not in _LOADED:
         _LOADED[folder] = tiny_models.load_reference(folder)

@@ -21,6 +21,12 @@ def chat_format(name: str, tmp) -> ChatFormat:
     return ChatFormat(tmp, tiny_families.build_tokenizer(family), family.config)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def free_formats():
+    yield
+    chat_format.cache_clear()  # the families' tokenizers: not kept for the rest of the session
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return tmp_path_factory.mktemp("fmt")  # holds no generation_config.json: only the prompt matters here
