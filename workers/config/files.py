@@ -1,8 +1,8 @@
 """File utilities: publish a file or a directory all at once, and checksums.
 
 A file or folder is built under a temporary name, then renamed. A crash (or kill -9) mid-write
-leaves only a temporary (`.partial-*` folder, `.<pid>.tmp` file) that nobody reads and that the
-next writer removes, never a half-written file under the final name.
+leaves only a temporary (a `.partial-*` folder, a `.<name>.<random>.tmp` file) that nobody reads, never a
+half-written file under the final name.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -21,9 +22,12 @@ _PROGRESS_BYTES = 256 * 2**20
 def write_atomic(path: Path, text: str, mode: int = 0o600) -> Path:
     """Write `text` to `path` so readers see the old content or the new, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    # A name of its own per call: two threads of one process writing the same file (the INT8 cache's digest memo)
+    # shared a name by pid, and one renamed the other's file away.
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
