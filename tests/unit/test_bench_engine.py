@@ -138,6 +138,14 @@ def test_the_bundle_environment_never_imports_llama_cpp(tmp_path):
     assert "workers" not in imported  # it runs under .venv-bench, where the bundle is not installed
 
 
+def test_the_prompt_has_the_length_asked_for_and_the_report_says_it(embedded_model):
+    for n in (128, 512):
+        job = be.bench_job(embedded_model, prompt_tokens=n)
+        assert len(job["prompt_ids"]) == n
+    report = be.summarize({}, [], [], [], {}, {}, prompt_tokens=512)
+    assert "prompt 512 tokens" in report
+
+
 def test_batched_decode_runs_every_sequence_together_through_the_batcher(embedded_model):
     from workers.engine.loader import load_model
 

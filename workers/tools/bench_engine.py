@@ -97,15 +97,15 @@ def bench_models(names: list[str]) -> list[Path]:
             for name in dict.fromkeys(wanted)]
 
 
-def bench_job(model_path: Path, batch: int = 0) -> dict:
+def bench_job(model_path: Path, batch: int = 0, prompt_tokens: int = PROMPT_TOKENS) -> dict:
     """The token ids every variant of `model_path` runs: the perplexity paragraph and the prompt (the
-    paragraph repeated to PROMPT_TOKENS), from the model's HF tokenizer, plus the lengths."""
+    paragraph repeated to `prompt_tokens`), from the model's HF tokenizer, plus the lengths."""
     from transformers import AutoTokenizer
 
     text = (ROOT / "tests" / "data" / "perplexity_paragraph.txt").read_text()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     ids = tokenizer(text).input_ids
-    prompt = (ids * (PROMPT_TOKENS // len(ids) + 1))[:PROMPT_TOKENS]
+    prompt = (ids * (prompt_tokens // len(ids) + 1))[:prompt_tokens]
     bos = tokenizer.bos_token_id
     if bos is not None:  # neural-speed's graph takes only BOS-first sequences: every variant gets the same
         ids, prompt = ([bos] + ids if ids[:1] != [bos] else ids), [bos] + prompt[:-1]
@@ -494,10 +494,10 @@ def llama_cpp_features(system_info: str) -> str:
 
 
 def summarize(results: dict, models: list[Path], variants: list[Variant], membw: list[dict],
-              read_bytes: dict, int8_entries: dict) -> str:
+              read_bytes: dict, int8_entries: dict, prompt_tokens: int = PROMPT_TOKENS) -> str:
     lines = [f"CPU: {cpu.describe()}", "",
              (f"Engine benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "
-              f"medians over {len(membw)} interleaved rounds; prompt {PROMPT_TOKENS} tokens, {DECODE_TOKENS} new "
+              f"medians over {len(membw)} interleaved rounds; prompt {prompt_tokens} tokens, {DECODE_TOKENS} new "
               f"tokens greedy, decode timed after the first new token, each run in a fresh process)"),
              "The machine is shared: absolute figures are noisy, the ratios within one run are what counts.", ""]
     bw = _median([m for m in membw if "error" not in m]) if any("error" not in m for m in membw) else {}
@@ -604,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", default=[], metavar="TEXT",
                    help="only the variants whose label holds one of these, e.g. --only llama Q4_0 (labels: the "
                         "report's variant column)")
+    p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
+                   help="the prompt's length, whose processing rate the report's prompt column shows")
     p.add_argument("--batch", type=int, default=0,
                    help="also decode through the bundle's continuous batcher, 1 and this many sequences at once")
     args = p.parse_args(argv)
@@ -644,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     job_files = {}
     for model in models:
         job_files[model.name] = job_dir / f"{model.name}.json"
-        job_files[model.name].write_text(json.dumps(bench_job(model, args.batch)))
+        job_files[model.name].write_text(json.dumps(bench_job(model, args.batch, args.prompt_tokens)))
     results = {(m.name, v.label): [] for m in models for v in variants}
     membw: list[dict] = []
     # Each round: the machine's read bandwidth, then every model x variant, each in a fresh process.
@@ -662,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
         results[(model.name, v.label)].append(
             run_child(model, v, cache_root, job_files[model.name], gguf_files.get(model.name), args.bench_python))
-    report = summarize(results, models, variants, membw, read_bytes, int8_entries)
+    report = summarize(results, models, variants, membw, read_bytes, int8_entries, args.prompt_tokens)
     out = reports_dir() / "bench-engine.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report + "\n")
