@@ -222,6 +222,21 @@ def check_requests_beyond_the_slots_wait(two, reference) -> None:
     assert two.engine.runner.widest == 2 and two.engine.runner.active == 0
 
 
+def freed(ref, timeout_s: float = 5.0) -> bool:
+    """Whether the object behind weak reference `ref` is collected within `timeout_s` (a thread that held it may
+    still be ending)."""
+    import gc
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        gc.collect()
+        if ref() is None:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+
+
 def outcome(result):
     """What a client sees of a generation: its text, token count and finish reason."""
     return result.text, result.completion_tokens, result.finish_reason

@@ -1,11 +1,11 @@
 """The batchers' thread runs only while there is work, so a batcher (and its model) that nobody holds is freed."""
 from __future__ import annotations
 
-import gc
 import sys
 import threading
 import weakref
 
+from tests.helpers import freed
 from workers.engine.batch_thread import BatchThread
 
 
@@ -63,9 +63,4 @@ def test_a_collector_nobody_holds_is_freed_after_its_work():
     assert c.done.acquire(timeout=10)
     ref = weakref.ref(c)
     del c
-    for _ in range(200):
-        gc.collect()
-        if ref() is None:
-            break
-        threading.Event().wait(0.01)
-    assert ref() is None, "the idle thread still holds the loop's owner"
+    assert freed(ref), "the idle thread still holds the loop's owner"
