@@ -43,8 +43,3 @@ class BatchThread(Generic[T]):
                 return False
             self._thread = None
             return True
-
-    @property
-    def running(self) -> bool:
-        with self._lock:
-            return self._thread is not None and self._thread.is_alive()
