@@ -15,13 +15,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from filelock import FileLock, Timeout
+from filelock import FileLock
 
 from workers.config import environments
 from workers.config.files import publish_dir, sha256_files, write_atomic
 from workers.config.int8 import Int8Settings
+from workers.engine import quantize_slots
 from workers.engine.runtimes import registry
 from workers.engine.runtimes.base import RuntimeUnavailable
+from workers.models import memory_budget
 from workers.models.families import environment_for
 
 log = logging.getLogger("int8_cache")
@@ -168,17 +170,7 @@ def ensure(source: Path, settings: Int8Settings, cache_root: Path, trust_remote_
             log.warning("INT8 cache at %s is invalid: %s; deleting it and quantizing again", entry, problem)
             shutil.rmtree(entry)
         log.info("INT8 cache miss for %s: quantizing now (first start only)", source.name)
-        # One quantization at a time on the machine: each needs more than its INT8 size at its peak
-        # (memory_budget.quantize_peak_bytes; docs/benchmarks.md), and two 7 B models at once would not fit.
-        machine_lock = FileLock(str(cache_root / ".quantize.lock"))
-        try:
-            machine_lock.acquire(timeout=0)
-        except Timeout:
-            log.info("another model is being quantized; %s waits for it to finish", source.name)
-            machine_lock.acquire()
-        try:
+        with quantize_slots.admitted(cache_root, memory_budget.quantize_peak_of_folder(source), source.name):
             _build(source, entry, inputs, registry.by_name(settings.runtime), trust_remote_code)
-        finally:
-            machine_lock.release()
         log.info("INT8 cache written to %s", entry)
         return entry

@@ -29,10 +29,9 @@ class NotEnoughMemory(NotEnoughRoom):
 
 def check_memory(source: Path) -> None:
     """Refuse before loading anything when quantizing `source` cannot fit in available RAM."""
-    try:
-        need = memory_budget.quantize_peak_bytes(memory_budget.shape_of_folder(source))
-    except (memory_budget.UnknownShape, OSError, ValueError) as exc:
-        log.warning("cannot estimate the memory quantizing needs (%s); trying anyway", exc)
+    need = memory_budget.quantize_peak_of_folder(source)
+    if need is None:
+        log.warning("cannot estimate the memory quantizing %s needs (its shape is unknown); trying anyway", source.name)
         return
     available = psutil.virtual_memory().available
     if need > available:

@@ -114,6 +114,14 @@ def quantize_peak_bytes(shape: ModelShape) -> int:
     return int(QUANTIZE_SAVE_FACTOR * weight_bytes(shape, "itrex-int8")) + int(QUANTIZE_RUNTIME_GIB * GIB)
 
 
+def quantize_peak_of_folder(folder: Path) -> int | None:
+    """quantize_peak_bytes of the model in `folder`, or None when its shape cannot be read."""
+    try:
+        return quantize_peak_bytes(shape_of_folder(folder))
+    except (UnknownShape, OSError, ValueError):
+        return None
+
+
 @dataclass(frozen=True)
 class Need:
     name: str

@@ -14,7 +14,9 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -222,10 +224,11 @@ def memory_problem(dep: Deployment, host: str = hosts.LOCAL) -> str | None:
 
 
 def prepare_int8_weights(dep: Deployment, folders: dict[str, Path], host: str = hosts.LOCAL) -> str | None:
-    """Build missing INT8 cache entries now, one model at a time, before any worker runs.
+    """Build missing INT8 cache entries now, before any worker runs.
 
     Quantizing is the memory peak of a first start; done here, no serving worker shares RAM with
-    it, and its progress shows in this terminal. The workers then load the cache.
+    it, and its progress shows in this terminal. The workers then load the cache. Several models
+    are built side by side where int8_cache lets them (small ones: engine/quantize_slots.py).
     """
     from workers.config.paths import int8_cache_dir
     from workers.engine import int8_cache
@@ -249,12 +252,23 @@ def prepare_int8_weights(dep: Deployment, folders: dict[str, Path], host: str = 
         problem = quantizer_env and worker_environments.build_missing([quantizer_env], _say)
         if problem:
             return f"models[{m.program}]: {problem}"
+
+    failed = threading.Event()
+
+    def build(m, settings) -> str | None:
+        if failed.is_set():  # the start stops at the first failure: nothing more is begun
+            return None
         try:
             entry = int8_cache.ensure(folders[m.program], settings, int8_cache_dir(), m.trust_remote_code)
         except (int8_cache.CacheBuildError, RuntimeUnavailable) as exc:
+            failed.set()
             return f"models[{m.program}]: {exc}"
         _say(f"  {m.program}: {entry.name} ({settings.describe()})")
-    return None
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(quantized), os.cpu_count() or 1))) as pool:
+        problems = list(pool.map(lambda job: build(*job), quantized))
+    return next((p for p in problems if p), None)  # the first model's problem, in the deployment's order
 
 
 def cmd_start(args) -> int:
