@@ -1,5 +1,6 @@
 """Work that later tests wait for, started with the test session: the unit lane keeps about one of the two cores
-busy, so building an INT8 entry or running the neural-speed cases' own pytest process beside it costs little time.
+busy, so building an INT8 entry, running the neural-speed cases' own pytest process or preparing the model families
+(building an environment is mostly download and install) beside it costs little time.
 Each piece runs in a thread (each waits on a child process); a test that needs one waits for its result, and one
 that runs without the session having started it (a single file, say) computes it itself."""
 from __future__ import annotations
@@ -12,7 +13,7 @@ T = TypeVar("T")
 
 class Background:
     def __init__(self):
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="test-background")
+        self._pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="test-background")
         self._started: dict[str, Future] = {}
 
     def start(self, name: str, work: Callable[[], object]) -> None:

@@ -72,7 +72,8 @@ def qbits_entry(background, embedded_model, int8_cache_root) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def background(request, tmp_path_factory):
     """Started with the session, beside the unit lane, where the tests selected need them: the qbits entry of the
-    embedded model and the neural-speed cases' own pytest process (tests/background.py)."""
+    embedded model, the neural-speed cases' own pytest process and the model families' environments, folders and
+    reference answers (tests/background.py)."""
     from tests.background import Background
     from tests.neural_speed_run import CASES, run_cases
 
@@ -84,6 +85,9 @@ def background(request, tmp_path_factory):
     if any(i.path.name == "test_neural_speed.py" for i in items) and CASES.is_file():
         model, root = request.getfixturevalue("embedded_model"), request.getfixturevalue("int8_cache_root")
         work.start("neural_speed_cases", lambda: run_cases(tmp_path_factory, model, root))
+    families = next((i for i in items if i.path.name == "test_families.py"), None)
+    if families is not None:
+        work.start("families", families.module.prepare)
     yield work
     work.close()
 

@@ -15,6 +15,7 @@ is a 400; INT8 answers equal the fp32 ones (the steered answers have margins of 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -50,27 +51,39 @@ def served_name(family: str, backend: str = "fp32") -> str:
     return f"tiny-{family}-{backend}"
 
 
-@pytest.fixture(scope="module")
-def environments():
-    """The environments the families need, built as `bundle start` builds them (a no-op once built)."""
-    from workers.config.environments import ROOT
+def prepare() -> dict:
+    """What the bundles and the comparisons need: the families' environments, built as `bundle start` builds them
+    (a no-op once built), their tiny folders, and transformers' own answers in each family's environment. Started
+    with the session beside the unit lane (tests/conftest.py, `background`); computed here when it was not."""
     from workers.ops import environments as ops_environments
 
-    needed = [tiny_families.environment_of(n) for n in FAMILIES]
-    problem = ops_environments.build_missing(needed, print)
+    environments = {n: tiny_families.environment_of(n) for n in FAMILIES}
+    problem = ops_environments.build_missing(list(environments.values()), print)
     assert problem is None, problem
-    return {n: tiny_families.environment_of(n) for n in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def folders(environments) -> dict[str, Path]:
-    return tiny_families.built(FAMILIES)
-
-
-@pytest.fixture(scope="module")
-def refs(folders) -> dict[str, dict]:
-    return tiny_families.references(folders, max_new_tokens=MAX_TOKENS, completion=COMPLETION_PROMPT,
+    folders = tiny_families.built(FAMILIES)
+    refs = tiny_families.references(folders, max_new_tokens=MAX_TOKENS, completion=COMPLETION_PROMPT,
                                     completion_tokens=COMPLETION_TOKENS)
+    return {"environments": environments, "folders": folders, "refs": refs}
+
+
+@pytest.fixture(scope="module")
+def prepared(background) -> dict:
+    return background.result("families", prepare)
+
+
+@pytest.fixture(scope="module")
+def environments(prepared) -> dict:
+    return prepared["environments"]
+
+
+@pytest.fixture(scope="module")
+def folders(prepared) -> dict[str, Path]:
+    return prepared["folders"]
+
+
+@pytest.fixture(scope="module")
+def refs(prepared) -> dict[str, dict]:
+    return prepared["refs"]
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +212,18 @@ def test_llama_cpp_answers_equal_fp32_streamed_or_not(bundle, refs):
         if streamed != expected(refs[family]["multi"]):
             wrong[(family, "streamed")] = (streamed, expected(refs[family]["multi"]))
     assert not wrong, wrong
+
+
+@EACH_GROUP
+def test_the_start_quantizes_small_models_side_by_side(bundle):
+    """`bundle start` builds the INT8 entries of several small models at once (engine/quantize_slots.py): a second
+    build begins before the first is written."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: one quantization at a time")
+    lines = bundle["start_output"].splitlines()
+    begun = [i for i, line in enumerate(lines) if "INT8 cache miss for" in line]
+    written = [i for i, line in enumerate(lines) if "INT8 cache written to" in line]
+    assert len(begun) >= 2 and begun[1] < written[0], "\n".join(lines)
 
 
 @EACH_GROUP
