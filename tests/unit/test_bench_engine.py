@@ -206,3 +206,25 @@ def test_bench_quantize_measures_its_entry_beside_llama_cpp_q8_0_at_each_thread_
     assert out[0].startswith("  INT8 1 thread(s): decode 1.20 tok/s (1.20x llama.cpp Q8_0)") and "median of 3" in out[0]
     assert out[2].startswith("  INT8 2 thread(s): decode 3.00 tok/s, prompt")  # no ratio without Q8_0
     assert out[3] == "  llama.cpp Q8_0 2 thread(s): error crashed"
+
+
+def test_bench_quantize_puts_an_int4_entry_beside_llama_cpp_q4_0():
+    """--bits 4: the entry is INT4 and its reference llama.cpp's Q4_0, at each thread count."""
+    from workers.tools import bench_quantize as bq
+
+    variants = bq.speed_variants("llama-cpp", 32, llama_cpp=True, bits=4)
+    assert [(v.backend, v.threads, v.bits, v.gguf) for v in variants] == [
+        ("itrex-int8", 1, 4, ""), ("llama.cpp", 1, 8, "q4_0"), ("itrex-int8", 2, 4, ""), ("llama.cpp", 2, 8, "q4_0")]
+
+
+def test_bench_quantize_child_builds_the_entry_of_the_settings_it_is_given(tmp_path, monkeypatch):
+    """The child that measures the first start builds the asked runtime's entry, not the default one."""
+    from workers.config.int8 import Int8Settings
+    from workers.engine import int8_cache
+    from workers.tools import bench_quantize as bq
+
+    built = []
+    monkeypatch.setattr(int8_cache, "ensure", lambda source, settings, root: built.append((source, settings, root)))
+    settings = Int8Settings(runtime="llama-cpp", bits=4, group_size=32)
+    assert bq.main(["--child-build", str(tmp_path / "model"), str(tmp_path / "cache"), settings.model_dump_json()]) == 0
+    assert built == [(tmp_path / "model", settings, tmp_path / "cache")]

@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 
 from workers.config import cpu
+from workers.config.int8 import RUNTIMES
 from workers.config.files import GIB
 from workers.config.paths import var_dir
 from workers.tools import random_model
@@ -57,38 +58,46 @@ def sample_tree(cmd: list[str]) -> dict:
             "peak_anon_gib": peak_anon / GIB, "peak_file_gib": peak_file / GIB}
 
 
-def build_cache(source: Path, cache_root: Path) -> None:
+def build_cache(source: Path, cache_root: Path, settings_json: str) -> None:
     """Child: what `start_all.sh` step [2/4] does for a model without an INT8 cache entry."""
     from workers.config.int8 import Int8Settings
     from workers.engine import int8_cache
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    int8_cache.ensure(source, Int8Settings(), cache_root)
+    int8_cache.ensure(source, Int8Settings.model_validate_json(settings_json), cache_root)
 
 
-def speed_variants(runtime: str, group_size: int | str, llama_cpp: bool, threads=(1, 2)) -> list:
-    """The INT8 entry just built at each thread count, each beside llama.cpp Q8_0 at the same count."""
+def reference_gguf(bits: int) -> str:
+    """llama.cpp's type of the same weight width: Q8_0 beside INT8, Q4_0 beside INT4."""
+    return {8: "q8_0", 4: "q4_0"}[bits]
+
+
+def speed_variants(runtime: str, group_size: int | str, llama_cpp: bool, threads=(1, 2), bits: int = 8) -> list:
+    """The entry just built at each thread count, each beside llama.cpp's type of its width at the same count."""
     from workers.tools.bench_engine import Variant
 
-    return [v for t in threads for v in (Variant("itrex-int8", threads=t, runtime=runtime, group_size=group_size),
-                                         *([Variant("llama.cpp", threads=t, gguf="q8_0")] if llama_cpp else []))]
+    return [v for t in threads
+            for v in (Variant("itrex-int8", threads=t, runtime=runtime, group_size=group_size, bits=bits),
+                      *([Variant("llama.cpp", threads=t, gguf=reference_gguf(bits))] if llama_cpp else []))]
 
 
 def print_speeds(runs: dict) -> None:
-    """runs: Variant -> [result per round]; medians, and INT8 as a ratio to llama.cpp Q8_0 at its thread count."""
+    """runs: Variant -> [result per round]; medians, and the entry as a ratio to llama.cpp at its thread count."""
     import statistics
 
     def median(v, key):
         return statistics.median(r[key] for r in runs[v])
 
-    q8 = {v.threads: median(v, "decode_tok_s") for v in runs if v.backend == "llama.cpp" and "error" not in runs[v][0]}
+    ref = {v.threads: (median(v, "decode_tok_s"), v.gguf.upper()) for v in runs
+           if v.backend == "llama.cpp" and "error" not in runs[v][0]}
     for v, results in runs.items():
-        name = "llama.cpp Q8_0" if v.backend == "llama.cpp" else "INT8"
+        name = f"llama.cpp {v.gguf.upper()}" if v.backend == "llama.cpp" else f"INT{v.bits}"
         if "error" in results[0]:
             print(f"  {name} {v.threads} thread(s): error {results[0]['error']}")
             continue
         decode = median(v, "decode_tok_s")
-        ratio = f" ({decode / q8[v.threads]:.2f}x llama.cpp Q8_0)" if v.backend != "llama.cpp" and v.threads in q8 else ""
+        ratio = (f" ({decode / ref[v.threads][0]:.2f}x llama.cpp {ref[v.threads][1]})"
+                 if v.backend != "llama.cpp" and v.threads in ref else "")
         print(f"  {name} {v.threads} thread(s): decode {decode:.2f} tok/s{ratio}, prompt {median(v, 'prompt_tok_s'):.1f} "
               f"tok/s, load {median(v, 'load_s'):.0f} s, steady RSS {median(v, 'steady_rss_gib'):.2f} GiB "
               f"(median of {len(results)})")
@@ -98,14 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(random_model.SHAPES), default="llama-1.1b")
     p.add_argument("--keep", action="store_true", help="keep the generated model, its INT8 cache entry and GGUF files")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                   help="int8.runtime of the entry built (default auto: what a first start picks for this model)")
+    p.add_argument("--bits", type=int, choices=(8, 4), default=8, help="int8.bits of the entry built")
     p.add_argument("--llama-cpp", action="store_true",
-                   help="also llama.cpp Q8_0 on the same model, prompt and threads (.venv-bench, scripts/setup_bench.sh; "
-                        "converts to GGUF F16 and Q8_0: about 1.6x the bf16 size more disk)")
+                   help="also llama.cpp Q8_0 (Q4_0 with --bits 4) on the same model, prompt and threads (.venv-bench, "
+                        "scripts/setup_bench.sh; converts to GGUF F16, Q8_0 and Q4_0: about 1.8x the bf16 size more disk)")
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the speed runs (medians)")
-    p.add_argument("--child-build", nargs=2, type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--child-build", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child_build:
-        build_cache(*args.child_build)
+        source, cache_root, settings_json = args.child_build
+        build_cache(Path(source), Path(cache_root), settings_json)
         return 0
     print(f"CPU: {cpu.describe()}", flush=True)
     from workers.config.int8 import Int8Settings
@@ -119,13 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     source = random_bf16_model(args.shape)
-    settings = resolve(Int8Settings(), source)  # what a first start with the default settings builds
+    settings = resolve(Int8Settings(runtime=args.runtime, bits=args.bits), source)  # what a first start builds
     shape = memory_budget.shape_of_folder(source)
     checkpoint = sum(f.stat().st_size for f in source.glob("*.safetensors"))
     cache_root = var_dir() / "bench" / "int8-cache"
-    built = sample_tree([sys.executable, "-m", "workers.tools.bench_quantize", "--child-build", str(source), str(cache_root)])
+    built = sample_tree([sys.executable, "-m", "workers.tools.bench_quantize", "--child-build", str(source),
+                         str(cache_root), settings.model_dump_json()])
     int8_bytes = sum(f.stat().st_size for d in cache_root.glob(f"{source.name}-*") if d.is_dir() for f in d.iterdir())
-    runs = {v: [] for v in speed_variants(settings.runtime, settings.group_size, args.llama_cpp)}
+    runs = {v: [] for v in speed_variants(settings.runtime, settings.group_size, args.llama_cpp, bits=args.bits)}
     gguf = ensure_gguf(source, BENCH_PYTHON) if args.llama_cpp and built["exit"] == 0 else None
     job_file = cache_root / f"{source.name}-job.json"  # the same token ids for every run
     job_file.write_text(json.dumps(bench_job(source)))
@@ -135,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nfirst-start quantization of a {args.shape}-shaped model ({shape.params:,} parameters, "
           f"bf16 checkpoint {checkpoint / GIB:.1f} GiB), {os.cpu_count()} cores:")
     print(f"  CPU: {cpu.describe()}")
-    print(f"  INT8 runtime {settings.runtime}, group size {settings.group_size} (the defaults, resolved for it)")
+    print(f"  {settings.describe()} (resolved for it from runtime {args.runtime}, bits {args.bits})")
     print(f"  exit code {built['exit']}, {built['seconds'] / 60:.1f} min (incl. fingerprint and checksums)")
     print(f"  peak anonymous memory {built['peak_anon_gib']:.2f} GiB "
           f"(the bundle's estimate: {memory_budget.quantize_peak_bytes(shape) / GIB:.2f} GiB)")

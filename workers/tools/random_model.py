@@ -17,6 +17,9 @@ SHAPES = {
                     num_attention_heads=32, num_key_value_heads=32, vocab_size=151936),
     "chatglm3-6b": dict(hidden_size=4096, intermediate_size=13696, num_hidden_layers=28,
                         num_attention_heads=32, num_key_value_heads=2, vocab_size=65024),
+    # today's 8 B Llama (Llama 3.1's rope scaling does not change the speed)
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
     "llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                        num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
 }
