@@ -13,7 +13,7 @@ T = TypeVar("T")
 
 class Background:
     def __init__(self):
-        self._pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="test-background")
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="test-background")
         self._started: dict[str, Future] = {}
 
     def start(self, name: str, work: Callable[[], object]) -> None:

@@ -45,14 +45,18 @@ def tiny_llama_bf16(tmp_path_factory) -> Path:
                                      root=tmp_path_factory.mktemp("tiny-llama-bf16"))
 
 
-@pytest.fixture(scope="session")
-def int8_entry(embedded_model, int8_cache_root) -> Path:
-    """A freshly built INT8 cache entry of the embedded model (quantized once per test session), for
-    the runtime the bundle gives it by default (neural-speed: a Llama-architecture model)."""
-    from workers.engine import int8_cache
+def build_int8_entry(embedded_model: Path, int8_cache_root: Path) -> Path:
     from workers.config.int8 import Int8Settings
+    from workers.engine import int8_cache
 
     return int8_cache.ensure(embedded_model, Int8Settings(), int8_cache_root)
+
+
+@pytest.fixture(scope="session")
+def int8_entry(background, embedded_model, int8_cache_root) -> Path:
+    """A freshly built INT8 cache entry of the embedded model (quantized once per test session, started with it:
+    `background`), for the runtime the bundle gives it by default (neural-speed: a Llama-architecture model)."""
+    return background.result("int8_entry", lambda: build_int8_entry(embedded_model, int8_cache_root))
 
 
 def build_qbits_entry(embedded_model: Path, int8_cache_root: Path) -> Path:
@@ -71,17 +75,18 @@ def qbits_entry(background, embedded_model, int8_cache_root) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def background(request, tmp_path_factory):
-    """Started with the session, beside the unit lane, where the tests selected need them: the qbits entry of the
-    embedded model, the neural-speed cases' own pytest process and the model families' environments, folders and
+    """Started with the session, beside the unit lane, where the tests selected need them: the default and the qbits
+    INT8 entries of the embedded model, the neural-speed cases' own pytest process and the model families' environments, folders and
     reference answers (tests/background.py)."""
     from tests.background import Background
     from tests.neural_speed_run import CASES, run_cases
 
     work = Background()
     items = request.session.items
-    if any("qbits_entry" in getattr(i, "fixturenames", ()) for i in items):
-        model, root = request.getfixturevalue("embedded_model"), request.getfixturevalue("int8_cache_root")
-        work.start("qbits_entry", lambda: build_qbits_entry(model, root))
+    for name, build in (("int8_entry", build_int8_entry), ("qbits_entry", build_qbits_entry)):
+        if any(name in getattr(i, "fixturenames", ()) for i in items):
+            model, root = request.getfixturevalue("embedded_model"), request.getfixturevalue("int8_cache_root")
+            work.start(name, lambda build=build: build(model, root))
     if any(i.path.name == "test_neural_speed.py" for i in items) and CASES.is_file():
         model, root = request.getfixturevalue("embedded_model"), request.getfixturevalue("int8_cache_root")
         work.start("neural_speed_cases", lambda: run_cases(tmp_path_factory, model, root))
