@@ -1,6 +1,7 @@
-"""Work that later tests wait for, started with the test session: the unit lane keeps about one of the two cores
-busy, so building an INT8 entry, running the neural-speed cases' own pytest process or preparing the model families
-(building an environment is mostly download and install) beside it costs little time.
+"""Work that later tests wait for, started beside tests that leave a core idle: with the session, beside the unit
+lane, which keeps about one of the two cores busy (building an INT8 entry, running the neural-speed cases' own pytest
+process); or deferred until the integration lane begins (preparing the model families: the unit lane and the work
+started with it already keep both cores busy, and the first integration modules keep about one).
 Each piece runs in a thread (each waits on a child process); a test that needs one waits for its result, and one
 that runs without the session having started it (a single file, say) computes it itself."""
 from __future__ import annotations
@@ -15,12 +16,23 @@ class Background:
     def __init__(self):
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="test-background")
         self._started: dict[str, Future] = {}
+        self._deferred: dict[str, Callable[[], object]] = {}
 
     def start(self, name: str, work: Callable[[], object]) -> None:
         self._started[name] = self._pool.submit(work)
 
+    def defer(self, name: str, work: Callable[[], object]) -> None:
+        """`work` starts with `start_deferred`, or when a test asks for its result, whichever comes first."""
+        self._deferred[name] = work
+
+    def start_deferred(self) -> None:
+        while self._deferred:
+            self.start(*self._deferred.popitem())
+
     def result(self, name: str, otherwise: Callable[[], T]) -> T:
         """What `name` gave (waiting for it; its exception raised here), or `otherwise()` where it was not started."""
+        if name in self._deferred:
+            self.start(name, self._deferred.pop(name))
         started = self._started.get(name)
         return started.result() if started is not None else otherwise()
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -73,11 +74,14 @@ def qbits_entry(background, embedded_model, int8_cache_root) -> Path:
     return background.result("qbits_entry", lambda: build_qbits_entry(embedded_model, int8_cache_root))
 
 
+BACKGROUND = pytest.StashKey()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def background(request, tmp_path_factory):
-    """Started with the session, beside the unit lane, where the tests selected need them: the default and the qbits
-    INT8 entries of the embedded model, the neural-speed cases' own pytest process and the model families' environments, folders and
-    reference answers (tests/background.py)."""
+    """Work the tests selected need, started beside others (tests/background.py): with the session, beside the unit
+    lane, the default and the qbits INT8 entries of the embedded model and the neural-speed cases' own pytest process;
+    when the integration lane begins, the model families' environments, folders, references and INT8 weights."""
     from tests.background import Background
     from tests.neural_speed_run import CASES, run_cases
 
@@ -86,15 +90,22 @@ def background(request, tmp_path_factory):
     for name, build in (("int8_entry", build_int8_entry), ("qbits_entry", build_qbits_entry)):
         if any(name in getattr(i, "fixturenames", ()) for i in items):
             model, root = request.getfixturevalue("embedded_model"), request.getfixturevalue("int8_cache_root")
-            work.start(name, lambda build=build: build(model, root))
+            work.start(name, functools.partial(build, model, root))
     if any(i.path.name == "test_neural_speed.py" for i in items) and CASES.is_file():
         model, root = request.getfixturevalue("embedded_model"), request.getfixturevalue("int8_cache_root")
         work.start("neural_speed_cases", lambda: run_cases(tmp_path_factory, model, root))
     families = next((i for i in items if i.path.name == "test_families.py"), None)
     if families is not None:
-        work.start("families", families.module.prepare)
+        work.defer("families", functools.partial(families.module.prepare, tmp_path_factory))
+    request.config.stash[BACKGROUND] = work
     yield work
     work.close()
+
+
+def pytest_runtest_setup(item):
+    """The integration lane begins: start the background work deferred until then."""
+    if item.path.is_relative_to(INTEGRATION) and BACKGROUND in item.config.stash:
+        item.config.stash[BACKGROUND].start_deferred()
 
 
 @pytest.fixture(scope="session")

@@ -203,6 +203,9 @@ def test_incomplete_model_folder_is_refused_before_anything_starts(tmp_path, emb
     assert result.returncode == 2
     assert "Cannot start: models[broken]: model folder" in result.stdout and "no weights" in result.stdout
     assert bundle_processes(tmp_path / "var") == []
+    prepared = bundle_cli(env, "prepare", "--profile", conf)  # the same steps, the same refusal
+    assert prepared.returncode == 2
+    assert "Cannot prepare: models[broken]: model folder" in prepared.stdout and "no weights" in prepared.stdout
 
 
 def test_program_that_fails_to_start_is_named_with_its_log(tmp_path, embedded_model):

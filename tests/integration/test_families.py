@@ -51,10 +51,26 @@ def served_name(family: str, backend: str = "fp32") -> str:
     return f"tiny-{family}-{backend}"
 
 
-def prepare() -> dict:
+def group_models(group: str, folders: dict[str, Path]) -> list[dict]:
+    """The deployment's models of one group: every family in fp32, some in INT8 on ITREX and on llama-cpp."""
+    from tests.helpers import free_port
+
+    fp32, int8, llama_cpp = GROUPS[group]
+    models = [{"names": [served_name(n)], "source": {"path": str(folders[n])}, "backend": "fp32",
+               "port": free_port(), "threads": "shared"} for n in fp32]
+    models += [{"names": [served_name(n, "int8")], "source": {"path": str(folders[n])}, "backend": "itrex-int8",
+                "port": free_port(), "threads": "shared"} for n in int8]
+    models += [{"names": [served_name(n, "llama-cpp")], "source": {"path": str(folders[n])}, "backend": "itrex-int8",
+                "int8": {"runtime": "llama-cpp"}, "port": free_port(), "threads": "shared"} for n in llama_cpp]
+    return models
+
+
+def prepare(tmp_path_factory) -> dict:
     """What the bundles and the comparisons need: the families' environments, built as `bundle start` builds them
-    (a no-op once built), their tiny folders, and transformers' own answers in each family's environment. Started
-    with the session beside the unit lane (tests/conftest.py, `background`); computed here when it was not."""
+    (a no-op once built), their tiny folders, transformers' own answers in each family's environment, and each
+    group's INT8 weights, built by `bundle prepare` into the cache its bundle then starts from. Started with the
+    session beside the unit lane (tests/conftest.py, `background`); computed here when it was not."""
+    from tests.helpers import bundle_cli, bundle_env, write_deployment
     from workers.ops import environments as ops_environments
 
     environments = {n: tiny_families.environment_of(n) for n in FAMILIES}
@@ -63,12 +79,21 @@ def prepare() -> dict:
     folders = tiny_families.built(FAMILIES)
     refs = tiny_families.references(folders, max_new_tokens=MAX_TOKENS, completion=COMPLETION_PROMPT,
                                     completion_tokens=COMPLETION_TOKENS)
-    return {"environments": environments, "folders": folders, "refs": refs}
+    int8_roots, prepare_output = {}, {}
+    for group in GROUPS:
+        var, int8_roots[group] = (tmp_path_factory.mktemp(f"families-{kind}-{group}") for kind in ("prepare", "int8"))
+        conf, _ = write_deployment(var, group_models(group, folders))
+        done = bundle_cli(bundle_env(BUNDLE_VAR_DIR=str(var), BUNDLE_MODELS_DIR=str(tiny_families.CACHE),
+                                     BUNDLE_INT8_CACHE_DIR=str(int8_roots[group])), "prepare", "--profile", conf)
+        assert done.returncode == 0, done.stdout + done.stderr
+        prepare_output[group] = done.stdout
+    return {"environments": environments, "folders": folders, "refs": refs, "int8_roots": int8_roots,
+            "prepare_output": prepare_output}
 
 
 @pytest.fixture(scope="module")
-def prepared(background) -> dict:
-    return background.result("families", prepare)
+def prepared(background, tmp_path_factory) -> dict:
+    return background.result("families", lambda: prepare(tmp_path_factory))
 
 
 @pytest.fixture(scope="module")
@@ -87,21 +112,14 @@ def refs(prepared) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def bundle(request, folders, tmp_path_factory):
+def bundle(request, prepared, tmp_path_factory):
     from openai import OpenAI
 
-    from tests.helpers import free_port, running_bundle
+    from tests.helpers import running_bundle
 
     group = request.param
-    fp32, int8, llama_cpp = GROUPS[group]
-    models = [{"names": [served_name(n)], "source": {"path": str(folders[n])}, "backend": "fp32",
-               "port": free_port(), "threads": "shared"} for n in fp32]
-    models += [{"names": [served_name(n, "int8")], "source": {"path": str(folders[n])}, "backend": "itrex-int8",
-                "port": free_port(), "threads": "shared"} for n in int8]
-    models += [{"names": [served_name(n, "llama-cpp")], "source": {"path": str(folders[n])}, "backend": "itrex-int8",
-                "int8": {"runtime": "llama-cpp"}, "port": free_port(), "threads": "shared"} for n in llama_cpp]
-    with running_bundle(tmp_path_factory.mktemp(f"families-{group}"), models, tiny_families.CACHE,
-                        tmp_path_factory.mktemp(f"families-int8-{group}")) as b:
+    with running_bundle(tmp_path_factory.mktemp(f"families-{group}"), group_models(group, prepared["folders"]),
+                        tiny_families.CACHE, prepared["int8_roots"][group]) as b:
         yield {**b, "group": group, "client": OpenAI(base_url=b["api"], api_key="none", max_retries=0, timeout=120)}
 
 
@@ -215,15 +233,18 @@ def test_llama_cpp_answers_equal_fp32_streamed_or_not(bundle, refs):
 
 
 @EACH_GROUP
-def test_the_start_quantizes_small_models_side_by_side(bundle):
-    """`bundle start` builds the INT8 entries of several small models at once (engine/quantize_slots.py): a second
-    build begins before the first is written."""
-    if (os.cpu_count() or 1) < 2:
-        pytest.skip("one core: one quantization at a time")
-    lines = bundle["start_output"].splitlines()
+def test_bundle_prepare_quantizes_small_models_side_by_side_and_the_start_only_loads_them(bundle, prepared):
+    """`bundle prepare` built the group's INT8 entries, several small models at once (engine/quantize_slots.py: a
+    second build begins before the first is written); the start found every one of them in the cache."""
+    lines = prepared["prepare_output"][bundle["group"]].splitlines()
     begun = [i for i, line in enumerate(lines) if "INT8 cache miss for" in line]
     written = [i for i, line in enumerate(lines) if "INT8 cache written to" in line]
-    assert len(begun) >= 2 and begun[1] < written[0], "\n".join(lines)
+    _, int8, llama_cpp = GROUPS[bundle["group"]]
+    assert len(begun) == len(written) == len(int8) + len(llama_cpp), "\n".join(lines)
+    if (os.cpu_count() or 1) >= 2:  # one core: one build at a time
+        assert begun[1] < written[0], "\n".join(lines)
+    start = bundle["start_output"]
+    assert "INT8 cache miss" not in start and start.count("INT8 cache hit") == len(int8) + len(llama_cpp), start
 
 
 @EACH_GROUP

@@ -223,7 +223,8 @@ def memory_problem(dep: Deployment, host: str = hosts.LOCAL) -> str | None:
     return problem
 
 
-def prepare_int8_weights(dep: Deployment, folders: dict[str, Path], host: str = hosts.LOCAL) -> str | None:
+def prepare_int8_weights(dep: Deployment, folders: dict[str, Path], host: str = hosts.LOCAL,
+                         step: str = "[2/4]") -> str | None:
     """Build missing INT8 cache entries now, before any worker runs.
 
     Quantizing is the memory peak of a first start; done here, no serving worker shares RAM with
@@ -243,7 +244,7 @@ def prepare_int8_weights(dep: Deployment, folders: dict[str, Path], host: str = 
             return f"models[{m.program}]: {exc}"
         if runtime.quantizes:
             quantized.append((m, settings))
-    _say(f"[2/4] INT8 weights for {len(quantized)} model(s) (quantized once, then loaded from {int8_cache_dir()})")
+    _say(f"{step} INT8 weights for {len(quantized)} model(s) (quantized once, then loaded from {int8_cache_dir()})")
     for m, settings in quantized:
         problem = registry.unsupported_reason(settings)
         if problem:  # a CPU check of the runtime chosen (config checked what every runtime needs)
@@ -271,6 +272,50 @@ def prepare_int8_weights(dep: Deployment, folders: dict[str, Path], host: str = 
     return next((p for p in problems if p), None)  # the first model's problem, in the deployment's order
 
 
+def prepare_models(dep: Deployment, host: str, models_step: str, int8_step: str, memory_check=None):
+    """What a start does before anything runs: each model's folder (converted or downloaded where needed), the
+    environments its workers run in (built where missing), then `memory_check(dep, host)` when given, then the INT8
+    weights (quantized where missing). Returns (folders, environments), or what stopped it."""
+    local = hosts.models_on(dep, host)
+    on = f" on host {hosts.label(dep, host)}" if hosts.has_hosts(dep) else ""
+    _say(f"{models_step} preparing {len(local)} model(s){on}")
+    folders = {}
+    for m in local:
+        try:
+            folders[m.program] = model_sources.prepare(m.source)
+        except model_sources.SourceNotReady as exc:
+            return f"models[{m.program}]: {exc}"
+        _say(f"  {m.program}: {folders[m.program]} ({m.backend}, {m.threads} thread(s))")
+    environments = worker_environments.for_models(folders)
+    for program, (env, why) in environments.items():
+        if env.name != "pinned":
+            _say(f"  {program}: runs in the '{env.name}' environment ({why})")
+    problem = worker_environments.build_missing([env for env, _ in environments.values()], _say)
+    if problem:
+        return problem
+    problem = memory_check and memory_check(dep, host)
+    if problem:
+        return f"{problem}\n(--skip-memory-check starts anyway.)"
+    problem = prepare_int8_weights(dep, folders, host, int8_step)
+    return problem or (folders, environments)
+
+
+def cmd_prepare(args) -> int:
+    """Everything a start does before it starts a program, so that a later start only loads."""
+    dep = deployment.load(args.profile, host=args.host)
+    try:
+        host = hosts.this_host(dep, args.host)
+    except hosts.HostError as exc:
+        _say(f"Cannot prepare: {exc}")
+        return 2
+    prepared = prepare_models(dep, host, "[1/2]", "[2/2]")
+    if isinstance(prepared, str):
+        _say(f"Cannot prepare: {prepared}")
+        return 2
+    _say(f"Prepared {len(prepared[0])} model(s); `bundle start --profile {args.profile}` loads them without quantizing.")
+    return 0
+
+
 def cmd_start(args) -> int:
     dep = deployment.load(args.profile, host=args.host)
     running = supervisor_client.pid()
@@ -293,33 +338,11 @@ def cmd_start(args) -> int:
     if busy:
         _say("Cannot start: " + "; ".join(busy))
         return 2
-    on = f" on host {hosts.label(dep, host)}" if hosts.has_hosts(dep) else ""
-    _say(f"[1/4] preparing {len(local)} model(s){on}")
-    folders = {}
-    for m in local:
-        try:
-            folders[m.program] = model_sources.prepare(m.source)
-        except model_sources.SourceNotReady as exc:
-            _say(f"Cannot start: models[{m.program}]: {exc}")
-            return 2
-        _say(f"  {m.program}: {folders[m.program]} ({m.backend}, {m.threads} thread(s))")
-    environments = worker_environments.for_models(folders)
-    for program, (env, why) in environments.items():
-        if env.name != "pinned":
-            _say(f"  {program}: runs in the '{env.name}' environment ({why})")
-    problem = worker_environments.build_missing([env for env, _ in environments.values()], _say)
-    if problem:
-        _say(f"Cannot start: {problem}")
+    prepared = prepare_models(dep, host, "[1/4]", "[2/4]", None if args.skip_memory_check else memory_problem)
+    if isinstance(prepared, str):
+        _say(f"Cannot start: {prepared}")
         return 2
-    if not args.skip_memory_check:
-        problem = memory_problem(dep, host)
-        if problem:
-            _say(f"Cannot start: {problem}\n(--skip-memory-check starts anyway.)")
-            return 2
-    problem = prepare_int8_weights(dep, folders, host)
-    if problem:
-        _say(f"Cannot start: {problem}")
-        return 2
+    environments = prepared[1]
     snapshot = deployment.write_snapshot(dep, args.profile, host=host if hosts.has_hosts(dep) else None)
     conf = supervisor_conf.write(dep, snapshot, host, {p: env.python() for p, (env, _) in environments.items()})
     offsets = _log_sizes(m.program for m in local)
@@ -347,7 +370,7 @@ def cmd_start(args) -> int:
         _say("Stopping the bundle so nothing is left half-started.")
         supervisor_client.shutdown()
         return 1
-    _say(f"The bundle is up{on}.")
+    _say(f"The bundle is up{f' on host {hosts.label(dep, host)}' if hosts.has_hosts(dep) else ''}.")
     print_urls(dep, host)
     return 0
 
@@ -464,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--host", default=None,
                    help="with a hosts: section, the host to start (default: $BUNDLE_HOST, else the host whose "
                         "address is on this machine, else the only host)")
+    prep = sub.add_parser("prepare", help="prepare a profile's models, environments and INT8 weights; start nothing")
+    prep.add_argument("--profile", default=os.environ.get("BUNDLE_PROFILE", "default"),
+                      help="conf/<profile>.yaml or a path to a deployment file")
+    prep.add_argument("--host", default=None, help="with a hosts: section, the host whose models to prepare")
     stop = sub.add_parser("stop", help="stop every bundle process")
     status = sub.add_parser("status", help="programs, registered models, queues and memory")
     r = sub.add_parser("restart", help="restart one model's worker and wait until it is registered again")
@@ -477,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     # INFO from the bundle's own steps (INT8 cache, downloads) goes to the terminal with _say's lines.
     logging.basicConfig(level=logging.INFO, format="  %(message)s", stream=sys.stdout)
-    handlers = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "restart": cmd_restart,
+    handlers = {"start": cmd_start, "prepare": cmd_prepare, "stop": cmd_stop, "status": cmd_status, "restart": cmd_restart,
                 "download": download.run}
     try:
         return handlers[args.command](args)

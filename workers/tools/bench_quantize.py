@@ -27,8 +27,8 @@ from pathlib import Path
 import psutil
 
 from workers.config import cpu
-from workers.config.int8 import RUNTIMES
 from workers.config.files import GIB
+from workers.config.int8 import RUNTIMES
 from workers.config.paths import var_dir
 from workers.tools import random_model
 
