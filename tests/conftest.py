@@ -12,6 +12,14 @@ for _name in ("BUNDLE_WORKER_SECRET", "BUNDLE_HOST", "BUNDLE_PROFILE", "BUNDLE_A
     os.environ.pop(_name, None)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fastchat_logs(tmp_path_factory) -> Path:
+    """FastChat's server modules write a log file into $LOGDIR (default: the current directory) when imported: the
+    tests that import them in this process write into the session's temporary folder."""
+    os.environ["LOGDIR"] = str(tmp_path_factory.mktemp("fastchat-logs"))
+    return Path(os.environ["LOGDIR"])
+
+
 @pytest.fixture(scope="session")
 def embedded_model() -> Path:
     """The converted SmolLM2 folder (var/models, rebuilt only when the GGUF or converter changes)."""

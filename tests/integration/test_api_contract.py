@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import sys
 import threading
 import time
@@ -139,8 +138,7 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory):
-    os.environ.setdefault("LOGDIR", str(tmp_path_factory.mktemp("logs")))
+def api():
     import aiohttp
 
     from workers.serving import api_server, fastchat_compat

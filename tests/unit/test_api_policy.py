@@ -465,11 +465,8 @@ def test_body_size_limit_answers_413_in_the_envelope():
 
 # --- the assembled app, without a controller or worker ------------------------------------------------------------
 @pytest.fixture(scope="module")
-def api(tmp_path_factory):
+def api():
     """FastChat's openai_api_server app as api_server.install makes it, with keys, and no controller behind it."""
-    import os
-
-    os.environ.setdefault("LOGDIR", str(tmp_path_factory.mktemp("logs")))  # FastChat logs to a file on import
     import aiohttp
     from fastapi.testclient import TestClient
 

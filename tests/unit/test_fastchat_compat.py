@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import tempfile
 import time
 from types import SimpleNamespace
 
@@ -13,9 +11,7 @@ import aiohttp
 import pydantic
 import pytest
 
-os.environ.setdefault("LOGDIR", tempfile.mkdtemp(prefix="fastchat-logs-"))  # FastChat's modules log to files there
-
-from workers.serving import fastchat_compat  # noqa: E402
+from workers.serving import fastchat_compat
 
 CLOSED = "http://127.0.0.1:9"  # nothing listens there
 
