@@ -1,5 +1,5 @@
 """The neural-speed runtime's tests (neural_speed_cases.py), run by pytest in a process of their own and
-reported here one by one.
+reported here one by one (tests/own_process.py).
 
 neural-speed and ITREX's qbits both embed the bestla kernels under the same symbols; in a process
 that had loaded qbits models (earlier tests of this suite), neural-speed segfaulted. A serving worker
@@ -9,39 +9,25 @@ XML report), and each case is a test of this file that passes, fails or skips as
 """
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
-from tests import tiny_models
-from tests.neural_speed_run import CASES, PYTEST, ROOT, RUN_TIMEOUT_S, Run, run_cases
+from tests import own_process, tiny_models
+from tests.neural_speed_run import CASES, run_cases
 
-pytestmark = pytest.mark.timeout(RUN_TIMEOUT_S + 60)  # the first case's time includes the run of them all
-
-
-def case_names() -> list[str]:
-    """The cases' test names (with their parameters), as pytest collects them in a process of their own."""
-    proc = subprocess.run([*PYTEST, "-q", "--collect-only", str(CASES)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    names = [line.split("::", 1)[1] for line in proc.stdout.splitlines() if line.startswith("tests/") and "::" in line]
-    return names or [f"collecting {CASES.name} failed: {(proc.stdout + proc.stderr)[-3000:]}"]
+pytestmark = pytest.mark.timeout(own_process.RUN_TIMEOUT_S + 60)  # the first case's time includes the run of them all
 
 
 @pytest.fixture(scope="module")
-def cases_run(background, tmp_path_factory, embedded_model, int8_cache_root) -> Run:
+def cases_run(background, tmp_path_factory, embedded_model, int8_cache_root) -> own_process.Run:
     """All cases in one child pytest, started with the session where it runs this file (tests/conftest.py)."""
     return background.result("neural_speed_cases", lambda: run_cases(tmp_path_factory, embedded_model, int8_cache_root))
 
 
-@pytest.mark.parametrize("case", case_names())
+@pytest.mark.parametrize("case", own_process.case_names(CASES))
 def test_neural_speed_case(cases_run, case):
-    if case not in cases_run.outcomes:
-        pytest.fail(f"{case} has no outcome: its process ended at or before it ({cases_run.tail})", pytrace=False)
-    kind, text = cases_run.outcomes[case]
+    kind, text = own_process.report(cases_run, case)
     if kind == "skipped":
         # the Qwen cases need ../shared/model-code (they skip with that reason where it is absent); nothing else skips
         if tiny_models.model_code_missing() is None:
             pytest.fail(f"{case} skipped though ../shared/model-code is present: {text}", pytrace=False)
         pytest.skip(text.strip())
-    if kind == "failed":
-        pytest.fail(text, pytrace=False)
