@@ -1,4 +1,4 @@
-"""The conversations every family is asked in the fidelity tests (test_fidelity, test_families, neural_speed_cases).
+"""The conversations every family is asked in the fidelity tests (fidelity_cases, test_families, neural_speed_cases).
 System-less families refuse "system": their template says so."""
 
 CHAT_CASES = {

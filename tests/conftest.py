@@ -89,8 +89,8 @@ BACKGROUND = pytest.StashKey()
 def background(request, tmp_path_factory):
     """Work the tests selected need, started beside others (tests/background.py): with the session, beside the unit
     lane, the default and the qbits INT8 entries of the embedded model and the neural-speed cases' own pytest process;
-    when the integration lane begins, the model families' environments, folders, references and INT8 weights; when
-    the families' module is done (or with the integration lane, without it), the fidelity cases' own pytest process."""
+    when the integration lane begins, the model families' environments, folders, references and INT8 weights, and the
+    fidelity cases' own pytest process."""
     from tests.background import Background
     from tests.neural_speed_run import CASES, run_cases
 
@@ -105,25 +105,26 @@ def background(request, tmp_path_factory):
         work.start("neural_speed_cases", lambda: run_cases(tmp_path_factory, model, root))
     families = next((i for i in items if i.path.name == FAMILIES), None)
     if families is not None:
-        work.defer("families", functools.partial(families.module.prepare, tmp_path_factory), INTEGRATION_BEGINS)
+        work.defer("families", functools.partial(families.module.prepare, tmp_path_factory))
     fidelity = next((i for i in items if i.path.name == FIDELITY), None)
     if fidelity is not None:
         root = request.getfixturevalue("int8_cache_root")
-        work.defer("fidelity_cases", functools.partial(fidelity.module.run_cases, tmp_path_factory, root),
-                   FAMILIES_DONE if families is not None else INTEGRATION_BEGINS)
+        work.defer("fidelity_cases", functools.partial(fidelity.module.run_cases, tmp_path_factory, root))
     request.config.stash[BACKGROUND] = work
     yield work
     work.close()
 
 
 FAMILIES, FIDELITY = "test_families.py", "test_fidelity.py"
-INTEGRATION_BEGINS, FAMILIES_DONE = "the integration lane begins", "the families' module is done"
 
 
 def pytest_runtest_setup(item):
-    """The integration lane begins: start the background work deferred until then."""
+    """The integration lane begins: start the background work deferred until then. The families' bundles, which need
+    most of the memory, start only once the fidelity cases' own process (and its bundles) has ended."""
     if item.path.is_relative_to(INTEGRATION) and BACKGROUND in item.config.stash:
-        item.config.stash[BACKGROUND].start_deferred(INTEGRATION_BEGINS)
+        item.config.stash[BACKGROUND].start_deferred()
+        if item.path.name == FAMILIES:
+            item.config.stash[BACKGROUND].wait("fidelity_cases")
 
 
 @pytest.fixture(scope="session")
@@ -160,19 +161,19 @@ def pytest_collection_modifyitems(config, items):
     lane = next((k for k, i in enumerate(items) if i.path.is_relative_to(INTEGRATION)), len(items))  # unit first
     waiting = [i for i in items[:lane] if "qbits_entry" in getattr(i, "fixturenames", ())]
     items[:lane] = [i for i in items[:lane] if i not in waiting] + waiting
-    # the fidelity cases run in their own process beside the integration lane: their reports wait for it, last
+    # The fidelity cases run in their own process beside the integration lane, from its beginning. The families run
+    # after the other modules (their bundles wait for that process to end), and the fidelity reports last.
+    families = [i for i in items[lane:] if i.path.name == FAMILIES]
     reports = [i for i in items[lane:] if i.path.name == FIDELITY]
-    items[lane:] = [i for i in items[lane:] if i not in reports] + reports
+    items[lane:] = [i for i in items[lane:] if i not in families and i not in reports] + families + reports
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item, nextitem):
     """Before each integration module (the last module's fixtures torn down), give the memory of the models earlier
     tests loaded in-process back to the system: the bundles started next check that their workers fit in the
-    memory available. After the families' module (its bundles stopped), start the work deferred until then."""
+    memory available."""
     if nextitem is not None and nextitem.path != item.path and nextitem.path.is_relative_to(INTEGRATION):
         from workers.engine.loader import release_freed_memory
 
         release_freed_memory()
-    if item.path.name == FAMILIES and (nextitem is None or nextitem.path != item.path) and BACKGROUND in item.config.stash:
-        item.config.stash[BACKGROUND].start_deferred(FAMILIES_DONE)

@@ -17,18 +17,20 @@ On length stops the server returns all max_tokens tokens, so it is compared with
 `full_text` (both chat()s drop the last token on a length stop; tests/tiny_models_notes.md).
 
 Deployment validation allows at most as many threads in all as this machine has cores (2), so the
-eight served models run in four bundles of two one-thread workers, one after the other (the
-`bundle` fixture is module-scoped and parametrised; pytest groups the tests by bundle):
-chatglm3 (fp32 + int8), qwen (fp32 + int8), smollm2 (fp32 + int8), turn-end (the
-`turn_end_after=3` ChatGLM3 and Qwen, fp32). Every worker has `threads: 1` pinned to its own core,
-and the references run on one thread too. (With random weights INT8 answers equal fp32 for the
-tiny ChatGLM3/Qwen here, but not for SmolLM2's Chinese case: INT8 is compared with INT8's own.)
+served models run in bundles of two one-thread workers (GROUPS), one after the other (the `bundle`
+fixture is module-scoped and parametrised; pytest groups the tests by bundle): chatglm3, qwen and
+smollm2 (fp32 + int8), turn-end (the `turn_end_after=3` ChatGLM3 and Qwen, fp32), the seed models on the
+llama-cpp runtime, and a Hermes-template model beside SmolLM2 with 4-bit weights. Every worker has
+`threads: 1` pinned to its own core, and the references run on one thread too. (With random weights
+INT8 answers equal fp32 for the tiny ChatGLM3/Qwen here, but not for SmolLM2's Chinese case: INT8 is
+compared with INT8's own.)
 
 Cases: single turn, multi-turn, system prompt, Chinese; a next turn carrying the served answer
 (the worker's prefix-reuse path); streamed vs non-streamed; the turn-end stop, user `stop`
-strings, length cuts; embeddings; /v1/completions on ChatGLM3. The precision of the served
+strings, length cuts; embeddings; /v1/completions on ChatGLM3; tool calls. The precision of the served
 weights is not visible over HTTP: tests/unit/test_prompts.py checks every parameter's dtype.
-Takes about 10 minutes on this 2-core machine (four bundle starts dominate).
+The suite runs this file in a pytest process of its own, beside the rest of the integration lane
+(test_fidelity.py reports its cases); `pytest tests/integration/fidelity_cases.py` runs it alone.
 """
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 prove), run by pytest in a process of their own and reported here one by one (tests/own_process.py).
 
 Their bundles are workers of one pinned thread each, asked one question at a time: about one core of the two. In a
-process of their own they run beside the rest of the integration lane, which keeps about one core busy too. The
-process starts when test_families.py is done (its bundles need most of the memory; tests/conftest.py), and these
-reports run last in the lane, when it has had the time to finish.
+process of their own they run beside the rest of the integration lane, which mostly keeps about one core busy too.
+The process starts with the integration lane (tests/conftest.py); test_families.py, whose bundles need most of the
+memory, runs after the other modules and waits for it to end; these reports run last.
 """
 from __future__ import annotations
 

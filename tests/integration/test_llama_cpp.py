@@ -2,7 +2,7 @@
 its cache entry (llama.cpp's converter, Q8_0), the perplexity cost against fp32, and its KV cache slots driven by
 the bundle's slot batcher: batched answers equal answers alone, a conversation's next turn reuses its slot, cancel,
 and more requests than slots. Through a bundle and the official client: tests/integration/test_families.py (today's
-families) and test_fidelity.py (ChatGLM3 and Qwen-7B)."""
+families) and fidelity_cases.py (ChatGLM3 and Qwen-7B)."""
 from __future__ import annotations
 
 import json
