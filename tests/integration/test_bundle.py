@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import threading
@@ -155,6 +156,36 @@ def test_kill_9_worker_in_flight_request_gets_clear_error_then_worker_returns(bu
     wait_for(lambda: answers(client, INT8), 180, "the restarted worker to answer")
 
 
+def test_a_worker_stopped_mid_answer_cuts_the_answer_and_exits_by_itself(bundle):
+    """A stop (a restart, `bundle stop`) while an answer streams: the answer gets GRACEFUL_SHUTDOWN_S to end, then it
+    is cut and the worker exits as a Python program ends, not killed by supervisord after its stopwaitsecs."""
+    client, proxy = bundle["client"], rpc(bundle["env"]).supervisor
+    log = bundle["var"] / "logs" / "supervisord.log"
+    before = len(log.read_text())
+    outcome: dict = {}
+
+    def long_stream():
+        try:
+            for _ in client.chat.completions.create(model=FP32, messages=LONG_STORY, stream=True, timeout=120,
+                                                    **NEVER_ENDS):
+                outcome.setdefault("first_delta", True)
+            outcome["result"] = "completed"
+        except Exception as exc:  # the connection is cut mid-stream: httpx's error, not an API answer
+            outcome["result"] = f"cut: {type(exc).__name__}"
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    try:
+        wait_for(lambda: "first_delta" in outcome, 60, "the stream to start")
+        proxy.stopProcess(f"workers:{FP32}")
+        t.join(timeout=60)
+        assert outcome["result"].startswith("cut"), outcome
+        assert re.findall(r"stopped: (\S+) \((.*?)\)", log.read_text()[before:]) == [(FP32, "exit status 0")]
+    finally:
+        proxy.startProcess(f"workers:{FP32}")
+    wait_for(lambda: answers(client, FP32), 180, "fp32 back")
+
+
 def test_request_to_a_dead_worker_gets_503_naming_it(bundle):
     proxy = rpc(bundle["env"]).supervisor
     proxy.stopProcess(f"workers:{FP32}")
@@ -184,11 +215,17 @@ def test_controller_restart_every_worker_back_within_heartbeat(bundle):
 
 def test_stop_leaves_no_bundle_process(bundle):
     assert bundle_processes(bundle["var"])
+    log = bundle["var"] / "logs" / "supervisord.log"
+    before = len(log.read_text())
     stopped = bundle_cli(bundle["env"], "stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     time.sleep(1)
     assert bundle_processes(bundle["var"]) == []
     assert "not running" in bundle_cli(bundle["env"], "status").stdout
+    # Each program ended as a Python program ends (its exit handlers ran: nothing of it is left in /tmp), not by the
+    # signal's default action ("terminated by SIGTERM").
+    ended = dict(re.findall(r"stopped: (\S+) \((.*?)\)", log.read_text()[before:]))
+    assert ended == dict.fromkeys(("controller", "api", "web", INT8, FP32), "exit status 0"), ended
 
 
 def test_incomplete_model_folder_is_refused_before_anything_starts(tmp_path, embedded_model):

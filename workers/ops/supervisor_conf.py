@@ -18,6 +18,7 @@ from workers.config import hosts
 from workers.config.files import write_atomic
 from workers.config.schema import Deployment
 from workers.config.paths import logs_dir, run_dir, var_dir
+from workers.serving.launch import GRACEFUL_SHUTDOWN_S
 
 SOCKET_NAME = "supervisor.sock"
 SECRET_NAME = "supervisor.secret"
@@ -105,7 +106,7 @@ def render(dep: Deployment, snapshot: Path, python: str | None = None, host: str
             "startsecs": "3",
             "startretries": "3",
             "stopsignal": "TERM",
-            "stopwaitsecs": "15",
+            "stopwaitsecs": str(GRACEFUL_SHUTDOWN_S + 10),  # a program still running after its own shutdown is killed
             "stopasgroup": "true",
             "killasgroup": "true",
             "redirect_stderr": "true",

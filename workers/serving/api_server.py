@@ -549,7 +549,6 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start the API server: %s", exc)
         return 2
 
-    import uvicorn
 
     from workers.serving import auth, fastchat_compat
 
@@ -562,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     install(fastchat_api, dep, auth.httpx_options(secret, hosts.several(dep)))
     log.info("API on http://%s:%d/v1, controller %s, %s", dep.api.host, dep.api.port, controller,
              f"{len(keys)} API key(s) required" if keys else "no API key required")
-    uvicorn.run(fastchat_api.app, host=launch.bind_address(dep, "api"), port=dep.api.port, log_level="info")
+    launch.serve(fastchat_api.app, launch.bind_address(dep, "api"), dep.api.port)
     return 0
 
 

@@ -26,7 +26,6 @@ log = logging.getLogger("bundle_controller")
 def main(argv: list[str] | None = None) -> int:
     args = launch.parser(__doc__).parse_args(argv)
     dep, _ = launch.settings(args)
-    import uvicorn
 
     from workers.serving import auth, fastchat_compat
 
@@ -36,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     host = hosts.bind_address(dep, "controller")
     log.info("controller on http://%s:%d (%s)", host, dep.controller.port,
              "worker secret required" if secret else "no worker secret configured: internal calls are not checked")
-    uvicorn.run(fastchat_controller.app, host=host, port=dep.controller.port, log_level="info")
+    launch.serve(fastchat_controller.app, host, dep.controller.port)
     return 0
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 
 from workers.config import deployment, hosts
@@ -49,3 +51,19 @@ def worker_url(dep: Deployment, spec: ModelSpec) -> str:
 def controller_url(dep: Deployment) -> str:
     """Where the other programs reach the controller (its host's address with hosts:)."""
     return hosts.controller_url(dep)
+
+
+# On a stop, answers still streaming get this long to end; then they are cut and the program exits (supervisord's
+# stopwaitsecs, longer, is for a program that still does not: it is killed).
+GRACEFUL_SHUTDOWN_S = 5
+
+
+def serve(app, host: str, port: int, log_level: str = "info") -> None:
+    """uvicorn.run, and the process then ends as a Python program ends. uvicorn, once shut down, raises the SIGTERM it
+    caught again, and that signal's default action ends the process without Python's exit handlers: the temporary
+    folder torch makes when transformers or ITREX imports torch.distributed stays in /tmp at every stop, and
+    logging's last lines may be lost. The handler set here, which uvicorn restores before raising it, exits instead."""
+    import uvicorn
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

@@ -321,7 +321,6 @@ def main(argv: list[str] | None = None) -> int:
         from fastchat.utils import parse_gradio_auth_creds
 
         auth = parse_gradio_auth_creds(str(web.auth_file.expanduser()))
-    import uvicorn
     from fastapi import FastAPI
 
     from workers.serving.offline_page import OfflinePage
@@ -330,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.show_api = False  # no "Use via API" footer: the page's events are not an API (the bundle's is on 8000)
     app = gr.mount_gradio_app(FastAPI(), demo, path="", auth=auth, show_error=True)
     app.add_middleware(OfflinePage)
-    uvicorn.run(app, host=launch.bind_address(dep, "web"), port=web.port, log_level="warning")
+    launch.serve(app, launch.bind_address(dep, "web"), web.port, log_level="warning")
     return 0
 
 

@@ -362,7 +362,6 @@ def main(argv: list[str] | None = None) -> int:
 
     secret = auth.secret(dep)
     fastchat_compat.apply_worker(auth.RequestsShim(secret, who="worker"))  # registration and heartbeats carry it
-    import uvicorn
 
     from workers.engine.loader import UnsupportedBackend, load_model
     from workers.engine.prompt import PromptError
@@ -395,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=worker.init_heart_beat, name="register", daemon=True).start()
 
     log.info("worker ready: %s (context length %s)", worker.model_names, worker.context_len)
-    uvicorn.run(app, host=host, port=spec.port, log_level="info")
+    launch.serve(app, host, spec.port)
     return 0
 
 
