@@ -44,6 +44,10 @@ class Int8Settings(Strict):
     # with fp32 scales it stores 8.5 bits per weight, as llama.cpp's Q8_0.
     group_size: int | Literal["auto"] = "auto"
     scale_dtype: Literal["fp32", "bf16"] = "fp32"
+    # Which build of the runtime's library runs the weights: "prebuilt" (what the pinned packages ship) or "native"
+    # (compiled on this host for its CPU by the first start), for a runtime that offers it (Runtime.libraries; today
+    # llama-cpp: docs/int8.md). Not part of the INT8 cache key: both read the same file.
+    library: Literal["prebuilt", "native"] = "prebuilt"
 
     @property
     def auto_group_size(self) -> int:
@@ -53,7 +57,8 @@ class Int8Settings(Strict):
     def describe(self) -> str:
         """How the start output and the worker's log name these settings, e.g. "INT4 weights, qbits, groups of 32"."""
         groups = {"auto": "group size auto", -1: "per channel"}.get(self.group_size, f"groups of {self.group_size}")
-        return f"INT{self.bits} weights, {self.runtime}, {groups}"
+        built = ", built for this CPU" if self.library == "native" else ""
+        return f"INT{self.bits} weights, {self.runtime}{built}, {groups}"
 
     def rtn_kwargs(self) -> dict:
         if self.group_size == "auto":

@@ -52,6 +52,10 @@ def load_model(
             raise UnsupportedBackend(problem)
         from workers.config.paths import int8_cache_dir
 
+        try:  # done by the start before any worker runs; here for a model loaded outside a start
+            runtime.prepare(settings, log.info)
+        except RuntimeUnavailable as exc:
+            raise UnsupportedBackend(str(exc)) from None
         entry = int8_cache.ensure(source, settings, cache_root or int8_cache_dir(), trust_remote_code)
     request = LoadRequest(source, backend, settings, cache_root, trust_remote_code, n_threads, shared_threads,
                           concurrency, entry)

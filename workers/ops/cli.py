@@ -249,8 +249,13 @@ def prepare_int8_weights(dep: Deployment, folders: dict[str, Path], host: str = 
         problem = registry.unsupported_reason(settings)
         if problem:  # a CPU check of the runtime chosen (config checked what every runtime needs)
             return f"models[{m.program}].int8: {problem}"
-        quantizer_env = registry.by_name(settings.runtime).quantizer_environment
-        problem = quantizer_env and worker_environments.build_missing([quantizer_env], _say)
+        runtime = registry.by_name(settings.runtime)
+        try:
+            runtime.prepare(settings, _say)
+        except RuntimeUnavailable as exc:
+            return f"models[{m.program}]: {exc}"
+        problem = runtime.quantizer_environment and worker_environments.build_missing([runtime.quantizer_environment],
+                                                                                      _say)
         if problem:
             return f"models[{m.program}]: {problem}"
 

@@ -63,13 +63,14 @@ class Variant:
     gguf: str = ""  # llama.cpp: f16 | q8_0 | q4_0
     runtime: str = "qbits"  # itrex-int8: qbits | neural-speed | llama-cpp (the bundle's runtime)
     bits: int = 8  # itrex-int8: 8 | 4 (int8.bits)
+    library: str = "prebuilt"  # itrex-int8 on llama-cpp: prebuilt | native (int8.library)
 
     @property
     def int8(self):
         from workers.config.int8 import Int8Settings
 
         return Int8Settings(compute_dtype=self.compute_dtype, group_size=self.group_size, runtime=self.runtime,
-                            bits=self.bits)
+                            bits=self.bits, library=self.library)
 
     @property
     def label(self) -> str:
@@ -77,7 +78,8 @@ class Variant:
             return f"llama.cpp {self.gguf.upper()} t{self.threads}"
         if self.backend != "itrex-int8":
             return f"{self.backend} t{self.threads}"
-        return f"int{self.bits} {self.runtime} {self.compute_dtype} g{self.group_size} t{self.threads}"
+        built = " native" if self.library == "native" else ""
+        return f"int{self.bits} {self.runtime}{built} {self.compute_dtype} g{self.group_size} t{self.threads}"
 
 
 # --models: random-weight Llamas (speed does not depend on the weights), by folder name and shape
@@ -458,14 +460,14 @@ def int4_group_variants() -> list[Variant]:
 
 def variants_for(explore: bool, bf16_backend: bool = False, llama_cpp: bool = False,
                  threads: tuple[int, ...] = (2,), compute_dtypes: tuple[str, ...] = ("fp32",),
-                 int4_groups: bool = False) -> list[Variant]:
+                 int4_groups: bool = False, native_llama_cpp: bool = False) -> list[Variant]:
     variants = []
     for t in threads:
         variants.append(Variant("fp32", threads=t))
         variants += [Variant("itrex-int8", threads=t, runtime=r, compute_dtype=d, bits=b)
                      for b in (8, 4) for d in compute_dtypes for r in ("qbits", "neural-speed")]
-        variants += [Variant("itrex-int8", threads=t, runtime="llama-cpp", group_size=32, bits=b)  # Q8_0, Q4_0
-                     for b in (8, 4)]
+        variants += [Variant("itrex-int8", threads=t, runtime="llama-cpp", group_size=32, bits=b, library=lib)
+                     for b in (8, 4) for lib in ("prebuilt", "native")[:1 + native_llama_cpp]]  # Q8_0, Q4_0
         if llama_cpp:
             variants += [Variant("llama.cpp", threads=t, gguf=g) for g in GGUF_TYPES]
     if explore:
@@ -572,8 +574,8 @@ def summarize(results: dict, models: list[Path], variants: list[Variant], membw:
             sizes = [m["tensor_bytes"] for v, m in med.items() if v.gguf == gguf and m.get("tensor_bytes")]
             if sizes:
                 notes.append(f"GGUF {gguf.upper()} tensors {sizes[0] / GIB:.2f} GiB")
-        if notes:
-            lines.append(f"\n{model.name}: " + "; ".join(notes) + ".\n")
+        if notes:  # two libraries of one runtime read the same entry
+            lines.append(f"\n{model.name}: " + "; ".join(dict.fromkeys(notes)) + ".\n")
     return "\n".join(lines)
 
 
@@ -599,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None,
                    help="also llama.cpp F16, Q8_0 and Q4_0 (default: when .venv-bench exists; scripts/bench_engine.sh "
                         "--llama-cpp builds it)")
+    p.add_argument("--native-llama-cpp", action="store_true",
+                   help="also the llama-cpp runtime with int8.library: native (compiles llama.cpp for this CPU once)")
     p.add_argument("--bench-python", type=Path, default=BENCH_PYTHON, help="python of the llama.cpp environment")
     p.add_argument("--threads", type=int, nargs="+", default=[2], help="thread counts to run every variant at")
     p.add_argument("--only", nargs="+", default=[], metavar="TEXT",
@@ -619,11 +623,11 @@ def main(argv: list[str] | None = None) -> int:
     from workers.config.paths import int8_cache_dir
     from workers.engine import int8_cache
     from workers.engine.runtimes.base import RuntimeUnavailable
-    from workers.engine.runtimes.registry import resolve, unsupported_reason
+    from workers.engine.runtimes.registry import by_name, resolve, unsupported_reason
 
     models = bench_models(args.models)
     variants = variants_for(args.explore, args.bf16_backend, use_llama_cpp, tuple(args.threads), cpu_compute_dtypes(),
-                            args.int4_groups)
+                            args.int4_groups, args.native_llama_cpp)
     variants = [v for v in variants if not args.only or any(text in v.label for text in args.only)]
     if not variants:
         p.error(f"--only {' '.join(args.only)} leaves no variant")
@@ -635,7 +639,9 @@ def main(argv: list[str] | None = None) -> int:
             key = (model.name, settings)
             if v.backend == "itrex-int8" and unsupported_reason(settings) is None and key not in int8_entries:
                 try:  # resolved as the bundle resolves it: a group size the model's rows refuse is refused here
-                    int8_entries[key] = int8_cache.ensure(model, resolve(settings, model), cache_root)
+                    resolved = resolve(settings, model)
+                    by_name(resolved.runtime).prepare(resolved, print)  # e.g. llama.cpp compiled for this CPU
+                    int8_entries[key] = int8_cache.ensure(model, resolved, cache_root)
                 except (int8_cache.CacheBuildError, RuntimeUnavailable) as exc:  # e.g. a group size the model refuses
                     refused[key] = str(exc)
         if use_llama_cpp:

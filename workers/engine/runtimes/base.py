@@ -88,6 +88,8 @@ class Runtime(ABC):
     instead: str = ""
     #: Whether it runs from an INT8 cache entry (int8_cache), which the loader ensures before load().
     quantizes: bool = False
+    #: The int8.library values it offers: "native" where it can compile its library for this CPU (prepare()).
+    libraries: tuple[str, ...] = ("prebuilt",)
 
     def match(self, source: Path, shared_threads: bool, auto: bool) -> tuple[bool, str]:
         """Whether it can serve the model in `source` (its config.json) for a worker with these threads, and if not,
@@ -113,6 +115,10 @@ class Runtime(ABC):
     quantizer_environment: Environment | None = None
     #: Weights per scale its format fixes, whatever int8.group_size says (registry.resolve); None: int8.group_size.
     fixed_group_size: int | None = None
+
+    def prepare(self, settings: Int8Settings, say) -> None:
+        """Host-wide work `settings` need before a worker loads (ops.cli runs it at a start and at `bundle prepare`,
+        showing progress through `say`); RuntimeUnavailable when it cannot be done."""
 
     def memory_extra(self, source: Path, concurrency: int) -> int:
         """Bytes of KV memory it allocates at load for a worker batching `concurrency` generations (memory_budget

@@ -156,5 +156,9 @@ def resolve_runtime(settings: Int8Settings, source: Path, shared_threads: bool =
 def unsupported_reason(settings: Int8Settings, flags: frozenset[str] | None = None) -> str | None:
     """Why this CPU cannot run `settings` correctly (its runtime's own reasons included once it is known), or None."""
     flags = cpu.flags() if flags is None else flags
+    if settings.runtime != AUTO and settings.library not in by_name(settings.runtime).libraries:
+        offered = " or ".join(r.name for r in RUNTIMES if settings.library in r.libraries)
+        return (f"library: {settings.library} is not offered by the {settings.runtime} runtime (it runs "
+                f"{', '.join(by_name(settings.runtime).libraries)}); runtime: {offered} offers it")
     runtime = by_name(settings.runtime).unsupported_reason if settings.runtime != AUTO else None
     return int8_config.unsupported_reason(settings, flags, runtime)

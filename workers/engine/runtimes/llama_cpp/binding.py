@@ -1,5 +1,5 @@
 """The few calls of llama.cpp's C API the llama.cpp runtime makes, bound with ctypes to the library inside the
-pinned `xllamacpp` wheel (requirements.txt).
+pinned `xllamacpp` wheel (requirements.txt), or to the same version compiled on this host (native_build.py).
 
 Why not llama-cpp-python: PyPI has it only as source (a 10-15 minute compile on 2 cores at every set-up), and
 its ctypes structs follow a slightly different llama.cpp (its llama_context_params lacks `moe_cache_size`), so
@@ -105,13 +105,15 @@ def library_path() -> Path:
     return found[0]
 
 
-@lru_cache(maxsize=1)
-def library() -> ctypes.CDLL:
-    """The library, its calls typed, its log sent to Python's (warnings and errors), its backend initialised."""
-    problem = unavailable_reason()
-    if problem:
-        raise RuntimeError(problem)
-    lib = ctypes.CDLL(str(library_path()))
+@lru_cache(maxsize=None)
+def library(path: Path | None = None) -> ctypes.CDLL:
+    """The library at `path` (one compiled for this CPU from the pinned version's source: native_build.py) or the
+    wheel's, its calls typed, its log sent to Python's (warnings and errors), its backend initialised."""
+    if path is None:
+        problem = unavailable_reason()
+        if problem:
+            raise RuntimeError(problem)
+    lib = ctypes.CDLL(str(path or library_path()))
     for name, (args, result) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, result

@@ -63,10 +63,10 @@ class LlamaCppModel:
     prefill_chunk = PREFILL_CHUNK
     bos_id = None  # any token fills a spent row: llama.cpp asks nothing of a sequence's first token
 
-    def __init__(self, gguf: Path, config, n_threads: int, context: int, slots: int):
+    def __init__(self, gguf: Path, config, n_threads: int, context: int, slots: int, library: Path | None = None):
         self.gguf, self.config, self.n_threads, self.context, self.slots = gguf, config, n_threads, context, slots
         self.weight_type = gguf.stem.rsplit("-", 1)[-1].upper()  # model-q8_0.gguf: Q8_0
-        self._lib = lib = binding.library()
+        self._lib = lib = binding.library(library)  # None: the wheel's
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0
         self._model = lib.llama_model_load_from_file(str(gguf).encode(), params)

@@ -81,7 +81,7 @@ def download(url: str, sha256: str, out: Path) -> None:
     import requests
     from tqdm import tqdm
 
-    log.info("fetching llama.cpp's converter: %s", url)
+    log.info("fetching llama.cpp's source: %s", url)
     digest = hashlib.sha256()
     with requests.get(url, stream=True, timeout=60) as r, open(out, "wb") as f:
         r.raise_for_status()

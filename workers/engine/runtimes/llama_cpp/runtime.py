@@ -15,8 +15,8 @@ from workers.config.environments import CURRENT
 from workers.config.int8 import Int8Settings
 from workers.engine.generate import Job, Result
 from workers.engine.prompt import context_length
-from workers.engine.runtimes.base import Engine, LoadRequest, Runtime
-from workers.engine.runtimes.llama_cpp import binding
+from workers.engine.runtimes.base import Engine, LoadRequest, Runtime, RuntimeUnavailable
+from workers.engine.runtimes.llama_cpp import binding, native_build
 from workers.engine.runtimes.llama_cpp.model import LlamaCppModel, kv_bytes, layout
 from workers.engine.runtimes.llama_cpp.quantize import WEIGHTS
 from workers.engine.slot_batcher import SlotBatcher
@@ -35,6 +35,7 @@ class LlamaCppRuntime(Runtime):
     # llama.cpp's converter reads tokenizers through transformers APIs newer than the pinned 4.40.2 (Qwen-7B's)
     quantizer_environment = CURRENT
     fixed_group_size = 32  # Q8_0 and Q4_0: blocks of 32 weights, one f16 scale each
+    libraries = ("prebuilt", "native")  # native: llama.cpp compiled for this CPU (native_build.py)
 
     def match(self, source: Path, shared_threads: bool, auto: bool) -> tuple[bool, str]:
         if auto:
@@ -48,6 +49,13 @@ class LlamaCppRuntime(Runtime):
             return (f"int8.runtime='llama-cpp' runs kernels built for {'/'.join(CPU_FLAGS).upper()}, and this CPU "
                     f"lacks {', '.join(missing).upper()}; use runtime: auto")
         return None
+
+    def prepare(self, settings: Int8Settings, say) -> None:
+        if settings.library == "native":
+            try:
+                native_build.ensure(say)
+            except native_build.NativeBuildError as exc:
+                raise RuntimeUnavailable(str(exc)) from None
 
     def add_cache_key(self, inputs: dict) -> None:
         inputs["runtime"] = self.name
@@ -70,9 +78,11 @@ class LlamaCppRuntime(Runtime):
         context = context_length(config)
         slots, slot_context = layout(config.to_dict(), context, request.concurrency)
         bits = request.int8.bits
-        model = LlamaCppModel(request.entry / WEIGHTS[bits], config, request.n_threads, slot_context, slots)
-        log.info("INT%d runtime llama-cpp (%s): %d threads, %d KV cache slot(s) of %d tokens (the model's context: "
-                 "%d)", bits, model.weight_type, request.n_threads, slots, slot_context, context)
+        library = native_build.library_file() if request.int8.library == "native" else None
+        model = LlamaCppModel(request.entry / WEIGHTS[bits], config, request.n_threads, slot_context, slots, library)
+        log.info("INT%d runtime llama-cpp (%s, %s library%s): %d threads, %d KV cache slot(s) of %d tokens (the "
+                 "model's context: %d)", bits, model.weight_type, request.int8.library, f" {library}" if library else "",
+                 request.n_threads, slots, slot_context, context)
         return model
 
     def owns(self, model) -> bool:
