@@ -198,3 +198,10 @@ def test_finding_the_embedded_model_up_to_date_imports_no_torch(embedded_model):
             "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_test_modules_have_unique_names():
+    """pytest imports test files by their basename (no __init__.py in tests/): two files of one name in different
+    folders stop the whole run at collection ("import file mismatch")."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

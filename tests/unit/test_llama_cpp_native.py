@@ -1,6 +1,7 @@
-"""int8.library: native (engine/runtimes/llama_cpp/native_build.py): what config accepts, where a build lives and what
-makes another one, what a host without the tools or without the build is told, and that both libraries share the
-INT8 cache entry. The build itself and the answers of the library it makes: tests/integration/test_llama_cpp_native.py."""
+"""int8.library: native (engine/runtimes/llama_cpp/native_build.py): which runtimes offer it, where a build lives and
+what makes another one, what a host without the tools or without the build is told, and that both libraries share
+the INT8 cache entry. The build itself and the answers of the library it makes:
+tests/integration/test_llama_cpp_native_build.py."""
 from __future__ import annotations
 
 import pytest

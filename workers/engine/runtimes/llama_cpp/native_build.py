@@ -28,7 +28,7 @@ CMAKE_OPTIONS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML
                  "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_COMMON=OFF",
                  "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON", "-DCMAKE_INSTALL_RPATH=$ORIGIN")
 # On an AMX CPU, -march=native also compiles llama.cpp's AMX tile kernels, which die with a general protection fault
-# on these VMs (llama.cpp PR #26954); these flags keep every other native feature (scripts/setup_bench.sh does the same).
+# on these VMs (llama.cpp PR #26954); these flags keep every other native feature (as scripts/setup_bench.sh does).
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 PROGRESS = re.compile(r"^\[(\d+)/(\d+)\]")  # ninja's and make's step counters
 
@@ -68,8 +68,8 @@ def library_file() -> Path:
     """The built library; NativeBuildError when this host has none yet."""
     path = folder() / LIBRARY
     if not path.is_file():
-        raise NativeBuildError(f"llama.cpp is not built for this CPU yet ({path} is missing): `scripts/prepare_models.sh"
-                               f"` or `scripts/start_all.sh` builds it (int8.library: native)")
+        raise NativeBuildError(f"llama.cpp is not built for this CPU yet ({path} is missing): "
+                               "`scripts/prepare_models.sh` or `scripts/start_all.sh` builds it (int8.library: native)")
     return path
 
 

@@ -68,7 +68,8 @@ def test_it_scores_text_as_the_prebuilt_library(native, paragraph):
     assert abs(nll[1] - nll[0]) <= 0.005 * nll[0], nll
     agree, total, answer_nll = 0, 0, []
     for question in QUESTIONS:  # the prebuilt library's greedy answer, one token a step, read by both
-        prompt = native.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        messages = [{"role": "user", "content": question}]
+        prompt = native.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         prebuilt.empty_slots()
         answer, logits = [], prebuilt.evaluate_rows([prompt])[0]
         for _ in range(32):
