@@ -72,11 +72,11 @@ class Admission:
         start = time.monotonic()
         try:
             while True:
-                try:
-                    await asyncio.wait_for(asyncio.shield(waiter), POLL_S)
+                # asyncio.wait, not wait_for: wait_for on Python 3.11 drops a cancellation that lands as the slot
+                # arrives, and the request of a client that left would then be served.
+                await asyncio.wait({waiter}, timeout=POLL_S)
+                if waiter.done():
                     return  # release() handed this waiter the slot
-                except asyncio.TimeoutError:
-                    pass
                 if await disconnected():
                     raise ClientGone()
                 if time.monotonic() - start > self.queue_timeout_s:

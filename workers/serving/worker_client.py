@@ -157,8 +157,9 @@ class Upstream:
         started = time.monotonic()
         request = self.http.build_request("POST", url, json=payload)
         try:
-            response = await asyncio.wait_for(self.http.send(request, stream=True), first_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(first_timeout_s):  # not wait_for: see WorkerStream.chunks
+                response = await self.http.send(request, stream=True)
+        except TimeoutError:
             raise await self._no_first_chunk(addr, model, time.monotonic() - started) from None
         except httpx.HTTPError as exc:
             self.forget(addr)
@@ -189,11 +190,13 @@ class WorkerStream:
         try:
             while True:
                 try:
-                    raw = await asyncio.wait_for(raw_chunks.__anext__(),
-                                                 CHUNK_TIMEOUT_S if got_any else self.first_timeout_s)
+                    # Not asyncio.wait_for: on Python 3.11 it returns the chunk when the cancellation of a client
+                    # that left lands as the chunk arrives, and the answer then streams on to its end.
+                    async with asyncio.timeout(CHUNK_TIMEOUT_S if got_any else self.first_timeout_s):
+                        raw = await raw_chunks.__anext__()
                 except StopAsyncIteration:
                     break
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if got_any:
                         raise self.upstream.unavailable(self.addr, httpx.ReadTimeout(
                             f"no output for {CHUNK_TIMEOUT_S:.0f} s")) from None
