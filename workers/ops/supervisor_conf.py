@@ -106,7 +106,9 @@ def render(dep: Deployment, snapshot: Path, python: str | None = None, host: str
             "startsecs": "3",
             "startretries": "3",
             "stopsignal": "TERM",
-            "stopwaitsecs": str(GRACEFUL_SHUTDOWN_S + 10),  # a program still running after its own shutdown is killed
+            # A program still running this long after its own shutdown is killed; the margin is for a machine whose
+            # cores are busy with the other workers' answers.
+            "stopwaitsecs": str(GRACEFUL_SHUTDOWN_S + 25),
             "stopasgroup": "true",
             "killasgroup": "true",
             "redirect_stderr": "true",

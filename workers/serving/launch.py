@@ -63,7 +63,13 @@ def serve(app, host: str, port: int, log_level: str = "info") -> None:
     caught again, and that signal's default action ends the process without Python's exit handlers: the temporary
     folder torch makes when transformers or ITREX imports torch.distributed stays in /tmp at every stop, and
     logging's last lines may be lost. The handler set here, which uvicorn restores before raising it, exits instead."""
+    import gc
+
     import uvicorn
 
+    # Everything imported or loaded so far lives as long as the program: out of the collector's sight, a full
+    # collection does not walk it while answers stream, nor does the interpreter's last one at exit, which took
+    # seconds on a busy machine (docs/operating.md, "supervisord").
+    gc.freeze()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

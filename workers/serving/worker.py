@@ -136,8 +136,10 @@ def build_app(worker):
             # Each request frees tensors (KV cache grown step by step, logits) that glibc keeps in
             # its per-thread arenas, so RSS grows over a long run until they are trimmed
             # (docs/benchmarks.md, 'Figures behind constants in the code'). Off the event loop; nobody waits for it.
-            if not loop.is_closed():
+            try:
                 loop.run_in_executor(None, release_freed_memory, False)
+            except RuntimeError:  # the program is ending (its executor or loop shut): its memory goes with it
+                pass
 
         future.add_done_callback(done)
         return future
