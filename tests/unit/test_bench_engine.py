@@ -228,3 +228,20 @@ def test_bench_quantize_child_builds_the_entry_of_the_settings_it_is_given(tmp_p
     settings = Int8Settings(runtime="llama-cpp", bits=4, group_size=32)
     assert bq.main(["--child-build", str(tmp_path / "model"), str(tmp_path / "cache"), settings.model_dump_json()]) == 0
     assert built == [(tmp_path / "model", settings, tmp_path / "cache")]
+
+
+def test_bench_quantize_measures_the_library_it_is_asked_for(capsys):
+    """--library native: the entry is measured on llama.cpp compiled for this CPU, named so in the report; a runtime
+    that has no such library is refused before a model is generated."""
+    import pytest
+
+    from workers.tools import bench_quantize as bq
+
+    variants = bq.speed_variants("llama-cpp", 32, llama_cpp=True, library="native")
+    assert [(v.backend, v.library) for v in variants] == [("itrex-int8", "native"), ("llama.cpp", "prebuilt")] * 2
+    assert variants[0].int8.library == "native"
+    bq.print_speeds({variants[0]: [{"decode_tok_s": 2.0, "prompt_tok_s": 9.0, "load_s": 1.0, "steady_rss_gib": 8.0}]})
+    assert capsys.readouterr().out.startswith("  INT8 (library built for this CPU) 1 thread(s): decode 2.00 tok/s")
+    with pytest.raises(SystemExit):
+        bq.main(["--runtime", "qbits", "--library", "native"])
+    assert "library: native is not offered by the qbits runtime" in capsys.readouterr().err

@@ -72,12 +72,14 @@ def reference_gguf(bits: int) -> str:
     return {8: "q8_0", 4: "q4_0"}[bits]
 
 
-def speed_variants(runtime: str, group_size: int | str, llama_cpp: bool, threads=(1, 2), bits: int = 8) -> list:
+def speed_variants(runtime: str, group_size: int | str, llama_cpp: bool, threads=(1, 2), bits: int = 8,
+                   library: str = "prebuilt") -> list:
     """The entry just built at each thread count, each beside llama.cpp's type of its width at the same count."""
     from workers.tools.bench_engine import Variant
 
     return [v for t in threads
-            for v in (Variant("itrex-int8", threads=t, runtime=runtime, group_size=group_size, bits=bits),
+            for v in (Variant("itrex-int8", threads=t, runtime=runtime, group_size=group_size, bits=bits,
+                              library=library),
                       *([Variant("llama.cpp", threads=t, gguf=reference_gguf(bits))] if llama_cpp else []))]
 
 
@@ -91,7 +93,8 @@ def print_speeds(runs: dict) -> None:
     ref = {v.threads: (median(v, "decode_tok_s"), v.gguf.upper()) for v in runs
            if v.backend == "llama.cpp" and "error" not in runs[v][0]}
     for v, results in runs.items():
-        name = f"llama.cpp {v.gguf.upper()}" if v.backend == "llama.cpp" else f"INT{v.bits}"
+        built = " (library built for this CPU)" if v.library == "native" else ""
+        name = f"llama.cpp {v.gguf.upper()}" if v.backend == "llama.cpp" else f"INT{v.bits}{built}"
         if "error" in results[0]:
             print(f"  {name} {v.threads} thread(s): error {results[0]['error']}")
             continue
@@ -110,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runtime", choices=RUNTIMES, default="auto",
                    help="int8.runtime of the entry built (default auto: what a first start picks for this model)")
     p.add_argument("--bits", type=int, choices=(8, 4), default=8, help="int8.bits of the entry built")
+    p.add_argument("--library", choices=("prebuilt", "native"), default="prebuilt",
+                   help="int8.library of the entry measured (native: llama.cpp compiled for this CPU first, once; "
+                        "not counted in the quantization time)")
     p.add_argument("--llama-cpp", action="store_true",
                    help="also llama.cpp Q8_0 (Q4_0 with --bits 4) on the same model, prompt and threads (.venv-bench, "
                         "scripts/setup_bench.sh; converts to GGUF F16, Q8_0 and Q4_0: about 1.8x the bf16 size more disk)")
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"CPU: {cpu.describe()}", flush=True)
     from workers.config.int8 import Int8Settings
-    from workers.engine.runtimes.registry import resolve
+    from workers.engine.runtimes.registry import by_name, resolve, unsupported_reason
     from workers.models import memory_budget
     from workers.tools.bench_engine import (
         BENCH_PYTHON,
@@ -131,15 +137,22 @@ def main(argv: list[str] | None = None) -> int:
         run_child,
     )
 
+    asked = Int8Settings(runtime=args.runtime, bits=args.bits, library=args.library)
+    if reason := unsupported_reason(asked):
+        p.error(reason)
     source = random_bf16_model(args.shape)
-    settings = resolve(Int8Settings(runtime=args.runtime, bits=args.bits), source)  # what a first start builds
+    settings = resolve(asked, source)  # what a first start builds
+    if reason := unsupported_reason(settings):  # e.g. library: native on the runtime auto picked
+        p.error(reason)
+    by_name(settings.runtime).prepare(settings, print)  # e.g. llama.cpp compiled for this CPU, before the timing
     shape = memory_budget.shape_of_folder(source)
     checkpoint = sum(f.stat().st_size for f in source.glob("*.safetensors"))
     cache_root = var_dir() / "bench" / "int8-cache"
     built = sample_tree([sys.executable, "-m", "workers.tools.bench_quantize", "--child-build", str(source),
                          str(cache_root), settings.model_dump_json()])
     int8_bytes = sum(f.stat().st_size for d in cache_root.glob(f"{source.name}-*") if d.is_dir() for f in d.iterdir())
-    runs = {v: [] for v in speed_variants(settings.runtime, settings.group_size, args.llama_cpp, bits=args.bits)}
+    runs = {v: [] for v in speed_variants(settings.runtime, settings.group_size, args.llama_cpp, bits=args.bits,
+                                          library=settings.library)}
     gguf = ensure_gguf(source, BENCH_PYTHON) if args.llama_cpp and built["exit"] == 0 else None
     job_file = cache_root / f"{source.name}-job.json"  # the same token ids for every run
     job_file.write_text(json.dumps(bench_job(source)))
