@@ -164,7 +164,7 @@ def test_report_shows_the_batcher_figures_when_measured():
            "decode_tok_s": 10.0, "batch1_tok_s": 10.0, "batchN_tok_s": 25.0, "batch": 4, "widest": 4}
     results = {("m", v.label): [dict(run)] for v in variants}
     report = be.summarize(results, [model], variants, [], {}, {})
-    assert "through the bundle's continuous batcher" in report
+    assert "the bundle's continuous batcher, and on the llama.cpp rows llama.cpp's own" in report
     assert "| fp32 t2 | 10.0 | 25.0 | 2.50 |" in report
 
 

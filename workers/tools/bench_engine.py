@@ -558,8 +558,9 @@ def summarize(results: dict, models: list[Path], variants: list[Variant], membw:
         batch_rows = [(v, med[v]) for v in variants if v in med and med[v].get("batchN_tok_s")]
         if batch_rows:
             n = int(batch_rows[0][1]["batch"])
-            lines += ["", f"{model.name}, through the bundle's continuous batcher (decode tok/s, all {n} sequences "
-                          f"decoding together, aggregate):", "",
+            lines += ["", f"{model.name}, {n} sequences decoding together (aggregate decode tok/s): the bundle's "
+                          f"continuous batcher, and on the llama.cpp rows llama.cpp's own (one llama_decode call with "
+                          f"a token of every sequence per step), its limit on this CPU:", "",
                       f"| variant | 1 sequence | {n} sequences | x 1 sequence |", "|---|---|---|---|"]
             lines += [f"| {v.label} | {m['batch1_tok_s']:.1f} | {m['batchN_tok_s']:.1f} | "
                       f"{m['batchN_tok_s'] / m['batch1_tok_s']:.2f} |" for v, m in batch_rows]
@@ -611,7 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
                    help="the prompt's length, whose processing rate the report's prompt column shows")
     p.add_argument("--batch", type=int, default=0,
-                   help="also decode through the bundle's continuous batcher, 1 and this many sequences at once")
+                   help="also decode 1 and this many sequences at once: through the bundle's continuous batcher, and "
+                        "llama.cpp's own batched decode on its rows")
     args = p.parse_args(argv)
     # auto: when scripts/setup_bench.sh has finished building the environment (its stamp file)
     ready = (args.bench_python.parent.parent / ".requirements.sha256").is_file()

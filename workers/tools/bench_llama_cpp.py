@@ -125,7 +125,9 @@ def measure(path: Path, job: dict) -> dict:
         llm.eval([token])
         token = int(np.argmax(last_logits()))
     decode_s = time.perf_counter() - t_first
+    batched = batched_decode(llm, prompt, n_new, threads, int(job.get("batch", 0)))
     return {
+        **batched,
         "load_s": load_s,
         "prompt_tok_s": len(prompt) / prefill_s,
         "decode_tok_s": (n_new - 1) / decode_s,
@@ -136,6 +138,51 @@ def measure(path: Path, job: dict) -> dict:
         "system_info": llama_cpp.llama_print_system_info().decode(),
         **weight_bytes_per_token(path),
     }
+
+
+def batched_decode(llm, prompt: list[int], n_new: int, threads: int, batch: int) -> dict:
+    """llama.cpp's own decode of `batch` sequences at once, each step one llama_decode call with a token of every
+    sequence (what llama-batched-bench does), beside one sequence in a context of the same kind: the reference for the
+    bundle's batchers. Aggregate tok/s over the decode steps. {} when batch < 2."""
+    import llama_cpp
+    import numpy as np
+
+    if batch < 2:
+        return {}
+    n_vocab = llm.n_vocab()
+
+    def rate(n: int) -> float:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = batch * (len(prompt) + n_new + 16)
+        params.n_seq_max, params.n_batch, params.n_ubatch = batch, len(prompt) * batch, len(prompt) * batch
+        params.n_threads = params.n_threads_batch = threads
+        ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        step = llama_cpp.llama_batch_init(len(prompt) * n, 0, 1)
+        try:
+            def decode(rows: list[tuple[int, int, int, bool]]) -> None:  # (sequence, position, token, wants logits)
+                step.n_tokens = len(rows)
+                for i, (seq, pos, token, logits) in enumerate(rows):
+                    step.token[i], step.pos[i], step.n_seq_id[i] = token, pos, 1
+                    step.seq_id[i][0], step.logits[i] = seq, logits
+                if llama_cpp.llama_decode(ctx, step) != 0:
+                    raise RuntimeError("llama_decode failed")
+
+            def greedy(i: int) -> int:
+                return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,))))
+
+            decode([(s, p, t, p == len(prompt) - 1) for s in range(n) for p, t in enumerate(prompt)])
+            tokens = [greedy(s * len(prompt) + len(prompt) - 1) for s in range(n)]
+            t0 = time.perf_counter()
+            for k in range(n_new - 1):
+                decode([(s, len(prompt) + k, tokens[s], True) for s in range(n)])
+                tokens = [greedy(s) for s in range(n)]
+            return n * (n_new - 1) / (time.perf_counter() - t0)
+        finally:
+            llama_cpp.llama_batch_free(step)
+            llama_cpp.llama_free(ctx)
+
+    rate(1)  # warm-up, as the bundle's batchers get
+    return {"batch1_tok_s": rate(1), "batchN_tok_s": rate(batch), "batch": batch}
 
 
 def main(argv: list[str]) -> int:
