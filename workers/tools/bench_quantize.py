@@ -22,15 +22,18 @@ import shutil
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import psutil
 
 from workers.config import cpu
 from workers.config.files import GIB
-from workers.config.int8 import RUNTIMES
+from workers.config.int8 import RUNTIMES, Int8Settings
 from workers.config.paths import var_dir
 from workers.tools import random_model
+
+LIBRARIES = typing.get_args(Int8Settings.model_fields["library"].annotation)  # int8.library's values
 
 
 def random_bf16_model(shape: str) -> Path:
@@ -60,7 +63,6 @@ def sample_tree(cmd: list[str]) -> dict:
 
 def build_cache(source: Path, cache_root: Path, settings_json: str) -> None:
     """Child: what `start_all.sh` step [2/4] does for a model without an INT8 cache entry."""
-    from workers.config.int8 import Int8Settings
     from workers.engine import int8_cache
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runtime", choices=RUNTIMES, default="auto",
                    help="int8.runtime of the entry built (default auto: what a first start picks for this model)")
     p.add_argument("--bits", type=int, choices=(8, 4), default=8, help="int8.bits of the entry built")
-    p.add_argument("--library", choices=("prebuilt", "native"), default="prebuilt",
+    p.add_argument("--library", choices=LIBRARIES, default="prebuilt",
                    help="int8.library of the entry measured (native: llama.cpp compiled for this CPU first, once; "
                         "not counted in the quantization time)")
     p.add_argument("--llama-cpp", action="store_true",
@@ -127,7 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         build_cache(Path(source), Path(cache_root), settings_json)
         return 0
     print(f"CPU: {cpu.describe()}", flush=True)
-    from workers.config.int8 import Int8Settings
     from workers.engine.runtimes.registry import by_name, resolve, unsupported_reason
     from workers.models import memory_budget
     from workers.tools.bench_engine import (
