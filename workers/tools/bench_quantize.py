@@ -26,6 +26,7 @@ import typing
 from pathlib import Path
 
 import psutil
+from tqdm import tqdm
 
 from workers.config import cpu
 from workers.config.files import GIB
@@ -157,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     gguf = ensure_gguf(source, BENCH_PYTHON) if args.llama_cpp and built["exit"] == 0 else None
     job_file = cache_root / f"{source.name}-job.json"  # the same token ids for every run
     job_file.write_text(json.dumps(bench_job(source)))
-    for _ in range(args.rounds if built["exit"] == 0 else 0):
-        for v, results in runs.items():
-            results.append(run_child(source, v, cache_root, job_file, gguf))
+    speed_runs = [(v, results) for _ in range(args.rounds if built["exit"] == 0 else 0) for v, results in runs.items()]
+    for v, results in tqdm(speed_runs, desc="speed (interleaved rounds)", unit="run"):
+        results.append(run_child(source, v, cache_root, job_file, gguf))
     print(f"\nfirst-start quantization of a {args.shape}-shaped model ({shape.params:,} parameters, "
           f"bf16 checkpoint {checkpoint / GIB:.1f} GiB), {os.cpu_count()} cores:")
     print(f"  CPU: {cpu.describe()}")

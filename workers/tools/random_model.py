@@ -20,6 +20,9 @@ SHAPES = {
     # today's 8 B Llama (Llama 3.1's rope scaling does not change the speed)
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    # today's 8 B Qwen (Qwen3's per-head q/k norms are too small to change the speed)
+    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=151936),
     "llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                        num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
 }
