@@ -203,7 +203,9 @@ def test_bench_quantize_measures_its_entry_beside_llama_cpp_q8_0_at_each_thread_
     bq.print_speeds({i1: [run(1.0), run(1.2), run(1.4)], q1: [run(1.0)] * 3,
                      i2: [run(3.0)], q2: [{"error": "crashed"}]})
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("  INT8 1 thread(s): decode 1.20 tok/s (1.20x llama.cpp Q8_0)") and "median of 3" in out[0]
+    assert out[0].startswith("  INT8 1 thread(s): decode 1.20 tok/s (1.20x llama.cpp Q8_0)")
+    assert out[0].endswith("(median of 3; per round 1.00x, 1.20x, 1.40x)")  # each round's pair, beside the median
+    assert out[1].endswith("(median of 3)")  # the reference itself has no ratio
     assert out[2].startswith("  INT8 2 thread(s): decode 3.00 tok/s, prompt")  # no ratio without Q8_0
     assert out[3] == "  llama.cpp Q8_0 2 thread(s): error crashed"
 
