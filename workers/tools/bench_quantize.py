@@ -93,7 +93,7 @@ def print_speeds(runs: dict) -> None:
     def median(v, key):
         return statistics.median(r[key] for r in runs[v])
 
-    ref = {v.threads: (median(v, "decode_tok_s"), v.gguf.upper(), [r["decode_tok_s"] for r in runs[v]]) for v in runs
+    ref = {v.threads: (v.gguf.upper(), [r["decode_tok_s"] for r in runs[v]]) for v in runs
            if v.backend == "llama.cpp" and "error" not in runs[v][0]}
     for v, results in runs.items():
         built = " (library built for this CPU)" if v.library == "native" else ""
@@ -102,11 +102,12 @@ def print_speeds(runs: dict) -> None:
             print(f"  {name} {v.threads} thread(s): error {results[0]['error']}")
             continue
         decode = median(v, "decode_tok_s")
-        paired = v.backend != "llama.cpp" and v.threads in ref
-        ratio = f" ({decode / ref[v.threads][0]:.2f}x llama.cpp {ref[v.threads][1]})" if paired else ""
-        # the ratio of each round's two runs, minutes apart: how far the noise of a shared machine reaches
-        pairs = zip((r["decode_tok_s"] for r in results), ref[v.threads][2]) if paired else ()
-        rounds = "; per round " + ", ".join(f"{a / b:.2f}x" for a, b in pairs) if paired and len(results) > 1 else ""
+        ratio = rounds = ""
+        if v.backend != "llama.cpp" and v.threads in ref:
+            gguf, decodes = ref[v.threads]
+            ratio = f" ({decode / statistics.median(decodes):.2f}x llama.cpp {gguf})"
+            if len(results) > 1:  # each round's two runs, minutes apart: how far a shared machine's noise reaches
+                rounds = "; per round " + ", ".join(f"{r['decode_tok_s'] / d:.2f}x" for r, d in zip(results, decodes))
         print(f"  {name} {v.threads} thread(s): decode {decode:.2f} tok/s{ratio}, prompt {median(v, 'prompt_tok_s'):.1f} "
               f"tok/s, load {median(v, 'load_s'):.0f} s, steady RSS {median(v, 'steady_rss_gib'):.2f} GiB "
               f"(median of {len(results)}{rounds})")
